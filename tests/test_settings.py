@@ -1,0 +1,84 @@
+"""Settings: one table drives the environment, .env, the command line, --help and .env.example."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import server
+from tests.conftest import REPO, run_python
+
+
+def test_zero_configuration_defaults_are_safe() -> None:
+    settings = server.load_settings({})
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.mcp_url == "http://127.0.0.1:8000/mcp"
+    assert settings.store_url == "sqlite:///data/stream-http.db"
+    assert settings.binds_loopback and not settings.allow_unauthenticated
+    assert settings.mode == "stateful"
+
+
+def test_environment_then_flags_override_defaults() -> None:
+    settings = server.load_settings(
+        {"PORT": "9000", "MCP_STATELESS": "yes", "CORS_ORIGINS": "https://a.example, https://b.example/",
+         "PUBLIC_URL": "https://mcp.example.com/tools/"},
+        overrides={"PORT": "9100", "MCP_JSON_RESPONSE": "true"},
+    )
+    assert settings.port == 9100
+    assert settings.mode == "stateless+json"
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.public_url == "https://mcp.example.com/tools"
+    assert settings.mcp_url == "https://mcp.example.com/tools/mcp"
+
+
+def test_public_url_follows_host_and_port_and_wildcard_binds_use_localhost() -> None:
+    assert server.load_settings({"HOST": "::1", "PORT": "81"}).public_url == "http://[::1]:81"
+    assert server.load_settings({"HOST": "0.0.0.0"}).public_url == "http://localhost:8000"
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(server.ConfigError) as raised:
+        server.load_settings({"PORT": "eighty", "MCP_STATELESS": "maybe", "PUBLIC_URL": "ftp://x",
+                              "STORE_URL": "mysql://db", "LOG_LEVEL": "chatty", "MAX_REQUEST_BYTES": "10"})
+    message = str(raised.value)
+    for problem in ("PORT='eighty' is not a whole number", "MCP_STATELESS='maybe' is not true or false",
+                    "PUBLIC_URL='ftp://x' must be an http:// or https:// URL", "STORE_URL='mysql://db'",
+                    "LOG_LEVEL='CHATTY' is not one of", "MAX_REQUEST_BYTES=10 is outside"):
+        assert problem in message
+
+
+def test_dotenv_is_read_and_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("PORT=9001\nLOG_LEVEL=DEBUG\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    for name in ("PORT", "HOST", "PUBLIC_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = server.load_settings()
+    assert (settings.port, settings.log_level) == (9001, "WARNING")
+
+
+def test_env_example_documents_every_setting() -> None:
+    documented = set(re.findall(r"^# ([A-Z_]+)=", (REPO / ".env.example").read_text(), re.MULTILINE))
+    assert documented == {option.env for option in server.OPTIONS}
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    result = run_python("server.py", "--help")
+    assert result.returncode == 0
+    for option in server.OPTIONS:
+        assert option.env in result.stdout
+        if option.flag:
+            assert option.flag in result.stdout
+    assert "MCP_STATELESS" in result.stdout and "--stateless" in result.stdout
+
+
+def test_importing_server_binds_and_starts_nothing(tmp_path: Path) -> None:
+    probe = ("import sys, threading; sys.path.insert(0, sys.argv[1]); import server; "
+             "assert threading.active_count() == 1, threading.enumerate(); "
+             "print(type(server.mcp).__name__, server.mcp.name)")
+    result = run_python("-c", probe, str(REPO), cwd=tmp_path, env={"DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "MCPServer stream-http"
+    assert not (tmp_path / "data").exists(), "importing must not open the store"
