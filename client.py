@@ -59,13 +59,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_arguments(pairs: Sequence[str]) -> dict[str, Any]:
-    """`key=value` pairs as a dict; a value that parses as JSON (2, true, ["a"]) is taken as JSON."""
+def parse_arguments(pairs: Sequence[str], schema: dict[str, Any] | None = None, *,
+                    all_text: bool = False) -> dict[str, Any]:
+    """`key=value` pairs as a dict. A value is taken as JSON (2, true, ["a"]) where it parses, except
+    for arguments the schema declares as strings, and everywhere with `all_text` (prompt arguments)."""
+    properties = (schema or {}).get("properties", {})
     result: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise Failure(f"argument {pair!r} is not key=value")
+        if all_text or properties.get(key, {}).get("type") == "string":
+            result[key] = value
+            continue
         try:
             result[key] = json.loads(value)
         except ValueError:
@@ -85,18 +91,24 @@ async def run(args: argparse.Namespace) -> int:
             await show_catalogue(client)
             return 0
         if args.command == "call":
-            return await call_tool(client, args.target, parse_arguments(args.arguments))
+            return await call_tool(client, args.target, parse_arguments(args.arguments, await input_schema(
+                client, args.target)))
         if args.command == "read":
             result = await client.read_resource(args.target)
             for content in result.contents:
                 out.print(content.text if isinstance(content, types.TextResourceContents)
                           else f"<{content.mime_type}, {len(content.blob) * 3 // 4} bytes>")
             return 0
-        prompt = await client.get_prompt(args.target, parse_arguments(args.arguments))
+        prompt = await client.get_prompt(args.target, parse_arguments(args.arguments, all_text=True))
         for message in prompt.messages:
             text = message.content.text if isinstance(message.content, types.TextContent) else message.content
             out.print(f"[bold]{message.role}:[/bold] {text}")
         return 0
+
+
+async def input_schema(client: Client, name: str) -> dict[str, Any] | None:
+    tool = next((tool for tool in (await client.list_tools()).tools if tool.name == name), None)
+    return tool.input_schema if tool else None
 
 
 async def show_catalogue(client: Client) -> None:

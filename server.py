@@ -818,7 +818,9 @@ class Note:
 
     @classmethod
     def new(cls, *, title: str, body: str, tags: tuple[str, ...]) -> "Note":
-        return cls(id=secrets.token_hex(4), title=title, body=body, tags=tags, created_at=round(time.time(), 3))
+        # A letter first, so an id never reads as a number (1e100, 12345678) to clients that guess types.
+        note_id = "n" + secrets.token_hex(4)
+        return cls(id=note_id, title=title, body=body, tags=tags, created_at=round(time.time(), 3))
 
     def view(self) -> NoteView:
         return NoteView(id=self.id, title=self.title, body=self.body, tags=list(self.tags),

@@ -94,3 +94,12 @@ def test_usage_errors_exit_2() -> None:
     result = run_python("client.py", "call")
     assert result.returncode == 2
     assert "'call' needs a name" in result.stderr
+
+
+def test_string_arguments_stay_strings_even_when_they_look_like_json(stateful_server: ServerProcess) -> None:
+    echoed = client(stateful_server, "call", "echo", "message=12345678")
+    assert json.loads(echoed.stdout) == {"result": "12345678"}
+    exponent = client(stateful_server, "call", "echo", "message=1e5")
+    assert json.loads(exponent.stdout) == {"result": "1e5"}
+    prompt = client(stateful_server, "prompt", "draft_from_note", "note_id=2024", "style=tweet")
+    assert "There is no note '2024'" in prompt.stderr
