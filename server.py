@@ -1,7 +1,9 @@
 """stream-http: a remote MCP server over Streamable HTTP.
 
 One file is the whole server: an MCP Python SDK `MCPServer` (what SDK 1.x called FastMCP)
-with tools, resources and prompts, served over Streamable HTTP by Starlette and uvicorn.
+with tools, resources and prompts, served over Streamable HTTP by Starlette and uvicorn. With
+GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET set it is also the OAuth 2.1 authorization server its
+MCP clients sign in with, handing the person's sign-in to Google.
 
 Run it:
     uv run server.py                 # http://127.0.0.1:8000/mcp, stateful, no configuration
@@ -14,17 +16,25 @@ Map (`grep -n '^# ===' server.py`):
     1. Settings            every knob: environment, .env and command line, from one table
     2. The MCP server      the server object, and what its handlers reach (caller, runtime, changes)
     3. The MCP surface     tools, resources, prompts, completions: edit these first
-    4. Storage             notes in SQLite, one interface for every backend
-    5. Resumable streams   the event store behind Last-Event-ID
-    6. Runtime             what tools and routes share while the server runs
-    7. HTTP app            request checks, CORS, routes, build_app()
-    8. Command line        main()
+    4. Storage             notes and expiring records in SQLite, one interface for every backend
+    5. Google sign-in      Authlib: the only code that talks to Google
+    6. OAuth provider      this server as the OAuth 2.1 authorization server for MCP clients
+    7. HTML pages          consent and message pages
+    8. Resumable streams   the event store behind Last-Event-ID
+    9. Runtime             what tools and routes share while the server runs
+    10. HTTP app           request checks, sign-in routes, CORS, build_app()
+    11. Command line       main()
 """
 
 import argparse
 import asyncio
+import base64
 import dataclasses
+import fnmatch
 import gc
+import hashlib
+import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -32,37 +42,60 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sqlite3
+import string
 import sys
 import time
 import warnings
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, NamedTuple, Protocol
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import anyio
+import httpx2
 import uvicorn
+from authlib.integrations.starlette_client import OAuth, OAuthError
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dotenv import dotenv_values
+from joserfc.errors import JoseError
 from mcp.server import MCPServer, ServerRequestContext
-from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.context import CallNext, HandlerResult
-from mcp.server.mcpserver import (
-    Context,
-    Elicit,
-    ElicitationResult,
-    Resolve,
+from mcp.server.auth.handlers.metadata import MetadataHandler, ProtectedResourceMetadataHandler
+from mcp.server.auth.handlers.register import RegistrationHandler
+from mcp.server.auth.handlers.token import TokenHandler
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, get_access_token
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend
+from mcp.server.auth.middleware.client_auth import AuthenticationError, ClientAuthenticator
+from mcp.server.auth.provider import (
+    AccessToken,
+    AuthorizationCode,
+    AuthorizationParams,
+    ProviderTokenVerifier,
+    RefreshToken,
+    RegistrationError,
+    TokenError,
+    construct_redirect_uri,
 )
+from mcp.server.auth.routes import build_metadata
+from mcp.server.auth.settings import ClientRegistrationOptions, RevocationOptions
+from mcp.server.context import CallNext, HandlerResult
+from mcp.server.mcpserver import Context, Elicit, ElicitationResult, Resolve
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore, check_accept_headers
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
+from mcp.shared.auth import OAuthClientInformationFull, OAuthMetadata, OAuthToken, ProtectedResourceMetadata
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import (
     INVALID_PARAMS,
@@ -77,12 +110,14 @@ from mcp_types import (
     ToolAnnotations,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, Field
+from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("stream_http")
@@ -100,6 +135,15 @@ SEARCH_LIMIT_MAX = 100
 LONG_TASK_STEPS_MAX = 50
 LIST_NOTIFY_TIMEOUT_S = 1.0
 SHUTDOWN_GRACE_S = 5
+OUTBOUND_TIMEOUT_S = 10
+GOOGLE_TIMEOUT_S = 10
+PURGE_INTERVAL_S = 600
+OAUTH_BODY_MAX_BYTES = 65_536
+SESSION_COOKIE = "stream_http_session"
+SESSION_MAX_AGE_S = 30 * 24 * 3600
+GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
+GOOGLE_CALLBACK_PATH = "/oauth/google/callback"
+SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
 
 
 # === 1. Settings =============================================================
@@ -145,7 +189,35 @@ OPTIONS: tuple[Option, ...] = (
     Option("MAX_SESSIONS", "10000", "Most stateful sessions open at once."),
     Option("EVENT_STORE_MAX_EVENTS", "10000", "Most stream events kept for clients that "
            "reconnect with Last-Event-ID."),
+    Option("GOOGLE_CLIENT_ID", "", "OAuth client id of your Google Cloud web application. With "
+           "GOOGLE_CLIENT_SECRET it turns on sign-in: every MCP request then needs a token from this server."),
+    Option("GOOGLE_CLIENT_SECRET", "", "Its client secret."),
+    Option("GOOGLE_DISCOVERY_URL", GOOGLE_DISCOVERY_URL, "Google's OpenID discovery document (a stand-in's, "
+           "for tests)."),
+    Option("SECRET_KEY", "", "Signs cookies and encrypts stored Google tokens. Default: generated once "
+           "into DATA_DIR/secret_key (owner-only)."),
+    Option("ALLOWED_EMAILS", "", "Comma-separated email addresses allowed to sign in (verified addresses "
+           "only). Empty with ALLOWED_DOMAINS empty: any verified Google account."),
+    Option("ALLOWED_DOMAINS", "", "Comma-separated Google Workspace domains (the verified hd claim) "
+           "allowed to sign in."),
+    Option("ACCESS_TOKEN_TTL", "3600", "Seconds an access token lives."),
+    Option("REFRESH_TOKEN_TTL", "2592000", "Seconds a refresh token lives (it rotates on every use)."),
+    Option("REDIRECT_URI_PATTERNS", "", "Comma-separated patterns (* wildcards) a client's redirect URI "
+           "must match to register, e.g. https://claude.ai/*,http://127.0.0.1:*/*. A pattern may also admit "
+           "an app scheme such as cursor://*. Empty: any https or loopback URI."),
+    Option("CIMD_ALLOW_LOCAL", "false", "Accept client metadata documents from loopback and private "
+           "addresses, over http too. For developing a client only."),
 )
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A setting that must never reach a log, a page or a repr."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
 
 
 @dataclass(frozen=True)
@@ -167,6 +239,16 @@ class Settings:
     session_idle_timeout_s: int
     max_sessions: int
     event_store_max_events: int
+    google_client_id: str
+    google_client_secret: Secret | None
+    google_discovery_url: str
+    secret_key: Secret | None
+    allowed_emails: frozenset[str]
+    allowed_domains: frozenset[str]
+    access_token_ttl_s: int
+    refresh_token_ttl_s: int
+    redirect_uri_patterns: tuple[str, ...]
+    cimd_allow_local: bool
 
     @property
     def mcp_url(self) -> str:
@@ -179,7 +261,13 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
-        return False
+        """Sign-in with Google is on: every MCP request needs a token this server issued."""
+        return bool(self.google_client_id and self.google_client_secret)
+
+    @property
+    def issuer(self) -> str:
+        """This server as an OAuth authorization server (RFC 8414: compared as an exact string)."""
+        return self.public_url
 
     @property
     def mode(self) -> str:
@@ -220,6 +308,9 @@ class _Reader:
 
     def items(self, name: str) -> tuple[str, ...]:
         return tuple(item.strip() for item in self.text(name).split(",") if item.strip())
+
+    def secret(self, name: str) -> Secret | None:
+        return Secret(self.text(name)) if self.text(name) else None
 
     def choice(self, name: str, choices: Sequence[str]) -> str:
         value = self.text(name).upper()
@@ -269,12 +360,57 @@ def load_settings(
         session_idle_timeout_s=read.integer("SESSION_IDLE_TIMEOUT", minimum=1),
         max_sessions=read.integer("MAX_SESSIONS", minimum=1),
         event_store_max_events=read.integer("EVENT_STORE_MAX_EVENTS", minimum=10),
+        google_client_id=read.text("GOOGLE_CLIENT_ID"),
+        google_client_secret=read.secret("GOOGLE_CLIENT_SECRET"),
+        google_discovery_url=read.url("GOOGLE_DISCOVERY_URL", read.text("GOOGLE_DISCOVERY_URL")),
+        secret_key=read.secret("SECRET_KEY"),
+        allowed_emails=frozenset(email.lower() for email in read.items("ALLOWED_EMAILS")),
+        allowed_domains=frozenset(domain.lower() for domain in read.items("ALLOWED_DOMAINS")),
+        access_token_ttl_s=read.integer("ACCESS_TOKEN_TTL", minimum=1),
+        refresh_token_ttl_s=read.integer("REFRESH_TOKEN_TTL", minimum=60),
+        redirect_uri_patterns=read.items("REDIRECT_URI_PATTERNS"),
+        cimd_allow_local=read.boolean("CIMD_ALLOW_LOCAL"),
     )
-    if not settings.store_url.startswith(tuple(f"{scheme}://" for scheme in STORE_BACKENDS)):
-        read.problems.append(f"STORE_URL={settings.store_url!r} must start with sqlite:///")
+    read.problems += check_settings(settings)
     if read.problems:
         raise ConfigError("; ".join(read.problems))
     return settings
+
+
+def check_settings(settings: Settings) -> list[str]:
+    """The problems only visible when settings are seen together."""
+    problems = []
+    if not settings.store_url.startswith(tuple(f"{scheme}://" for scheme in STORE_BACKENDS)):
+        problems.append(f"STORE_URL={settings.store_url!r} must start with sqlite:///")
+    if bool(settings.google_client_id) != bool(settings.google_client_secret):
+        problems.append("GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET must be set together")
+    public = urlsplit(settings.public_url)
+    if settings.auth_enabled and public.scheme != "https" and not is_loopback_host(public.hostname or ""):
+        problems.append(f"PUBLIC_URL={settings.public_url!r} must be https:// when sign-in is on "
+                        "(only loopback may use http://)")
+    problems += [f"ALLOWED_EMAILS entry {email!r} is not an email address"
+                 for email in sorted(settings.allowed_emails) if "@" not in email]
+    problems += [f"ALLOWED_DOMAINS entry {domain!r} must be a domain, not an address"
+                 for domain in sorted(settings.allowed_domains) if "@" in domain or "." not in domain]
+    return problems
+
+
+def with_secret_key(settings: Settings) -> Settings:
+    """`settings` with a SECRET_KEY: the configured one, or one generated once into DATA_DIR."""
+    if settings.secret_key is not None:
+        return settings
+    path = settings.data_dir / SECRET_KEY_FILE
+    try:
+        if not path.exists():
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_urlsafe(48))
+            logger.info("generated a SECRET_KEY in %s (owner-only); keep it, or set SECRET_KEY yourself", path)
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read or create {path} for SECRET_KEY: {exc}") from exc
+    return dataclasses.replace(settings, secret_key=Secret(key))
 
 
 def default_public_url(host: str, port: int) -> str:
@@ -680,6 +816,39 @@ async def long_task(
     return TaskReport(steps_completed=steps, seconds=round(time.monotonic() - started, 3))
 
 
+class GoogleProfile(BaseModel):
+    subject: str = Field(description="The Google account's stable id.")
+    email: str | None
+    email_verified: bool | None
+    name: str | None
+    picture: str | None = Field(description="URL of the profile picture.")
+    hosted_domain: str | None = Field(description="Google Workspace domain, when there is one.")
+    locale: str | None = None
+
+
+@mcp.tool(title="Google profile", annotations=ToolAnnotations(
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
+async def google_profile() -> GoogleProfile:
+    """Fetch the signed-in person's profile from Google (name, email, picture, Workspace domain) with
+    their own Google authorization, which this server keeps and refreshes. Shows how a tool reaches a
+    Google API on the user's behalf. Needs the "google" scope; on a server without sign-in it says so."""
+    provider, user = runtime().provider, current_user()
+    if provider is None or user is LOCAL_USER:
+        raise ToolError("This server runs without sign-in, so there is no Google account to ask. "
+                        "Set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET to turn sign-in on.")
+    try:
+        info = await provider.google.userinfo(await provider.google_access_token(user.subject))
+    except GoogleRevoked as exc:
+        await provider.end_access(user.subject, reason=f"Google withdrew the authorization ({exc})")
+        raise ToolError("Google no longer honours your sign-in, so this server has signed you out. "
+                        "Connect again to sign in.") from exc
+    except (GoogleError, httpx2.HTTPError) as exc:
+        raise ToolError(f"Google could not be reached just now: {exc}") from exc
+    return GoogleProfile(subject=str(info.get("sub", user.subject)), email=info.get("email"),
+                         email_verified=info.get("email_verified"), name=info.get("name"),
+                         picture=info.get("picture"), hosted_domain=info.get("hd"), locale=info.get("locale"))
+
+
 # --- resources
 
 
@@ -831,12 +1000,34 @@ class Note:
         return f"# {self.title}\n\n{self.body}{tags}"
 
 
+class Record(NamedTuple):
+    """One stored value: `kind:key`, expiring after `ttl_s`, indexed by grant and by person."""
+
+    kind: str
+    key: str
+    value: dict[str, Any]
+    ttl_s: float | None = None
+    grant_id: str | None = None
+    subject: str | None = None
+
+
 class Store(Protocol):
-    """Where notes live. Every method is atomic."""
+    """Where state lives: notes, and expiring records keyed `kind:key` (clients, sign-in transactions,
+    codes, tokens, grants, consents, Google tokens). Every method is atomic; `take_record` reads and
+    deletes in one step so a one-time value cannot be used twice."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
+    async def put_records(self, records: Sequence[Record]) -> None: ...
+    async def get_record(self, kind: str, key: str) -> dict[str, Any] | None: ...
+    async def take_record(self, kind: str, key: str) -> dict[str, Any] | None: ...
+    async def swap_record(self, kind: str, key: str, expected: dict[str, Any],
+                          replacement: dict[str, Any]) -> bool: ...
+    async def delete_record(self, kind: str, key: str) -> None: ...
+    async def find_records(self, kind: str, subject: str) -> list[dict[str, Any]]: ...
+    async def delete_grant(self, grant_id: str) -> int: ...
+    async def purge_expired(self) -> int: ...
     async def add_note(self, owner: str, note: Note) -> None: ...
     async def get_note(self, owner: str, note_id: str) -> Note | None: ...
     async def find_notes(self, owner: str, *, query: str = "", tag: str | None = None,
@@ -857,7 +1048,19 @@ CREATE TABLE IF NOT EXISTS notes (
     PRIMARY KEY (owner, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS notes_by_owner_time ON notes (owner, created_at DESC);
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expires_at REAL,
+    grant_id TEXT,
+    subject TEXT,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_by_grant ON records (grant_id) WHERE grant_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_by_subject ON records (kind, subject) WHERE subject IS NOT NULL;
 """
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
 class SQLiteStore:
@@ -953,6 +1156,60 @@ class SQLiteStore:
         return [row[0] for row in rows]
 
 
+    async def put_records(self, records: Sequence[Record]) -> None:
+        now = time.time()
+        rows = [(r.kind, r.key, to_json(r.value), None if r.ttl_s is None else now + r.ttl_s, r.grant_id, r.subject)
+                for r in records]
+        await self._run(f"saving {', '.join(r.kind for r in records)}", lambda db: db.executemany(
+            "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?)", rows))
+
+    async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        row = await self._run(f"reading {kind}", lambda db: db.execute(
+            f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608 - fixed text
+            (kind, key, time.time())).fetchone())
+        return json.loads(row[0]) if row else None
+
+    async def take_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        row = await self._run(f"taking {kind}", lambda db: db.execute(
+            "DELETE FROM records WHERE kind = ? AND key = ? RETURNING value, expires_at", (kind, key)).fetchone())
+        if row is None or (row[1] is not None and row[1] <= time.time()):
+            return None
+        return json.loads(row[0])
+
+    async def swap_record(self, kind: str, key: str, expected: dict[str, Any],
+                          replacement: dict[str, Any]) -> bool:
+        cursor = await self._run(f"updating {kind}", lambda db: db.execute(
+            f"UPDATE records SET value = ? WHERE kind = ? AND key = ? AND value = ? AND {LIVE}",  # noqa: S608
+            (to_json(replacement), kind, key, to_json(expected), time.time())))
+        return cursor.rowcount == 1
+
+    async def delete_record(self, kind: str, key: str) -> None:
+        await self._run(f"deleting {kind}", lambda db: db.execute(
+            "DELETE FROM records WHERE kind = ? AND key = ?", (kind, key)))
+
+    async def find_records(self, kind: str, subject: str) -> list[dict[str, Any]]:
+        rows = await self._run(f"listing {kind}", lambda db: db.execute(
+            f"SELECT value FROM records WHERE kind = ? AND subject = ? AND {LIVE}",  # noqa: S608 - fixed text
+            (kind, subject, time.time())).fetchall())
+        return [json.loads(row[0]) for row in rows]
+
+    async def delete_grant(self, grant_id: str) -> int:
+        cursor = await self._run("revoking a grant", lambda db: db.execute(
+            "DELETE FROM records WHERE grant_id = ?", (grant_id,)))
+        return cursor.rowcount
+
+    async def purge_expired(self) -> int:
+        """Drop expired records (Redis expires them by itself)."""
+        cursor = await self._run("purging expired records", lambda db: db.execute(
+            "DELETE FROM records WHERE expires_at <= ?", (time.time(),)))
+        return cursor.rowcount
+
+
+def to_json(value: Any) -> str:
+    """The one serialisation of stored records; sorted keys so equal values compare equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def _note_from_row(row: Sequence[Any]) -> Note:
     note_id, title, body, tags, created_at = row
     return Note(id=note_id, title=title, body=body, tags=tuple(json.loads(tags)), created_at=created_at)
@@ -968,7 +1225,844 @@ def open_store(settings: Settings) -> Store:
     return STORE_BACKENDS[urlsplit(settings.store_url).scheme](settings.store_url)
 
 
-# === 5. Resumable streams ====================================================
+# === 5. Google sign-in =======================================================
+#
+# The only code that talks to Google. Authlib fetches Google's discovery document, builds the
+# authorization URL (PKCE and nonce), exchanges the code and verifies the id_token (signature by
+# `kid`, issuer, audience, nonce, expiry). The browser's trip through Google is bound to a
+# server-side transaction through `state`, not to a cookie: embedded webviews and proxies drop those.
+
+
+class GoogleError(Exception):
+    """Google refused, failed, or answered with something that does not verify."""
+
+
+@dataclass(frozen=True)
+class GoogleIdentity:
+    """Who Google says signed in, from the verified id_token."""
+
+    subject: str
+    email: str
+    email_verified: bool
+    name: str | None = None
+    hosted_domain: str | None = None
+    picture: str | None = None
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> "GoogleIdentity":
+        return cls(subject=str(claims["sub"]), email=str(claims.get("email") or "").lower(),
+                   email_verified=claims.get("email_verified") in (True, "true"), name=claims.get("name"),
+                   hosted_domain=claims.get("hd"), picture=claims.get("picture"))
+
+    def claims(self) -> dict[str, Any]:
+        """What tokens carry about the person (never Google's tokens themselves)."""
+        return {"email": self.email, "name": self.name, "hd": self.hosted_domain, "picture": self.picture}
+
+
+def refusal_reason(email: str, email_verified: bool, hosted_domain: str | None, settings: Settings) -> str | None:
+    """Why this person may not sign in, or None. Checked on verified claims, never on URL hints."""
+    if not email_verified:
+        return f"Google has not verified the address {email or '(none)'}."
+    if not settings.allowed_emails and not settings.allowed_domains:
+        return None
+    if email.lower() in settings.allowed_emails:
+        return None
+    if hosted_domain and hosted_domain.lower() in settings.allowed_domains:
+        return None
+    return f"{email} is not among the people allowed to use this server."
+
+
+class GoogleLogin:
+    """Google as the identity provider: sign-in, token refresh, userinfo and revocation."""
+
+    def __init__(self, settings: Settings, http: httpx2.AsyncClient) -> None:
+        secret = settings.google_client_secret.value if settings.google_client_secret else ""
+        self.client = OAuth().register(
+            "google", client_id=settings.google_client_id, client_secret=secret,
+            server_metadata_url=settings.google_discovery_url,
+            client_kwargs={"scope": "openid email profile", "code_challenge_method": "S256",
+                           "timeout": GOOGLE_TIMEOUT_S},
+        )
+        self.credentials = (settings.google_client_id, secret)
+        self.redirect_uri = settings.public_url + GOOGLE_CALLBACK_PATH
+        self.domain_hint = next(iter(settings.allowed_domains)) if len(settings.allowed_domains) == 1 else None
+        self.http = http
+
+    async def authorization_url(self, state: str, *, login_hint: str | None, ask_consent: bool) -> tuple[str, str, str]:
+        """The URL to send the browser to, and the nonce and PKCE verifier to check Google's answer with.
+        `ask_consent` makes Google issue a refresh token again (it does so only on consent)."""
+        extra = {"access_type": "offline", "include_granted_scopes": "true"}
+        if ask_consent:
+            extra["prompt"] = "consent"
+        if login_hint:
+            extra["login_hint"] = login_hint
+        if self.domain_hint:
+            extra["hd"] = self.domain_hint  # a hint for Google's account chooser; enforced on the hd claim
+        try:
+            created = await self.client.create_authorization_url(self.redirect_uri, state=state, **extra)
+        except (httpx2.HTTPError, ValueError, KeyError) as exc:
+            raise GoogleError(f"Google's discovery document is unavailable: {exc}") from exc
+        return created["url"], created["nonce"], created["code_verifier"]
+
+    async def finish(self, code: str, *, nonce: str, verifier: str) -> tuple[GoogleIdentity, dict[str, Any]]:
+        """Exchange Google's code and verify its id_token."""
+        try:
+            token = await self.client.fetch_access_token(redirect_uri=self.redirect_uri, code=code,
+                                                         code_verifier=verifier)
+            claims = await self.client.parse_id_token(token, nonce=nonce)
+        except OAuthError as exc:
+            raise GoogleError(f"Google refused the sign-in: {exc.error}") from exc
+        except (JoseError, KeyError, ValueError, TypeError) as exc:
+            raise GoogleError(f"Google's id_token did not verify: {exc}") from exc
+        except httpx2.HTTPError as exc:
+            raise GoogleError(f"Google could not be reached: {exc}") from exc
+        if claims is None:
+            raise GoogleError("Google sent no id_token")
+        return GoogleIdentity.from_claims(claims), dict(token)
+
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """A fresh Google access token. Raises GoogleError with `revoked=True` on invalid_grant."""
+        try:
+            return dict(await self.client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token))
+        except OAuthError as exc:
+            raise GoogleRevoked(exc.error) if exc.error == "invalid_grant" else GoogleError(str(exc.error)) from exc
+        except httpx2.HTTPError as exc:
+            raise GoogleError(f"Google could not be reached: {exc}") from exc
+
+    async def userinfo(self, access_token: str) -> dict[str, Any]:
+        metadata = await self.client.load_server_metadata()
+        response = await self.http.get(metadata["userinfo_endpoint"], timeout=GOOGLE_TIMEOUT_S,
+                                       headers={"Authorization": f"Bearer {access_token}"})
+        if response.status_code == 401:
+            raise GoogleRevoked("the Google access token was refused")
+        response.raise_for_status()
+        return dict(response.json())
+
+    async def revoke(self, token: str) -> None:
+        """Revoke a Google token (a refresh token revokes the whole authorization)."""
+        metadata = await self.client.load_server_metadata()
+        endpoint = metadata.get("revocation_endpoint")
+        if not endpoint:
+            raise GoogleError("Google's discovery document names no revocation endpoint")
+        response = await self.http.post(endpoint, data={"token": token}, auth=self.credentials,
+                                        timeout=GOOGLE_TIMEOUT_S)
+        if response.status_code >= 400:
+            raise GoogleError(f"Google's revocation endpoint answered {response.status_code}")
+
+
+class GoogleRevoked(GoogleError):
+    """Google no longer honours this person's authorization (invalid_grant)."""
+
+
+class TokenCipher:
+    """Encrypts Google tokens at rest with a key derived from SECRET_KEY (AES-256-GCM). The owner's
+    subject is authenticated with each token, so one person's ciphertext cannot be swapped in for another's."""
+
+    def __init__(self, secret_key: Secret) -> None:
+        self.aead = AESGCM(derive_key(secret_key, b"stream-http/google-tokens"))
+
+    def encrypt(self, subject: str, tokens: Mapping[str, Any]) -> str:
+        nonce = os.urandom(12)
+        sealed = self.aead.encrypt(nonce, to_json(tokens).encode(), subject.encode())
+        return base64.urlsafe_b64encode(nonce + sealed).decode()
+
+    def decrypt(self, subject: str, blob: str) -> dict[str, Any]:
+        raw = base64.urlsafe_b64decode(blob)
+        return json.loads(self.aead.decrypt(raw[:12], raw[12:], subject.encode()))
+
+
+def derive_key(secret_key: Secret, purpose: bytes) -> bytes:
+    """A 32-byte key for one purpose, so SECRET_KEY itself is never used directly."""
+    return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(secret_key.value.encode())
+
+
+# === 6. OAuth provider =======================================================
+#
+# The server is the OAuth 2.1 authorization server MCP clients talk to: Google cannot register
+# them. One authorization runs /authorize → consent page → Google → /oauth/google/callback → code →
+# /token, and each step is a single-use record in the store. Tokens are random strings stored only
+# as SHA-256 hashes; each belongs to a grant (one person, one client), and revocation ends a grant
+# as a whole. The SDK's handlers do client authentication, PKCE and registration parsing; this
+# section decides.
+
+SCOPES = {
+    "mcp": "Use this server's tools, notes and prompts as you",
+    "google": "Read your Google profile (name, email, picture) through the google_profile tool",
+}
+REQUIRED_SCOPE = "mcp"  # every MCP request needs it
+TOOL_SCOPES = {"google_profile": "google"}  # tools that need more, and what
+AUTH_CODE_TTL_S = 300
+TRANSACTION_TTL_S = 600
+REFRESH_RACE_GRACE_S = 2  # the same refresh token used twice this close together is a race, not theft
+CLIENT_DOCUMENT_TTL_S = 3600
+CLIENT_DOCUMENT_MAX_BYTES = 10_240
+CLIENT_DOCUMENT_TIMEOUT_S = 5
+PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+audit_log = logging.getLogger("stream_http.audit")
+
+
+def audit(event: str, **fields: Any) -> None:
+    """One structured log line per security event. Never pass a token, code or secret."""
+    audit_log.info("%s", json.dumps({"event": event, **fields}, sort_keys=True, default=str))
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def canonical_url(url: str) -> str:
+    """One spelling per URL: lower-case scheme and host, no default port, no trailing slash."""
+    parts = urlsplit(url.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port
+    netloc = host if port in (None, {"http": 80, "https": 443}.get(scheme)) else f"{host}:{port}"
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, ""))
+
+
+def redirect_uri_problem(uri: str, patterns: Sequence[str]) -> str | None:
+    """Why `uri` may not be a client's redirect URI, or None: https or loopback http, no fragment,
+    and one of REDIRECT_URI_PATTERNS when that is set (which may also admit an app scheme)."""
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port
+    except ValueError:
+        return f"{uri!r} is not a valid URI"
+    if "#" in uri:
+        return f"{uri!r} must not contain a fragment"
+    listed = any(fnmatch.fnmatchcase(uri, pattern) for pattern in patterns)
+    web = parts.scheme == "https" and bool(parts.hostname)
+    loopback = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
+    if not (web or loopback):
+        app_scheme = parts.scheme not in ("http", "https", "javascript", "data", "file", "")
+        return None if listed and app_scheme else f"{uri!r} must be https:// or a loopback http:// URI"
+    if patterns and not listed:
+        return f"{uri!r} matches none of REDIRECT_URI_PATTERNS"
+    return None
+
+
+def pick_redirect_uri(registered: Sequence[str], requested: str | None) -> str | None:
+    """The redirect URI to use, or None when `requested` is not registered. A loopback URI may differ
+    from its registration only in port (RFC 8252 §7.3): native apps listen on whatever port is free."""
+    if requested is None:
+        return registered[0] if len(registered) == 1 else None
+    try:
+        wanted = str(AnyUrl(requested))
+    except ValidationError:
+        return None
+    for uri in registered:
+        if wanted == uri or same_loopback_redirect(wanted, uri):
+            return wanted
+    return None
+
+
+def same_loopback_redirect(requested: str, registered: str) -> bool:
+    a, b = urlsplit(requested), urlsplit(registered)
+    return (a.scheme == b.scheme == "http" and is_loopback_host(a.hostname or "")
+            and (a.hostname or "").lower() == (b.hostname or "").lower()
+            and (a.path or "/") == (b.path or "/") and a.query == b.query)
+
+
+def display_name(client: OAuthClientInformationFull) -> str:
+    return (client.client_name or "").strip()[:80] or "An unnamed application"
+
+
+def is_document_client_id(client_id: str) -> bool:
+    return client_id.startswith(("https://", "http://"))
+
+
+@dataclass(frozen=True)
+class PendingAuthorization:
+    """One authorization in progress: what the client asked for, and how far it has got."""
+
+    id: str
+    client_id: str
+    client_name: str
+    redirect_uri: str
+    redirect_uri_explicit: bool
+    state: str | None
+    code_challenge: str
+    scopes: tuple[str, ...]
+    resource: str
+    csrf: str
+    consented: bool = False
+    remembered_for: str | None = None  # whose remembered approval skipped the consent page
+    identity: dict[str, Any] | None = None  # the verified person, once back from Google
+    nonce: str = ""
+    verifier: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PendingAuthorization":
+        return cls(**{**data, "scopes": tuple(data["scopes"])})
+
+    @property
+    def client_domain(self) -> str | None:
+        """The domain that vouches for a metadata-document client."""
+        return urlsplit(self.client_id).hostname if is_document_client_id(self.client_id) else None
+
+    @property
+    def redirect_host(self) -> str:
+        parts = urlsplit(self.redirect_uri)
+        return parts.netloc or f"{parts.scheme}:"
+
+
+class GrantCode(AuthorizationCode):
+    grant_id: str
+    claims: dict[str, Any]
+
+
+class GrantAccessToken(AccessToken):
+    grant_id: str
+
+
+class GrantRefreshToken(RefreshToken):
+    grant_id: str
+    claims: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    """Where the browser goes after Google: `redirect`, plus a page to show when the person was refused."""
+
+    redirect: str
+    identity: GoogleIdentity | None = None
+    refused: str | None = None
+
+
+class SignInFailed(Exception):
+    """A sign-in step that cannot continue and cannot safely send the browser back to the client."""
+
+
+class ClientDocumentError(Exception):
+    """A Client ID Metadata Document that cannot be used."""
+
+
+class ClientDocuments:
+    """Client ID Metadata Documents: a client whose id is an https URL describes itself at that URL.
+    Fetched without following redirects, size- and time-limited, from public addresses only (the
+    address checked is the one connected to, so DNS cannot be switched between check and fetch),
+    validated, and cached."""
+
+    def __init__(self, settings: Settings, store: Store, http: httpx2.AsyncClient) -> None:
+        self.settings = settings
+        self.store = store
+        self.http = http
+
+    async def client(self, url: str) -> OAuthClientInformationFull:
+        cached = await self.store.get_record("cimd", url)
+        if cached is not None:
+            return OAuthClientInformationFull.model_validate(cached)
+        client = self.validate(url, await self.fetch(url))
+        await self.store.put_records([Record("cimd", url, client.model_dump(mode="json", exclude_none=True),
+                                             ttl_s=CLIENT_DOCUMENT_TTL_S)])
+        return client
+
+    def url_problem(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        schemes = ("https", "http") if self.settings.cimd_allow_local else ("https",)
+        if parts.scheme not in schemes or not parts.hostname:
+            return "a client_id URL must be https://"
+        if parts.fragment or parts.username or parts.password:
+            return "a client_id URL must not carry a fragment or credentials"
+        if parts.path in ("", "/") or any(segment in (".", "..") for segment in parts.path.split("/")):
+            return "a client_id URL needs a path without . or .. segments"
+        return None
+
+    async def fetch(self, url: str) -> dict[str, Any]:
+        if problem := self.url_problem(url):
+            raise ClientDocumentError(problem)
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = await self.public_address(parts.hostname or "", port)
+        target = urlunsplit((parts.scheme, f"[{address}]:{port}" if ":" in address else f"{address}:{port}",
+                             parts.path, parts.query, ""))
+        try:
+            async with self.http.stream("GET", target, headers={"Host": parts.netloc, "Accept": "application/json"},
+                                        extensions={"sni_hostname": parts.hostname},
+                                        timeout=CLIENT_DOCUMENT_TIMEOUT_S, follow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise ClientDocumentError(f"{url} answered HTTP {response.status_code}")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > CLIENT_DOCUMENT_MAX_BYTES:
+                        raise ClientDocumentError(f"{url} is larger than {CLIENT_DOCUMENT_MAX_BYTES} bytes")
+        except httpx2.HTTPError as exc:
+            raise ClientDocumentError(f"{url} could not be fetched: {exc}") from exc
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise ClientDocumentError(f"{url} is not JSON") from exc
+        if not isinstance(document, dict):
+            raise ClientDocumentError(f"{url} is not a JSON object")
+        return document
+
+    async def public_address(self, host: str, port: int) -> str:
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ClientDocumentError(f"{host} does not resolve: {exc}") from exc
+        addresses = sorted({str(info[4][0]) for info in infos})
+        if not self.settings.cimd_allow_local and not all(ipaddress.ip_address(a).is_global for a in addresses):
+            raise ClientDocumentError(f"{host} resolves to a private, loopback or reserved address")
+        return addresses[0]
+
+    def validate(self, url: str, document: dict[str, Any]) -> OAuthClientInformationFull:
+        if document.get("client_id") != url:
+            raise ClientDocumentError("the document's client_id must be its own URL")
+        if document.get("token_endpoint_auth_method", "none") != "none":
+            raise ClientDocumentError("a metadata-document client must be public (token_endpoint_auth_method none)")
+        uris = document.get("redirect_uris")
+        if not isinstance(uris, list) or not uris or not all(isinstance(uri, str) for uri in uris):
+            raise ClientDocumentError("the document needs a list of redirect_uris")
+        for uri in uris:
+            if problem := redirect_uri_problem(uri, self.settings.redirect_uri_patterns):
+                raise ClientDocumentError(problem)
+        try:
+            return OAuthClientInformationFull.model_validate({
+                **{key: document[key] for key in ("client_name", "client_uri", "logo_uri", "grant_types",
+                                                  "response_types", "scope") if key in document},
+                "client_id": url, "redirect_uris": uris, "token_endpoint_auth_method": "none",
+            })
+        except ValidationError as exc:
+            raise ClientDocumentError(f"the document is not valid client metadata: {exc.error_count()} problem(s)"
+                                      ) from exc
+
+
+class OAuthProvider:
+    """The SDK's `OAuthAuthorizationServerProvider` for MCP clients, with Google as the identity provider."""
+
+    def __init__(self, settings: Settings, store: Store, google: GoogleLogin, documents: ClientDocuments,
+                 cipher: TokenCipher) -> None:
+        self.settings = settings
+        self.store = store
+        self.google = google
+        self.documents = documents
+        self.cipher = cipher
+        self.resource = canonical_url(settings.mcp_url)
+        self._google_refreshes: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
+
+    def serves_resource(self, resource: str) -> bool:
+        try:
+            return canonical_url(resource) == self.resource
+        except ValueError:
+            return False
+
+    # --- clients
+
+    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        if is_document_client_id(client_id):
+            try:
+                return await self.documents.client(client_id)
+            except ClientDocumentError as exc:
+                logger.info("client metadata document %s refused: %s", client_id, exc)
+                return None
+        record = await self.store.get_record("client", client_id)
+        return OAuthClientInformationFull.model_validate(record) if record else None
+
+    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
+        for uri in client_info.redirect_uris or []:
+            if problem := redirect_uri_problem(str(uri), self.settings.redirect_uri_patterns):
+                raise RegistrationError("invalid_redirect_uri", problem)
+        record = client_info.model_dump(mode="json", exclude_none=True)
+        await self.store.put_records([Record("client", client_info.client_id, record)])
+        audit("client_registered", client_id=client_info.client_id, client_name=client_info.client_name,
+              redirect_uris=[str(uri) for uri in client_info.redirect_uris or []])
+
+    # --- authorization: /authorize, consent, Google
+
+    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
+        return await self.begin(client, params, signed_in=None)
+
+    async def begin(self, client: OAuthClientInformationFull, params: AuthorizationParams,
+                    signed_in: Mapping[str, str] | None) -> str:
+        """Start an authorization and return where the browser goes next: the consent page, or
+        straight to Google when the person signed in here has already approved this client."""
+        pending = PendingAuthorization(
+            id=new_id(), client_id=client.client_id, client_name=display_name(client),
+            redirect_uri=str(params.redirect_uri), redirect_uri_explicit=params.redirect_uri_provided_explicitly,
+            state=params.state, code_challenge=params.code_challenge, scopes=tuple(params.scopes or ()),
+            resource=self.resource, csrf=new_id())
+        subject = (signed_in or {}).get("sub")
+        if subject and await self.remembers_consent(subject, client.client_id, pending.scopes):
+            remembered = dataclasses.replace(pending, consented=True, remembered_for=subject)
+            return await self.to_google(remembered, login_hint=(signed_in or {}).get("email"))
+        await self.store.put_records([Record("txn", pending.id, pending.to_json(), ttl_s=TRANSACTION_TTL_S)])
+        return self.consent_url(pending)
+
+    def consent_url(self, pending: PendingAuthorization) -> str:
+        return f"{self.settings.public_url}/consent?{urlencode({'txn': pending.id})}"
+
+    async def pending(self, txn_id: str) -> PendingAuthorization | None:
+        record = await self.store.get_record("txn", txn_id)
+        return PendingAuthorization.from_json(record) if record else None
+
+    async def decide(self, txn_id: str, csrf: str, approve: bool) -> str:
+        """Apply the answer given on the consent page and return where the browser goes next."""
+        pending = await self.pending(txn_id)
+        if pending is None or not hmac.compare_digest(pending.csrf, csrf):
+            raise SignInFailed("This consent page has expired or was already answered. Start again from your app.")
+        if await self.store.take_record("txn", txn_id) is None:
+            raise SignInFailed("This consent page was already answered.")
+        fields = {"client_id": pending.client_id, "scopes": pending.scopes}
+        if not approve:
+            audit("consent_denied", **fields)
+            return self.client_redirect(pending, error="access_denied", error_description="The request was denied")
+        audit("consent_given", subject=(pending.identity or {}).get("sub"), **fields)
+        approved = dataclasses.replace(pending, consented=True)
+        return await self.complete(approved) if approved.identity else await self.to_google(approved)
+
+    async def to_google(self, pending: PendingAuthorization, login_hint: str | None = None) -> str:
+        state = new_id()
+        ask_consent = not (pending.remembered_for and await self.google_tokens(pending.remembered_for))
+        try:
+            url, nonce, verifier = await self.google.authorization_url(state, login_hint=login_hint,
+                                                                       ask_consent=ask_consent)
+        except GoogleError as exc:
+            logger.error("cannot start a Google sign-in: %s", exc)
+            return self.client_redirect(pending, error="temporarily_unavailable",
+                                        error_description="Google sign-in is unavailable right now")
+        waiting = dataclasses.replace(pending, nonce=nonce, verifier=verifier)
+        await self.store.put_records([Record("login", state, waiting.to_json(), ttl_s=TRANSACTION_TTL_S)])
+        return url
+
+    async def finish_login(self, state: str, code: str | None, error: str | None) -> LoginOutcome:
+        """Google sent the browser back: verify who signed in, apply the access policy, and continue."""
+        record = await self.store.take_record("login", state) if state else None
+        if record is None:
+            raise SignInFailed("This sign-in has expired or was already completed. Start again from your app.")
+        pending = PendingAuthorization.from_json(record)
+        if error or not code:
+            audit("sign_in_refused", client_id=pending.client_id, reason=f"Google answered {error or 'no code'}")
+            return LoginOutcome(self.client_redirect(pending, error="access_denied",
+                                                     error_description="Sign-in with Google was cancelled"),
+                                refused="Sign-in with Google was cancelled or refused.")
+        try:
+            identity, google_tokens = await self.google.finish(code, nonce=pending.nonce, verifier=pending.verifier)
+        except GoogleError as exc:
+            audit("sign_in_refused", client_id=pending.client_id, reason=str(exc))
+            return LoginOutcome(self.client_redirect(pending, error="server_error",
+                                                     error_description="Google sign-in failed"),
+                                refused=f"Sign-in with Google failed: {exc}")
+        return await self.after_login(pending, identity, google_tokens)
+
+    async def after_login(self, pending: PendingAuthorization, identity: GoogleIdentity,
+                          google_tokens: Mapping[str, Any]) -> LoginOutcome:
+        who = {"subject": identity.subject, "email": identity.email, "client_id": pending.client_id}
+        reason = refusal_reason(identity.email, identity.email_verified, identity.hosted_domain, self.settings)
+        if reason:
+            audit("sign_in_refused", reason=reason, **who)
+            return LoginOutcome(self.client_redirect(pending, error="access_denied", error_description=reason),
+                                identity=identity, refused=reason)
+        audit("sign_in_allowed", **who)
+        await self.save_google_tokens(identity.subject, google_tokens)
+        known = dataclasses.replace(pending, identity={**identity.claims(), "sub": identity.subject})
+        if not known.consented or (known.remembered_for and known.remembered_for != identity.subject):
+            # An approval belongs to a person: ask the one who actually signed in.
+            known = dataclasses.replace(known, consented=False, remembered_for=None, csrf=new_id())
+            await self.store.put_records([Record("txn", known.id, known.to_json(), ttl_s=TRANSACTION_TTL_S)])
+            return LoginOutcome(self.consent_url(known), identity=identity)
+        return LoginOutcome(await self.complete(known), identity=identity)
+
+    async def complete(self, pending: PendingAuthorization) -> str:
+        """Issue the authorization code and send the browser back to the client."""
+        identity = pending.identity or {}
+        subject = identity["sub"]
+        code, grant_id = secrets.token_urlsafe(32), new_id()
+        record = GrantCode(
+            code="", scopes=list(pending.scopes), expires_at=time.time() + AUTH_CODE_TTL_S,
+            client_id=pending.client_id, code_challenge=pending.code_challenge,
+            redirect_uri=AnyUrl(pending.redirect_uri), redirect_uri_provided_explicitly=pending.redirect_uri_explicit,
+            resource=pending.resource,
+            subject=subject, grant_id=grant_id, claims={k: v for k, v in identity.items() if k != "sub"})
+        approved = sorted(set(pending.scopes) | set(await self.approved_scopes(subject, pending.client_id)))
+        await self.store.put_records([
+            Record("code", token_hash(code), record.model_dump(mode="json"), ttl_s=AUTH_CODE_TTL_S, grant_id=grant_id),
+            Record("consent", consent_key(subject, pending.client_id), {"scopes": approved}, subject=subject),
+        ])
+        return self.client_redirect(pending, code=code)
+
+    def client_redirect(self, pending: PendingAuthorization, **params: str) -> str:
+        """Back to the client, with `state` and, per RFC 9207, `iss` on every answer."""
+        return construct_redirect_uri(pending.redirect_uri, **params, state=pending.state, iss=self.settings.issuer)
+
+    async def approved_scopes(self, subject: str, client_id: str) -> list[str]:
+        record = await self.store.get_record("consent", consent_key(subject, client_id))
+        return list(record["scopes"]) if record else []
+
+    async def remembers_consent(self, subject: str, client_id: str, scopes: Sequence[str]) -> bool:
+        approved = await self.approved_scopes(subject, client_id)
+        return bool(approved) and set(scopes) <= set(approved)
+
+    # --- tokens: /token and every MCP request
+
+    async def load_authorization_code(self, client: OAuthClientInformationFull,
+                                      authorization_code: str) -> GrantCode | None:
+        key = token_hash(authorization_code)
+        record = await self.store.take_record("code", key)
+        if record is None:
+            used = await self.store.get_record("used_code", key)
+            if used is not None:  # RFC 6749 §4.1.2: a replayed code revokes what it was exchanged for
+                audit("code_replayed", client_id=client.client_id, grant_id=used["grant_id"])
+                await self.revoke_grant(used["grant_id"], reason="authorization code replayed")
+            return None
+        await self.store.put_records([Record("used_code", key, {"grant_id": record["grant_id"]},
+                                             ttl_s=AUTH_CODE_TTL_S, grant_id=record["grant_id"])])
+        return GrantCode.model_validate({**record, "code": authorization_code})
+
+    async def exchange_authorization_code(self, client: OAuthClientInformationFull,
+                                          authorization_code: GrantCode) -> OAuthToken:
+        grant = {"id": authorization_code.grant_id, "client_id": client.client_id, "client_name": display_name(client),
+                 "subject": authorization_code.subject, "scopes": authorization_code.scopes,
+                 "resource": authorization_code.resource, "claims": authorization_code.claims,
+                 "created_at": time.time()}
+        tokens, records = self.new_tokens(grant, authorization_code.scopes)
+        await self.store.put_records([
+            Record("grant", grant["id"], grant, ttl_s=self.settings.refresh_token_ttl_s, grant_id=grant["id"],
+                   subject=grant["subject"]), *records])
+        audit("token_issued", client_id=client.client_id, subject=grant["subject"], grant_id=grant["id"],
+              scopes=authorization_code.scopes)
+        return tokens
+
+    def new_tokens(self, grant: Mapping[str, Any], scopes: Sequence[str]) -> tuple[OAuthToken, list["Record"]]:
+        """A fresh access and refresh token for `grant`, and the records that make them valid."""
+        access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now, settings = time.time(), self.settings
+        base = {"client_id": grant["client_id"], "subject": grant["subject"], "scopes": list(scopes),
+                "resource": grant["resource"], "claims": grant["claims"], "grant_id": grant["id"]}
+        records = [
+            Record("access", token_hash(access), {**base, "expires_at": int(now + settings.access_token_ttl_s)},
+                   ttl_s=settings.access_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
+            Record("refresh", token_hash(refresh), {**base, "expires_at": int(now + settings.refresh_token_ttl_s),
+                                                    "status": "active", "rotated_at": None},
+                   ttl_s=settings.refresh_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
+        ]
+        token = OAuthToken(access_token=access, expires_in=settings.access_token_ttl_s, scope=" ".join(scopes),
+                           refresh_token=refresh)
+        return token, records
+
+    async def load_refresh_token(self, client: OAuthClientInformationFull,
+                                 refresh_token: str) -> GrantRefreshToken | None:
+        record = await self.store.get_record("refresh", token_hash(refresh_token))
+        if record is None:
+            return None
+        if record["status"] != "active":
+            if time.time() - record["rotated_at"] > REFRESH_RACE_GRACE_S:
+                audit("refresh_token_reused", client_id=record["client_id"], subject=record["subject"],
+                      grant_id=record["grant_id"])
+                await self.revoke_grant(record["grant_id"], reason="a rotated refresh token was used again")
+            return None
+        return GrantRefreshToken.model_validate({**record, "token": refresh_token})
+
+    async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: GrantRefreshToken,
+                                     scopes: list[str]) -> OAuthToken:
+        key = token_hash(refresh_token.token)
+        current = await self.store.get_record("refresh", key)
+        rotated = {**(current or {}), "status": "rotated", "rotated_at": time.time()}
+        if current is None or current["status"] != "active" or not await self.store.swap_record(
+                "refresh", key, current, rotated):
+            raise TokenError("invalid_grant", "this refresh token was already used")
+        claims = refresh_token.claims
+        if reason := refusal_reason(claims.get("email", ""), True, claims.get("hd"), self.settings):
+            audit("refresh_refused", subject=refresh_token.subject, reason=reason)
+            await self.revoke_grant(refresh_token.grant_id, reason="no longer allowed to sign in")
+            raise TokenError("invalid_grant", reason)
+        grant = await self.store.get_record("grant", refresh_token.grant_id)
+        if grant is None:
+            raise TokenError("invalid_grant", "this authorization was revoked")
+        tokens, records = self.new_tokens(grant, scopes)
+        await self.store.put_records([
+            Record("grant", grant["id"], {**grant, "last_used_at": time.time()},
+                   ttl_s=self.settings.refresh_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
+            *records])
+        audit("token_refreshed", client_id=client.client_id, subject=grant["subject"], grant_id=grant["id"])
+        return tokens
+
+    async def load_access_token(self, token: str) -> GrantAccessToken | None:
+        record = await self.store.get_record("access", token_hash(token))
+        if record is None:
+            return None
+        return GrantAccessToken(token=token, client_id=record["client_id"], scopes=record["scopes"],
+                                expires_at=record["expires_at"], resource=record["resource"],
+                                subject=record["subject"], grant_id=record["grant_id"],
+                                claims={**record["claims"], "iss": self.settings.issuer})
+
+    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
+        grant_id = getattr(token, "grant_id", None)
+        if grant_id:
+            await self.revoke_grant(grant_id, reason="revoked by the client")
+
+    async def revoke_grant(self, grant_id: str, *, reason: str) -> None:
+        """End a grant: every token of it stops working at once. When it was the person's last grant,
+        their Google authorization is revoked too (best effort)."""
+        grant = await self.store.get_record("grant", grant_id)
+        removed = await self.store.delete_grant(grant_id)
+        audit("grant_revoked", grant_id=grant_id, reason=reason, records=removed,
+              subject=grant and grant["subject"], client_id=grant and grant["client_id"])
+        if grant and not await self.store.find_records("grant", grant["subject"]):
+            await self.forget_google(grant["subject"])
+
+    # --- Google's tokens for the person: stored encrypted, never handed to a client
+
+    async def google_tokens(self, subject: str) -> dict[str, Any] | None:
+        record = await self.store.get_record("google", subject)
+        return self.cipher.decrypt(subject, record["sealed"]) if record else None
+
+    async def save_google_tokens(self, subject: str, token: Mapping[str, Any]) -> None:
+        held = await self.google_tokens(subject) or {}
+        expires_at = token.get("expires_at") or time.time() + float(token.get("expires_in") or 3600)
+        tokens = {"access_token": token["access_token"], "expires_at": float(expires_at),
+                  "refresh_token": token.get("refresh_token") or held.get("refresh_token")}
+        await self.store.put_records([Record("google", subject, {"sealed": self.cipher.encrypt(subject, tokens)},
+                                             subject=subject)])
+
+    async def google_access_token(self, subject: str) -> str:
+        """A valid Google access token for `subject`, refreshed with the stored refresh token when needed.
+        Raises GoogleRevoked when Google no longer honours the authorization."""
+        tokens = await self.google_tokens(subject)
+        if tokens is None:
+            raise GoogleRevoked("no Google authorization is stored for you")
+        if tokens["expires_at"] > time.time() + 30:
+            return tokens["access_token"]
+        lock = self._google_refreshes.setdefault(subject, anyio.Lock())
+        async with lock:  # one refresh at a time per person; the others use its result
+            tokens = await self.google_tokens(subject) or tokens
+            if tokens["expires_at"] > time.time() + 30:
+                return tokens["access_token"]
+            if not tokens.get("refresh_token"):
+                raise GoogleRevoked("Google gave this server no refresh token")
+            fresh = await self.google.refresh(tokens["refresh_token"])
+            await self.save_google_tokens(subject, fresh)
+            return fresh["access_token"]
+
+    async def forget_google(self, subject: str) -> None:
+        record = await self.store.take_record("google", subject)
+        if record is None:
+            return
+        tokens = self.cipher.decrypt(subject, record["sealed"])
+        try:
+            await self.google.revoke(tokens.get("refresh_token") or tokens["access_token"])
+        except (GoogleError, httpx2.HTTPError) as exc:
+            logger.warning("could not revoke the Google token of %s at Google: %s", subject, exc)
+            return
+        audit("google_token_revoked", subject=subject)
+
+    async def end_access(self, subject: str, *, reason: str) -> None:
+        """End every grant of `subject` (when Google has withdrawn their authorization)."""
+        for grant in await self.store.find_records("grant", subject):
+            await self.revoke_grant(grant["id"], reason=reason)
+        await self.store.delete_record("google", subject)
+
+
+def consent_key(subject: str, client_id: str) -> str:
+    return f"{subject} {client_id}"
+
+
+# === 7. HTML pages ===========================================================
+#
+# Plain, self-contained pages: no script, no external asset, one stylesheet allowed by its hash.
+# `render_page` escapes every value; a ready-made fragment is passed under a name ending in `_html`
+# and is built by a function here that escapes its own parts.
+
+PAGE_CSS = """
+:root{color-scheme:light dark;--fg:#1b1f24;--bg:#f6f7f9;--card:#fff;--muted:#57606a;--accent:#1a5fd0;--line:#d0d7de}
+@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--bg:#0d1117;--card:#161b22;--muted:#9da7b3;
+--accent:#6ea8fe;--line:#30363d}}
+*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+color:var(--fg);background:var(--bg)}main{max-width:32rem;margin:2rem auto;padding:1.5rem;background:var(--card);
+border:1px solid var(--line);border-radius:12px}h1{font-size:1.35rem;margin:.2rem 0 1rem}
+.brand{color:var(--muted);font-size:.9rem;margin:0}dl{display:grid;grid-template-columns:auto 1fr;gap:.3rem 1rem}
+dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}ul{padding-left:1.2rem}.note{color:var(--muted);font-size:.9rem}
+.actions{display:flex;gap:.75rem;flex-wrap:wrap;margin-top:1.5rem}
+button,.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid var(--line);background:var(--card);
+color:var(--fg);cursor:pointer;text-decoration:none;display:inline-block}
+button.primary,.button.primary{background:var(--accent);border-color:var(--accent);color:#fff}
+button:focus-visible,.button:focus-visible{outline:3px solid var(--accent);outline-offset:2px}
+@media (max-width:30rem){main{margin:0;border-radius:0;border-width:0 0 1px}.actions>*{flex:1;text-align:center}}
+"""
+PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).decode()
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">$head_html<title>$title · $server</title><style>$css_html</style></head>
+<body><main><p class="brand">$server</p><h1>$title</h1>
+$body_html
+</main></body></html>
+""")
+
+CONSENT_BODY = string.Template("""<p><strong>$client_name</strong> asks to use $server on your behalf.</p>
+<dl><dt>Sends you back to</dt><dd>$redirect_host</dd>$details_html</dl>
+<p>If you allow it, it will be able to:</p><ul>$scopes_html</ul>
+<p class="note">$next_step</p>
+<form method="post" action="$action">
+<input type="hidden" name="txn" value="$txn"><input type="hidden" name="csrf" value="$csrf">
+<div class="actions"><button type="submit" name="decision" value="approve" class="primary">Allow</button>
+<button type="submit" name="decision" value="deny">Deny</button></div></form>""")
+
+MESSAGE_BODY = string.Template("""<p>$message</p>$action_html""")
+
+
+def render_page(title: str, body: string.Template, *, status: int = 200, head_html: str = "",
+                form_targets: Sequence[str] = (), **values: str) -> HTMLResponse:
+    """A full page; every value is HTML-escaped except those named `*_html`."""
+    escaped = {name: value if name.endswith("_html") else html.escape(value, quote=True)
+               for name, value in values.items()}
+    server = html.escape(SERVER_NAME)
+    page = PAGE.substitute(title=html.escape(title), server=server, head_html=head_html, css_html=PAGE_CSS,
+                           body_html=body.substitute(server=server, **escaped))
+    return HTMLResponse(page, status_code=status, headers=page_headers(form_targets))
+
+
+def page_headers(form_targets: Sequence[str]) -> dict[str, str]:
+    """No framing, no script, no foreign assets, forms only to here (and the redirects they lead to)."""
+    targets = " ".join(dict.fromkeys(origin_of(target) for target in form_targets))
+    policy = (f"default-src 'none'; style-src 'sha256-{PAGE_CSS_HASH}'; img-src data:; base-uri 'none'; "
+              f"form-action 'self' {targets}; frame-ancestors 'none'")
+    return {"Content-Security-Policy": " ".join(policy.split()), "X-Frame-Options": "DENY",
+            "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") else f"{parts.scheme}:"
+
+
+def consent_page(pending: PendingAuthorization, settings: Settings, google_origin: str) -> HTMLResponse:
+    details = [("Vouched for by", pending.client_domain)] if pending.client_domain else []
+    identity = pending.identity or {}
+    if identity:
+        details.append(("Signed in as", identity.get("email") or identity["sub"]))
+    next_step = ("Allowing sends you back to the application now." if identity else
+                 "Next you sign in with Google. Your Google password and tokens are never shown to the application.")
+    return render_page(
+        "Allow access?", CONSENT_BODY, client_name=pending.client_name, redirect_host=pending.redirect_host,
+        details_html="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in details),
+        scopes_html="".join(f"<li>{html.escape(SCOPES.get(scope, scope))}</li>" for scope in pending.scopes),
+        next_step=next_step, action=f"{settings.public_url}/consent", txn=pending.id, csrf=pending.csrf,
+        form_targets=[settings.public_url, google_origin, pending.redirect_uri])
+
+
+def message_page(title: str, message: str, *, status: int, continue_to: str | None = None,
+                 continue_label: str = "Return to the application") -> HTMLResponse:
+    """A page that explains; with `continue_to` it also leads on (after 10 seconds on its own)."""
+    action_html = head_html = ""
+    if continue_to:
+        link = html.escape(continue_to, quote=True)
+        action_html = (f'<div class="actions"><a class="button primary" href="{link}">'
+                       f"{html.escape(continue_label)}</a></div>")
+        head_html = f'<meta http-equiv="refresh" content="10;url={link}">'
+    return render_page(title, MESSAGE_BODY, status=status, head_html=head_html, message=message,
+                       action_html=action_html)
+
+
+# === 8. Resumable streams ====================================================
 #
 # In stateful mode every SSE event gets an id; a client that loses its connection reconnects with
 # `Last-Event-ID` and receives what it missed. The SDK ships only the `EventStore` interface, and
@@ -1040,27 +2134,56 @@ class MemoryEventStore(EventStore):
         return last.stream_id
 
 
-# === 6. Runtime ==============================================================
+# === 9. Runtime ==============================================================
 
 
 
 class Runtime:
-    """What tools and routes share while the server runs: settings, the store, the event store.
-
-    Built without I/O; `async with runtime:` opens the store and closes it again.
-    """
+    """What tools and routes share while the server runs: settings, the store, the event store, and
+    with sign-in on, the OAuth provider. Built without I/O; `async with runtime:` opens the store,
+    starts housekeeping, and closes everything again."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = open_store(settings)
         self.events = None if settings.stateless else MemoryEventStore(settings.event_store_max_events)
+        self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False)
+        self.provider = self.build_provider() if settings.auth_enabled else None
+        self._exit = AsyncExitStack()
+
+    def build_provider(self) -> OAuthProvider:
+        if self.settings.secret_key is None:
+            raise ConfigError("sign-in needs a SECRET_KEY: set it, or pass the settings through with_secret_key()")
+        documents = ClientDocuments(self.settings, self.store, self.http)
+        return OAuthProvider(self.settings, self.store, GoogleLogin(self.settings, self.http), documents,
+                             TokenCipher(self.settings.secret_key))
 
     async def __aenter__(self) -> "Runtime":
-        await self.store.open()
+        await self._exit.__aenter__()
+        try:
+            await self.store.open()
+            self._exit.push_async_callback(self.store.close)
+            self._exit.push_async_callback(self.http.aclose)
+            tasks = await self._exit.enter_async_context(anyio.create_task_group())
+            self._exit.callback(tasks.cancel_scope.cancel)
+            tasks.start_soon(self.purge_expired_records)
+        except BaseException:
+            await self._exit.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.store.close()
+        await self._exit.aclose()
+
+    async def purge_expired_records(self) -> None:
+        while True:
+            await anyio.sleep(PURGE_INTERVAL_S)
+            try:
+                removed = await self.store.purge_expired()
+            except StorageError as exc:
+                logger.warning("purging expired records failed: %s", exc)
+                continue
+            logger.debug("purged %d expired records", removed)
 
     async def announce_notes_changed(self, owner: str, note_id: str) -> None:
         """Tell `owner`'s listening connections that their notes changed."""
@@ -1069,7 +2192,7 @@ class Runtime:
             await CHANGES.publish(event)
 
 
-# === 7. HTTP app =============================================================
+# === 10. HTTP app ============================================================
 
 
 def json_rpc_error(status: int, code: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -1123,26 +2246,76 @@ def _matches(value: str, patterns: Iterable[str]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class BearerPolicy:
+    """What the MCP endpoint asks of a request's token when sign-in is on (RFC 6750, RFC 9728)."""
+
+    resource_metadata_url: str
+
+    def check_token(self, request: Request) -> Response | None:
+        if "access_token" in request.query_params:
+            return oauth_error(400, "invalid_request", "Send the access token in the Authorization header, "
+                               "never in the URL")
+        user = request.scope.get("user")
+        if not isinstance(user, AuthenticatedUser):
+            presented = request.headers.get("authorization", "").lower().startswith("bearer ")
+            return self.unauthorized("The access token is invalid, expired or revoked" if presented else None)
+        if REQUIRED_SCOPE not in user.scopes:
+            return self.insufficient(set(user.scopes), REQUIRED_SCOPE, "every request")
+        return None
+
+    def check_scopes(self, request: Request, message: Mapping[str, Any]) -> Response | None:
+        """Step-up (403 insufficient_scope) for a tool that needs more than the token holds."""
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        tool = params.get("name") if message.get("method") == "tools/call" else None
+        needed = TOOL_SCOPES.get(tool) if isinstance(tool, str) else None
+        granted = set(request.scope["user"].scopes)
+        return self.insufficient(granted, needed, tool) if needed and needed not in granted else None
+
+    def unauthorized(self, problem: str | None) -> Response:
+        fields = [f'resource_metadata="{self.resource_metadata_url}"', f'scope="{REQUIRED_SCOPE}"']
+        if problem:  # RFC 6750 §3.1: no error code when the request carried no token at all
+            fields = ['error="invalid_token"', f'error_description="{problem}"', *fields]
+        return oauth_error(401, "invalid_token", problem or "This server needs a bearer token: sign in first",
+                           headers={"WWW-Authenticate": "Bearer " + ", ".join(fields)})
+
+    def insufficient(self, granted: set[str], needed: str, what: str | None) -> Response:
+        wanted = " ".join(scope for scope in SCOPES if scope in granted | {needed})
+        description = f"{what} needs the {needed} scope"
+        challenge = (f'Bearer error="insufficient_scope", error_description="{description}", scope="{wanted}", '
+                     f'resource_metadata="{self.resource_metadata_url}"')
+        return oauth_error(403, "insufficient_scope", description, headers={"WWW-Authenticate": challenge})
+
+
+def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An OAuth error response (RFC 6749 §5.2, RFC 6750 §3)."""
+    return JSONResponse({"error": error, "error_description": description}, status_code=status,
+                        headers={"Cache-Control": "no-store", **(headers or {})})
+
+
 class RequestGate:
     """Checks every request to the MCP endpoint before the SDK sees it, answering bad ones with the
-    right status and a JSON-RPC error: a foreign Host or Origin, an oversized or malformed body, a
-    wrong Content-Type or Accept header. It also marks which session a request belongs to, for the
-    event store."""
+    right status and error: a foreign Host or Origin, a missing or insufficient token, a wrong
+    Content-Type or Accept, an oversized or malformed body. It also marks which session a request
+    belongs to, for the event store."""
 
-    def __init__(self, app: ASGIApp, *, policy: HostPolicy, max_body_bytes: int, json_response: bool,
-                 stateless: bool) -> None:
+    def __init__(self, app: ASGIApp, *, policy: HostPolicy, bearer: BearerPolicy | None, max_body_bytes: int,
+                 json_response: bool, stateless: bool) -> None:
         self.app = app
         self.policy = policy
+        self.bearer = bearer
         self.max_body_bytes = max_body_bytes
         self.json_response = json_response
         self.stateless = stateless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        problem = self.check_headers(request)
+        problem = self.check_origin(request) or self.check_token(request) or self.check_method(request)
         body = b""
         if problem is None and request.method == "POST":
-            body, problem = await self.read_body(request)
+            body, message, problem = await self.read_message(request)
+            if problem is None and self.bearer is not None and message is not None:
+                problem = self.bearer.check_scopes(request, message)
         if problem is not None:
             await problem(scope, receive, send)
             return
@@ -1154,7 +2327,7 @@ class RequestGate:
         finally:
             _stream_scope.reset(token)
 
-    def check_headers(self, request: Request) -> Response | None:
+    def check_origin(self, request: Request) -> Response | None:
         host = request.headers.get("host")
         if not self.policy.allows_host(host):
             return json_rpc_error(421, INVALID_REQUEST, f"Host {host!r} is not served here; "
@@ -1162,6 +2335,12 @@ class RequestGate:
         origin = request.headers.get("origin")
         if not self.policy.allows_origin(origin):
             return json_rpc_error(403, INVALID_REQUEST, f"Origin {origin!r} is not allowed; add it to CORS_ORIGINS")
+        return None
+
+    def check_token(self, request: Request) -> Response | None:
+        return self.bearer.check_token(request) if self.bearer is not None else None
+
+    def check_method(self, request: Request) -> Response | None:
         if self.stateless and request.method in ("GET", "DELETE"):
             # Without sessions there is no stream to open or end; notifications come through
             # subscriptions/listen (2026-07-28) instead.
@@ -1179,41 +2358,42 @@ class RequestGate:
                                   "Accept must include application/json and text/event-stream")
         return None
 
-    async def read_body(self, request: Request) -> tuple[bytes, Response | None]:
+    async def read_message(self, request: Request) -> tuple[bytes, dict[str, Any] | None, Response | None]:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return b"", self.too_large()
+            return b"", None, self.too_large()
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.max_body_bytes:
-                return b"", self.too_large()
-        return bytes(body), check_json_rpc(bytes(body))
+                return b"", None, self.too_large()
+        message, problem = parse_json_rpc(bytes(body))
+        return bytes(body), message, problem
 
     def too_large(self) -> Response:
         return json_rpc_error(413, INVALID_REQUEST, f"Request body is larger than {self.max_body_bytes} bytes")
 
 
-def check_json_rpc(body: bytes) -> Response | None:
-    """A specific error for a body that is not one JSON-RPC 2.0 message, or None."""
+def parse_json_rpc(body: bytes) -> tuple[dict[str, Any] | None, Response | None]:
+    """The one JSON-RPC 2.0 message in `body`, or the specific error for a body that is not one."""
     try:
         message = json.loads(body)
     except (ValueError, RecursionError):
-        return json_rpc_error(400, PARSE_ERROR, "Body is not valid JSON")
+        return None, json_rpc_error(400, PARSE_ERROR, "Body is not valid JSON")
     if isinstance(message, list):
-        return json_rpc_error(400, INVALID_REQUEST, "Batches are not supported; send one message per request")
+        return None, json_rpc_error(400, INVALID_REQUEST, "Batches are not supported; send one message per request")
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-        return json_rpc_error(400, INVALID_REQUEST, 'Body must be a JSON-RPC 2.0 object with "jsonrpc": "2.0"')
+        return None, json_rpc_error(400, INVALID_REQUEST, 'Body must be a JSON-RPC 2.0 object with "jsonrpc": "2.0"')
     if "method" in message:
         if not isinstance(message["method"], str) or not message["method"]:
-            return json_rpc_error(400, INVALID_REQUEST, '"method" must be a non-empty string')
+            return None, json_rpc_error(400, INVALID_REQUEST, '"method" must be a non-empty string')
         if "params" in message and not isinstance(message["params"], dict):
-            return json_rpc_error(400, INVALID_REQUEST, '"params" must be an object')
+            return None, json_rpc_error(400, INVALID_REQUEST, '"params" must be an object')
     elif "result" not in message and "error" not in message:
-        return json_rpc_error(400, INVALID_REQUEST, 'A message needs "method", "result" or "error"')
+        return None, json_rpc_error(400, INVALID_REQUEST, 'A message needs "method", "result" or "error"')
     if ("id" in message and not isinstance(message["id"], (str, int))) or isinstance(message.get("id"), bool):
-        return json_rpc_error(400, INVALID_REQUEST, '"id" must be a string or an integer')
-    return None
+        return None, json_rpc_error(400, INVALID_REQUEST, '"id" must be a string or an integer')
+    return message, None
 
 
 def _is_modern(request: Request) -> bool:
@@ -1257,8 +2437,243 @@ def with_cors(app: ASGIApp, policy: HostPolicy, methods: Sequence[str]) -> ASGIA
                           max_age=600)
 
 
+class SignInRoutes:
+    """The OAuth endpoints MCP clients call, and the pages a person sees while signing in.
+
+    The SDK's handlers parse registrations and token requests, authenticate clients and check PKCE;
+    what they cannot do (loopback ports, metadata-document clients, `iss` on every answer, consent
+    pages, public-client revocation, the `resource` check at /token) is done here and in the provider.
+    """
+
+    def __init__(self, provider: OAuthProvider, settings: Settings, secret_key: Secret) -> None:
+        self.provider = provider
+        self.settings = settings
+        self.authenticator = ClientAuthenticator(provider)
+        self.tokens = TokenHandler(provider, self.authenticator)
+        self.registration = RegistrationHandler(provider, options=ClientRegistrationOptions(
+            enabled=True, valid_scopes=list(SCOPES), default_scopes=list(SCOPES)))
+        self.cookie_key = derive_key(secret_key, b"stream-http/cookies").hex()
+
+    def routes(self) -> list[Route]:
+        metadata = MetadataHandler(authorization_server_metadata(self.settings)).handle
+        resource = ProtectedResourceMetadataHandler(protected_resource_metadata(self.settings)).handle
+        resource_path = "/.well-known/oauth-protected-resource"
+        api = self.for_clients
+        return [
+            Route("/.well-known/oauth-authorization-server", api(metadata, "GET"), methods=["GET", "OPTIONS"]),
+            *[Route(path, api(resource, "GET"), methods=["GET", "OPTIONS"])
+              for path in (resource_path, resource_path + MCP_PATH, resource_path + MCP_PATH + "/")],
+            Route("/register", api(self.registration.handle, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/token", api(self.token, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/revoke", api(self.revoke, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/authorize", self.for_browsers(self.authorize), methods=["GET", "POST"]),
+            Route("/consent", self.for_browsers(self.consent), methods=["GET", "POST"]),
+            Route(GOOGLE_CALLBACK_PATH, self.for_browsers(self.google_callback), methods=["GET"]),
+        ]
+
+    def for_clients(self, handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
+        """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
+        limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
+        return CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
+                              allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"])
+
+    def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+        """Pages a person visits: they get the signed session cookie that remembers who signed in."""
+        limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
+        return SessionMiddleware(limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE,
+                                 max_age=SESSION_MAX_AGE_S, same_site="lax",
+                                 https_only=self.settings.public_url.startswith("https://"))
+
+    async def authorize(self, request: Request) -> Response:
+        """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
+        person; after that they go back to the client with `state` and `iss`."""
+        params = request.query_params if request.method == "GET" else await request.form()
+        client_id = params.get("client_id")
+        if not isinstance(client_id, str) or not client_id:
+            return message_page("Incomplete sign-in link", "The application did not say who it is "
+                                "(client_id is missing).", status=400)
+        try:
+            client = await self.find_client(client_id)
+        except ClientDocumentError as exc:
+            return message_page("Unknown application", f"The application's metadata document at {client_id} "
+                                f"cannot be used: {exc}", status=400)
+        if client is None:
+            return message_page("Unknown application", "This application is not registered here. Connect it "
+                                "again from the application so that it can register.", status=400)
+        redirect_uri = pick_redirect_uri([str(uri) for uri in client.redirect_uris or []],
+                                         str(params["redirect_uri"]) if "redirect_uri" in params else None)
+        if redirect_uri is None:
+            return message_page("Unexpected return address", f"{display_name(client)} asked to return to an "
+                                "address it did not register, so this sign-in stops here.", status=400)
+        checked = check_authorization_request(params, client, redirect_uri, self.provider)
+        if isinstance(checked, tuple):
+            error, description = checked
+            state = params.get("state")
+            return redirect_to(authorization_response(redirect_uri, issuer=self.settings.issuer, error=error,
+                                                      error_description=description,
+                                                      state=state if isinstance(state, str) else None))
+        return redirect_to(await self.provider.begin(client, checked, signed_in=request.session.get("user")))
+
+    async def find_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        if is_document_client_id(client_id):
+            return await self.provider.documents.client(client_id)
+        return await self.provider.get_client(client_id)
+
+    async def consent(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.answer_consent(request)
+        pending = await self.provider.pending(request.query_params.get("txn", ""))
+        if pending is None:
+            return message_page("This page has expired", "This consent page has expired or was already "
+                                "answered. Start again from your application.", status=400)
+        return consent_page(pending, self.settings, await self.google_origin())
+
+    async def answer_consent(self, request: Request) -> Response:
+        if not from_this_site(request, self.settings):
+            return message_page("Request refused", "This answer did not come from this server's own consent "
+                                "page, so it was ignored.", status=403)
+        form = await request.form()
+        try:
+            next_url = await self.provider.decide(str(form.get("txn", "")), str(form.get("csrf", "")),
+                                                  approve=form.get("decision") == "approve")
+        except SignInFailed as exc:
+            return message_page("This page has expired", str(exc), status=400)
+        return redirect_to(next_url, status=303)
+
+    async def google_callback(self, request: Request) -> Response:
+        query = request.query_params
+        try:
+            outcome = await self.provider.finish_login(query.get("state", ""), query.get("code"), query.get("error"))
+        except SignInFailed as exc:
+            return message_page("Sign-in could not finish", str(exc), status=400)
+        if outcome.refused:
+            return message_page("Access refused", outcome.refused, status=403, continue_to=outcome.redirect)
+        if outcome.identity is not None:
+            request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email}
+        return redirect_to(outcome.redirect)
+
+    async def token(self, request: Request) -> Response:
+        """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not)."""
+        resource = (await request.form()).get("resource")
+        if isinstance(resource, str) and not self.provider.serves_resource(resource):
+            return oauth_error(400, "invalid_target", f"This server issues tokens only for {self.provider.resource}")
+        return await self.tokens.handle(request)
+
+    async def revoke(self, request: Request) -> Response:
+        """RFC 7009 for every client, public ones included (the SDK's requires a client_secret field)."""
+        try:
+            client = await self.authenticator.authenticate_request(request)
+        except AuthenticationError as exc:
+            return oauth_error(401, "invalid_client", exc.message)
+        token = (await request.form()).get("token")
+        if not isinstance(token, str) or not token:
+            return oauth_error(400, "invalid_request", "token is required")
+        found = await self.provider.load_access_token(token) or await self.provider.load_refresh_token(client, token)
+        if found is not None and found.client_id == client.client_id:
+            await self.provider.revoke_token(found)
+        return Response(status_code=200, headers={"Cache-Control": "no-store"})
+
+    async def google_origin(self) -> str:
+        try:
+            metadata = await self.provider.google.client.load_server_metadata()
+        except (httpx2.HTTPError, ValueError) as exc:
+            logger.warning("Google's discovery document is unavailable: %s", exc)
+            return self.settings.google_discovery_url
+        return str(metadata.get("authorization_endpoint") or self.settings.google_discovery_url)
+
+
+def check_authorization_request(params: Mapping[str, Any], client: OAuthClientInformationFull, redirect_uri: str,
+                                provider: OAuthProvider) -> AuthorizationParams | tuple[str, str]:
+    """The authorization request as SDK parameters, or the (error, description) to send back."""
+    if params.get("response_type") != "code":
+        return "unsupported_response_type", "response_type must be code"
+    challenge = params.get("code_challenge")
+    if not isinstance(challenge, str) or not PKCE_CHALLENGE.fullmatch(challenge):
+        return "invalid_request", "a PKCE code_challenge is required"
+    if params.get("code_challenge_method") != "S256":
+        return "invalid_request", "code_challenge_method must be S256"
+    # Any client may ask for any scope this server has (the scope it registered with is no limit, so it
+    # can step up later); the person decides on the consent page.
+    requested = str(params.get("scope") or "").split() or list(SCOPES)
+    if unknown := [scope for scope in requested if scope not in SCOPES]:
+        return "invalid_scope", f"unknown scope {' '.join(unknown)}; this server offers {' '.join(SCOPES)}"
+    resource = params.get("resource")
+    if resource is not None and not provider.serves_resource(str(resource)):
+        return "invalid_target", f"this server issues tokens only for {provider.resource}"
+    state = params.get("state")
+    return AuthorizationParams(state=state if isinstance(state, str) else None, scopes=requested,
+                               code_challenge=challenge, redirect_uri=AnyUrl(redirect_uri),
+                               redirect_uri_provided_explicitly="redirect_uri" in params, resource=provider.resource)
+
+
+def authorization_response(redirect_uri: str, *, issuer: str, state: str | None, **params: str) -> str:
+    """An answer to an authorization request: `state` back, and `iss` per RFC 9207."""
+    return construct_redirect_uri(redirect_uri, **params, state=state, iss=issuer)
+
+
+def redirect_to(url: str, status: int = 302) -> Response:
+    return RedirectResponse(url, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def from_this_site(request: Request, settings: Settings) -> bool:
+    """Whether a form post came from this server's own page (browsers say so; other clients don't try)."""
+    if request.headers.get("sec-fetch-site") not in (None, "same-origin"):
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or origin == origin_of(settings.public_url)
+
+
+def authorization_server_metadata(settings: Settings) -> OAuthMetadata:
+    """RFC 8414, with what the SDK leaves out: public clients, `iss` in responses, metadata documents."""
+    metadata = build_metadata(AnyHttpUrl(settings.issuer), None, ClientRegistrationOptions(
+        enabled=True, valid_scopes=list(SCOPES)), RevocationOptions(enabled=True))
+    methods = ["none", "client_secret_post", "client_secret_basic"]
+    return OAuthMetadata.model_validate({  # from strings, so the issuer keeps its exact spelling (RFC 8414 §3.3)
+        **metadata.model_dump(mode="json", exclude_none=True), "issuer": settings.issuer,
+        "token_endpoint_auth_methods_supported": methods, "revocation_endpoint_auth_methods_supported": methods,
+        "authorization_response_iss_parameter_supported": True, "client_id_metadata_document_supported": True})
+
+
+def protected_resource_metadata(settings: Settings) -> ProtectedResourceMetadata:
+    """RFC 9728: the canonical resource (no trailing slash) and who issues tokens for it."""
+    return ProtectedResourceMetadata.model_validate({
+        "resource": canonical_url(settings.mcp_url), "authorization_servers": [settings.issuer],
+        "scopes_supported": list(SCOPES), "resource_name": SERVER_NAME})
+
+
+def resource_metadata_url(settings: Settings) -> str:
+    """Where RFC 9728 puts the metadata of PUBLIC_URL/mcp: /.well-known/oauth-protected-resource inserted
+    between the origin and the path."""
+    public = urlsplit(settings.public_url)
+    return f"{public.scheme}://{public.netloc}/.well-known/oauth-protected-resource{public.path}{MCP_PATH}"
+
+
+def mcp_endpoint(state: Runtime, policy: HostPolicy, session_manager: StreamableHTTPSessionManager) -> ASGIApp:
+    """The MCP endpoint: CORS, then (with sign-in) the bearer token, then the request gate, then the SDK."""
+    settings = state.settings
+    handler: ASGIApp = session_manager.handle_request
+    bearer = None
+    if state.provider is not None:
+        handler = AuthContextMiddleware(handler)  # makes the token reachable from tools (get_access_token)
+        bearer = BearerPolicy(resource_metadata_url(settings))
+    gate: ASGIApp = RequestGate(handler, policy=policy, bearer=bearer, max_body_bytes=settings.max_request_bytes,
+                                json_response=settings.json_response, stateless=settings.stateless)
+    if state.provider is not None:
+        verifier = ProviderTokenVerifier(state.provider)
+        gate = AuthenticationMiddleware(gate, backend=BearerAuthBackend(
+            verifier, resource_server_url=AnyHttpUrl(state.provider.resource)))
+    return with_cors(gate, policy, ["GET", "POST", "DELETE"])
+
+
+def sign_in_routes(state: Runtime) -> list[Route]:
+    if state.provider is None or state.settings.secret_key is None:
+        return []
+    return SignInRoutes(state.provider, state.settings, state.settings.secret_key).routes()
+
+
 def build_app(settings: Settings) -> Starlette:
-    """The whole HTTP server as one Starlette app: the MCP endpoint behind its checks, and /healthz.
+    """The whole HTTP server as one Starlette app: the MCP endpoint behind its checks, /healthz, and with
+    sign-in on, the OAuth endpoints and sign-in pages. No I/O happens until its lifespan starts.
 
     Mount it in a bigger app with `Mount("/prefix", app)` and enter `app.router.lifespan_context(app)`
     in the parent's lifespan; set PUBLIC_URL to include the prefix.
@@ -1276,9 +2691,7 @@ def build_app(settings: Settings) -> Starlette:
         transport_security=policy.transport_security(),
     )
     session_manager = mcp.session_manager
-    gate = RequestGate(session_manager.handle_request, policy=policy, max_body_bytes=settings.max_request_bytes,
-                       json_response=settings.json_response, stateless=settings.stateless)
-    endpoint = with_cors(gate, policy, ["GET", "POST", "DELETE"])
+    endpoint = mcp_endpoint(state, policy, session_manager)
 
     async def healthz(request: Request) -> Response:
         try:
@@ -1296,21 +2709,23 @@ def build_app(settings: Settings) -> Starlette:
                 async with session_manager.run():
                     gc.collect()
                     gc.freeze()  # start-up objects never die; sparing them from GC cuts latency spikes
-                    logger.info("serving MCP at %s (%s)", settings.mcp_url, settings.mode)
+                    logger.info("serving MCP at %s (%s, %s)", settings.mcp_url, settings.mode,
+                                "sign-in with Google" if settings.auth_enabled else "no sign-in")
                     yield
             finally:
                 _serving_runtime.reset(token)
 
-    routes = [
+    routes: list[Route | Mount] = [
         Route(MCP_PATH, endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]),
         Route(MCP_PATH + "/", endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]),
         Route("/healthz", healthz, methods=["GET"]),
+        *sign_in_routes(state),
         Mount("/", sdk_app),  # whatever else the SDK serves, e.g. routes added with @mcp.custom_route
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-# === 8. Command line =========================================================
+# === 11. Command line ========================================================
 
 
 def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
@@ -1368,6 +2783,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason := refuse_unsafe_bind(settings):
         print(f"server.py: {reason}", file=sys.stderr)
         return 2
+    if settings.auth_enabled:
+        try:
+            settings = with_secret_key(settings)
+        except ConfigError as exc:
+            print(f"server.py: configuration error: {exc}", file=sys.stderr)
+            return 2
+    if settings.cimd_allow_local:
+        logger.warning("CIMD_ALLOW_LOCAL is on: client metadata documents may come from loopback and private "
+                       "addresses over http; turn it off outside development")
     config = uvicorn.Config(
         build_app(settings),
         host=settings.host,

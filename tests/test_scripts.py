@@ -29,5 +29,5 @@ def test_run_scripts_start_their_mode(tmp_path: Path, script: str, mode: str) ->
         os.killpg(process.pid, signal.SIGTERM)
         output = process.communicate(timeout=20)[0].decode()
     assert health["mode"] == mode
-    assert f"serving MCP at http://127.0.0.1:{port}/mcp ({mode})" in output
+    assert f"serving MCP at http://127.0.0.1:{port}/mcp ({mode}, no sign-in)" in output
     assert (tmp_path / "stream-http.db").exists()

@@ -82,3 +82,13 @@ def test_importing_server_binds_and_starts_nothing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "MCPServer stream-http"
     assert not (tmp_path / "data").exists(), "importing must not open the store"
+
+
+def test_server_py_loads_the_way_mcp_run_and_mcp_dev_load_it(tmp_path: Path) -> None:
+    """`mcp run`/`mcp dev` exec the file without registering it in sys.modules; dataclasses with
+    string annotations crash there, so server.py must not use them."""
+    probe = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('server_module', sys.argv[1]);"
+             "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); print(module.mcp.name)")
+    result = run_python("-c", probe, str(REPO / "server.py"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "stream-http"

@@ -39,7 +39,8 @@ async def test_catalogue_describes_every_tool_resource_and_prompt(server: Server
         templates = {t.uri_template for t in (await mcp.list_resource_templates()).resource_templates}
         prompts = {p.name: p for p in (await mcp.list_prompts()).prompts}
 
-    assert set(tools) == {"echo", "add", "whoami", "add_note", "search_notes", "delete_note", "long_task"}
+    assert set(tools) == {"echo", "add", "whoami", "add_note", "search_notes", "delete_note", "long_task",
+                          "google_profile"}
     for tool in tools.values():
         assert tool.description and len(tool.description) > 20, tool.name
         assert tool.input_schema["type"] == "object"
@@ -52,6 +53,7 @@ async def test_catalogue_describes_every_tool_resource_and_prompt(server: Server
     assert tools["add_note"].input_schema["properties"]["title"]["maxLength"] == 200
     assert "answer" not in tools["delete_note"].input_schema["properties"], "the confirmation is not an argument"
     assert tools["long_task"].input_schema["properties"]["steps"]["maximum"] == 50
+    assert tools["google_profile"].annotations.open_world_hint is True
     assert resources == {"notes://index", "server://info"}
     assert templates == {"notes://{note_id}"}
     assert {arg.name for arg in prompts["draft_from_note"].arguments or []} == {"note_id", "style"}
@@ -124,6 +126,14 @@ async def test_tool_errors_are_results_the_model_can_read(server: ServerProcess,
     assert invalid.is_error and "valid number" in invalid.content[0].text
     assert too_long.is_error and "at most 200 characters" in too_long.content[0].text
     assert missing.is_error and "There is no note 'nope'" in missing.content[0].text
+
+
+async def test_google_profile_explains_that_sign_in_is_off(server: ServerProcess, era: str) -> None:
+    async with client(server, era) as mcp:
+        result = await mcp.call_tool("google_profile", {})
+    assert result.is_error
+    assert "runs without sign-in" in result.content[0].text
+    assert "GOOGLE_CLIENT_ID" in result.content[0].text
 
 
 async def test_unknown_tools_and_prompts_are_protocol_errors(server: ServerProcess, era: str) -> None:
