@@ -1285,7 +1285,9 @@ class GoogleLogin:
         )
         self.credentials = (settings.google_client_id, secret)
         self.redirect_uri = settings.public_url + GOOGLE_CALLBACK_PATH
-        self.domain_hint = next(iter(settings.allowed_domains)) if len(settings.allowed_domains) == 1 else None
+        # Google's account chooser then offers only that domain: right only when nobody else may sign in.
+        only_domain = len(settings.allowed_domains) == 1 and not settings.allowed_emails
+        self.domain_hint = next(iter(settings.allowed_domains)) if only_domain else None
         self.http = http
 
     async def authorization_url(self, state: str, *, login_hint: str | None, ask_consent: bool) -> tuple[str, str, str]:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -236,3 +237,25 @@ def assert_no_traceback(*outputs: str | Sequence[str]) -> None:
     for output in outputs:
         text = output if isinstance(output, str) else "\n".join(output)
         assert "Traceback" not in text, text
+
+
+# --- sign-in
+
+
+@pytest.fixture(scope="session")
+def google(peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The Google stand-in (npm oidc-provider on loopback), shared by the whole session."""
+    from tests.signin import GoogleStandIn
+
+    stand_in = GoogleStandIn(peers, tmp_path_factory.mktemp("google"))
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture(scope="module")
+def signin_server(google: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A stateful server with sign-in on, shared by the tests of a module."""
+    from tests.signin import auth_server
+
+    with auth_server(google, tmp_path_factory.mktemp("signin")) as running:
+        yield running

@@ -29,6 +29,7 @@ const refreshIssuedTo = new Set(); // `${sub} ${clientId}` that already got a re
 const offlineGrants = new Map(); // grantId -> whether a refresh token may be issued
 const authorizationRequests = []; // the query of every /auth request, for assertions
 const revocations = []; // tokens revoked at the revocation endpoint
+const clientRedirects = new Map(); // client_id -> redirect URIs registered so far
 let nextLogin = { sub: "100000000000000000001", email: "alice@example.com", email_verified: true,
                   name: "Alice Example", picture: "https://example.com/alice.png" };
 let misbehaviour = null; // one-shot: wrong_aud | wrong_iss | wrong_nonce | token_error
@@ -175,8 +176,11 @@ server.on("request", async (req, res) => {
     if (match) return await interaction(req, res, match[1], match[2]);
     if (url.pathname === "/test/clients" && req.method === "POST") {
       const client = await readJson(req);
+      const known = clientRedirects.get(client.client_id) || new Set();
+      for (const uri of client.redirect_uris) known.add(uri);  // several servers share one Google client
+      clientRedirects.set(client.client_id, known);
       await provider.Client.adapter.upsert(client.client_id, {
-        client_id: client.client_id, client_secret: client.client_secret, redirect_uris: client.redirect_uris,
+        client_id: client.client_id, client_secret: client.client_secret, redirect_uris: [...known],
         grant_types: ["authorization_code", "refresh_token"], response_types: ["code"],
         token_endpoint_auth_method: client.token_endpoint_auth_method || "client_secret_basic",
       });
