@@ -6,31 +6,51 @@
     uv run client.py read notes://index            # read a resource
     uv run client.py prompt summarize_notes tag=home
     uv run client.py --url https://mcp.example.com/mcp --modern list
+    uv run client.py logout                        # revoke this server's tokens and forget them
 
 --legacy pins the initialize-handshake protocol (2025-11-25), --modern pins 2026-07-28; by default
-the client asks the server which it speaks. Failures print one line on stderr and exit 1.
+the client asks the server which it speaks. When the server asks for sign-in, the client opens your
+browser (or prints the link with --no-browser), waits for the answer on a loopback port, and keeps the
+tokens in an owner-only file in your config directory; it refreshes them silently after that.
+Failures print one line on stderr and exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
 import os
+import socket
 import sys
-from collections.abc import Sequence
+import threading
+import time
+import webbrowser
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import httpx2
 import mcp_types as types
 from mcp import Client
+from mcp.client.auth import OAuthClientProvider
 from mcp.client.session import ClientRequestContext
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 from mcp.shared.exceptions import MCPError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 DEFAULT_URL = "http://127.0.0.1:8000/mcp"
 MODERN_VERSION = "2026-07-28"
+SIGN_IN_TIMEOUT_S = 300
+CALLBACK_PAGE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nConnection: close\r\n\r\n"
+                 b"<!doctype html><title>Signed in</title><p>Signed in. You can close this tab and go back "
+                 b"to the terminal.</p>")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -50,11 +70,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     era.add_argument("--legacy", action="store_true", help="use the initialize handshake (2025-11-25)")
     era.add_argument("--modern", action="store_true", help=f"use protocol {MODERN_VERSION}")
     parser.add_argument("--yes", action="store_true", help="answer yes when the server asks for confirmation")
-    parser.add_argument("command", nargs="?", default="list", choices=["list", "call", "read", "prompt"])
+    parser.add_argument("--no-browser", action="store_true", help="print the sign-in link instead of opening it")
+    parser.add_argument("--verbose", action="store_true", help="show the SDK's own log lines")
+    parser.add_argument("command", nargs="?", default="list", choices=["list", "call", "read", "prompt", "logout"])
     parser.add_argument("target", nargs="?", help="tool name, resource URI or prompt name")
     parser.add_argument("arguments", nargs="*", metavar="key=value", help="arguments; values are JSON where they parse")
     args = parser.parse_args(argv)
-    if args.command != "list" and not args.target:
+    if args.command not in ("list", "logout") and not args.target:
         parser.error(f"'{args.command}' needs a {'resource URI' if args.command == 'read' else 'name'}")
     return args
 
@@ -79,13 +101,172 @@ def parse_arguments(pairs: Sequence[str], schema: dict[str, Any] | None = None, 
     return result
 
 
-def connect(args: argparse.Namespace) -> Client:
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "stream-http"
+
+
+class TokenCache:
+    """The tokens and client registration for each server, in one owner-only file (the SDK's
+    TokenStorage). A token's expiry is kept too, so an expired one is refreshed before it is sent."""
+
+    def __init__(self, server_url: str, path: Path | None = None) -> None:
+        self.server_url = server_url
+        self.path = path or config_dir() / "tokens.json"
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self, everything: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = self.path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(everything, file, indent=2)
+        temporary.replace(self.path)  # never a half-written cache
+
+    def entry(self) -> dict[str, Any]:
+        return self._read().get(self.server_url, {})
+
+    def update(self, **fields: Any) -> None:
+        everything = self._read()
+        everything[self.server_url] = {**everything.get(self.server_url, {}), **fields}
+        self._write(everything)
+
+    def forget(self) -> None:
+        everything = self._read()
+        if everything.pop(self.server_url, None) is not None:
+            self._write(everything)
+
+    async def get_tokens(self) -> OAuthToken | None:
+        tokens = self.entry().get("tokens")
+        return OAuthToken.model_validate(tokens) if tokens else None
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        expires_at = time.time() + tokens.expires_in if tokens.expires_in else None
+        self.update(tokens=tokens.model_dump(mode="json", exclude_none=True), expires_at=expires_at)
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        client = self.entry().get("client")
+        return OAuthClientInformationFull.model_validate(client) if client else None
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.update(client=client_info.model_dump(mode="json", exclude_none=True))
+
+
+class SignIn:
+    """Signs the user in when the server asks: the browser goes to the server's sign-in page and comes
+    back to a one-shot HTTP listener on a loopback port."""
+
+    def __init__(self, open_browser: bool) -> None:
+        self.open_browser = open_browser
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.redirect_uri = f"http://127.0.0.1:{self.port}/callback"
+        self.answer: asyncio.Future[dict[str, str]] | None = None
+        self.listener: asyncio.Server | None = None
+
+    async def redirect(self, url: str) -> None:
+        self.answer = asyncio.get_running_loop().create_future()
+        self.listener = await asyncio.start_server(self.receive, "127.0.0.1", self.port)
+        if not self.open_browser:
+            err.print(f"Sign in by opening this link in your browser:\n{url}")
+            return
+        err.print(f"Opening your browser to sign in. If it does not open, visit:\n{url}")
+        # Some browsers' launchers only return once the browser exits: keep the event loop free to
+        # receive the callback meanwhile.
+        threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+
+    async def receive(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line = (await reader.readline()).decode("latin-1").split()
+        query = parse_qs(urlsplit(request_line[1]).query) if len(request_line) > 1 else {}
+        writer.write(CALLBACK_PAGE)
+        await writer.drain()
+        writer.close()
+        if self.answer is not None and not self.answer.done() and ("code" in query or "error" in query):
+            self.answer.set_result({key: values[0] for key, values in query.items()})
+
+    async def callback(self) -> AuthorizationCodeResult:
+        assert self.answer is not None, "redirect() comes first"
+        try:
+            with err.status("Waiting for you to sign in in your browser..."), anyio.fail_after(SIGN_IN_TIMEOUT_S):
+                answer = await self.answer
+        except TimeoutError:
+            raise Failure(f"nobody signed in within {SIGN_IN_TIMEOUT_S} seconds") from None
+        finally:
+            if self.listener is not None:
+                self.listener.close()
+        if "error" in answer:
+            raise Failure(f"sign-in refused: {answer.get('error_description') or answer['error']}")
+        return AuthorizationCodeResult(code=answer["code"], state=answer.get("state"), iss=answer.get("iss"))
+
+
+def oauth(args: argparse.Namespace, cache: TokenCache) -> OAuthClientProvider:
+    sign_in = SignIn(open_browser=not args.no_browser)
+    metadata = OAuthClientMetadata(client_name="stream-http client.py", redirect_uris=[sign_in.redirect_uri],
+                                   grant_types=["authorization_code", "refresh_token"], response_types=["code"],
+                                   token_endpoint_auth_method="none")  # noqa: S106 - a method name
+    provider = OAuthClientProvider(server_url=args.url, client_metadata=metadata, storage=cache,
+                                   redirect_handler=sign_in.redirect, callback_handler=sign_in.callback)
+    # The SDK learns a token's expiry only when it receives one; a cached token's comes from the cache,
+    # so an expired token is refreshed before it is sent instead of costing a new sign-in.
+    provider.context.token_expiry_time = cache.entry().get("expires_at")
+    return provider
+
+
+@asynccontextmanager
+async def connect(args: argparse.Namespace) -> AsyncIterator[Client]:
     mode = "legacy" if args.legacy else MODERN_VERSION if args.modern else "auto"
-    return Client(args.url, mode=mode, elicitation_callback=Answerer(args.yes),
-                  logging_callback=show_log, log_level="info")
+    timeout = httpx2.Timeout(30, read=300)
+    async with httpx2.AsyncClient(auth=oauth(args, TokenCache(args.url)), timeout=timeout) as http:
+        client = Client(streamable_http_client(args.url, http_client=http), mode=mode,
+                        elicitation_callback=Answerer(args.yes), logging_callback=show_log, log_level="info")
+        async with client:
+            yield client
+
+
+async def logout(args: argparse.Namespace) -> int:
+    """Revoke this server's tokens at the server (which ends the grant) and forget them."""
+    cache = TokenCache(args.url)
+    entry = cache.entry()
+    token = (entry.get("tokens") or {}).get("refresh_token") or (entry.get("tokens") or {}).get("access_token")
+    client_id = (entry.get("client") or {}).get("client_id")
+    if not token or not client_id:
+        err.print(f"Not signed in to {args.url}.")
+        return 0
+    async with httpx2.AsyncClient(timeout=30) as http:
+        endpoint = await revocation_endpoint(http, args.url)
+        form = {"token": token, "client_id": client_id}
+        if secret := (entry.get("client") or {}).get("client_secret"):
+            form["client_secret"] = secret
+        response = await http.post(endpoint, data=form)
+    if response.status_code != 200:
+        raise Failure(f"the server refused to revoke the tokens (HTTP {response.status_code})")
+    cache.forget()
+    err.print(f"Signed out of {args.url}: the tokens are revoked and forgotten.")
+    return 0
+
+
+async def revocation_endpoint(http: httpx2.AsyncClient, mcp_url: str) -> str:
+    parts = urlsplit(mcp_url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    resource = (await http.get(f"{origin}/.well-known/oauth-protected-resource{parts.path.rstrip('/')}")).json()
+    issuer = urlsplit(resource["authorization_servers"][0])
+    metadata = await http.get(f"{issuer.scheme}://{issuer.netloc}/.well-known/oauth-authorization-server"
+                              f"{issuer.path.rstrip('/')}")
+    endpoint = metadata.json().get("revocation_endpoint")
+    if not endpoint:
+        raise Failure("the server offers no token revocation")
+    return endpoint
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.command == "logout":
+        return await logout(args)
     async with connect(args) as client:
         if args.command == "list":
             await show_catalogue(client)
@@ -235,6 +416,8 @@ def describe(exc: BaseException, url: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # The SDK logs failures with tracebacks; this tool reports each failure in one line instead.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL + 1, format="%(name)s: %(message)s")
     try:
         return anyio.run(run, args)
     except BaseException as exc:  # every failure becomes one readable line, never a traceback
