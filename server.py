@@ -2457,14 +2457,9 @@ class SignInRoutes:
         self.cookie_key = derive_key(secret_key, b"stream-http/cookies").hex()
 
     def routes(self) -> list[Route]:
-        metadata = MetadataHandler(authorization_server_metadata(self.settings)).handle
-        resource = ProtectedResourceMetadataHandler(protected_resource_metadata(self.settings)).handle
-        resource_path = "/.well-known/oauth-protected-resource"
-        api = self.for_clients
+        api = for_clients
         return [
-            Route("/.well-known/oauth-authorization-server", api(metadata, "GET"), methods=["GET", "OPTIONS"]),
-            *[Route(path, api(resource, "GET"), methods=["GET", "OPTIONS"])
-              for path in (resource_path, resource_path + MCP_PATH, resource_path + MCP_PATH + "/")],
+            *discovery_routes(self.settings),
             Route("/register", api(self.registration.handle, "POST"), methods=["POST", "OPTIONS"]),
             Route("/token", api(self.token, "POST"), methods=["POST", "OPTIONS"]),
             Route("/revoke", api(self.revoke, "POST"), methods=["POST", "OPTIONS"]),
@@ -2472,12 +2467,6 @@ class SignInRoutes:
             Route("/consent", self.for_browsers(self.consent), methods=["GET", "POST"]),
             Route(GOOGLE_CALLBACK_PATH, self.for_browsers(self.google_callback), methods=["GET"]),
         ]
-
-    def for_clients(self, handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
-        """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
-        limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
-        return CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
-                              allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"])
 
     def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
         """Pages a person visits: they get the signed session cookie that remembers who signed in."""
@@ -2584,6 +2573,34 @@ class SignInRoutes:
         return str(metadata.get("authorization_endpoint") or self.settings.google_discovery_url)
 
 
+def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
+    """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
+    limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
+    return CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
+                          allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"])
+
+
+def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Route]:
+    """The RFC 8414 and RFC 9728 documents: the protected resource at the path-aware URL, at the root
+    for older clients, and with a trailing slash for clients that add one. With `at_origin`, for a parent
+    app that mounts this server under PUBLIC_URL's path: both RFCs put the well-known segment before
+    that path, so the documents live at the origin's root."""
+    prefix = urlsplit(settings.public_url).path if at_origin else ""
+    metadata = for_clients(MetadataHandler(authorization_server_metadata(settings)).handle, "GET")
+    resource = for_clients(ProtectedResourceMetadataHandler(protected_resource_metadata(settings)).handle, "GET")
+    resource_path = "/.well-known/oauth-protected-resource"
+    resource_paths = [resource_path + prefix + MCP_PATH, resource_path + prefix + MCP_PATH + "/"]
+    if not prefix:
+        resource_paths.append(resource_path)
+    return [Route("/.well-known/oauth-authorization-server" + prefix, metadata, methods=["GET", "OPTIONS"]),
+            *[Route(path, resource, methods=["GET", "OPTIONS"]) for path in resource_paths]]
+
+
+def well_known_routes(settings: Settings) -> list[Route]:
+    """What a parent app that mounts this server under a path adds at its own root, with sign-in on."""
+    return discovery_routes(settings, at_origin=True)
+
+
 def check_authorization_request(params: Mapping[str, Any], client: OAuthClientInformationFull, redirect_uri: str,
                                 provider: OAuthProvider) -> AuthorizationParams | tuple[str, str]:
     """The authorization request as SDK parameters, or the (error, description) to send back."""
@@ -2678,7 +2695,8 @@ def build_app(settings: Settings) -> Starlette:
     sign-in on, the OAuth endpoints and sign-in pages. No I/O happens until its lifespan starts.
 
     Mount it in a bigger app with `Mount("/prefix", app)` and enter `app.router.lifespan_context(app)`
-    in the parent's lifespan; set PUBLIC_URL to include the prefix.
+    in the parent's lifespan; set PUBLIC_URL to include the prefix. With sign-in on, the parent also
+    serves `well_known_routes(settings)` at its root.
     """
     state = Runtime(settings)
     policy = HostPolicy.from_settings(settings)

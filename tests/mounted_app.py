@@ -2,7 +2,8 @@
 
     PUBLIC_URL=http://127.0.0.1:8000/tools uv run uvicorn tests.mounted_app:app --port 8000
 
-FastAPI works the same way: `FastAPI(lifespan=lifespan)` and `app.mount("/tools", tools)`.
+FastAPI works the same way: `FastAPI(lifespan=lifespan)`, `app.mount("/tools", tools)`, and with sign-in
+`app.router.routes.extend(server.well_known_routes(settings))`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from starlette.routing import Mount, Route
 
 import server
 
-tools = server.build_app(server.load_settings())  # PUBLIC_URL must end in /tools
+settings = server.load_settings()  # PUBLIC_URL must end in /tools
+if settings.auth_enabled:
+    settings = server.with_secret_key(settings)
+tools = server.build_app(settings)
 
 
 @asynccontextmanager
@@ -30,4 +34,5 @@ async def home(request: Request) -> PlainTextResponse:
     return PlainTextResponse("the parent app; MCP lives at /tools/mcp")
 
 
-app = Starlette(routes=[Route("/", home), Mount("/tools", app=tools)], lifespan=lifespan)
+routes = [Route("/", home), *server.well_known_routes(settings), Mount("/tools", app=tools)]
+app = Starlette(routes=routes, lifespan=lifespan)

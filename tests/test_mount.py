@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -38,3 +39,32 @@ async def test_a_tool_call_through_the_mounted_app(tmp_path: Path, mode: str, er
         parent.terminate()
         parent.wait(15)
     assert "Traceback" not in (tmp_path / "parent.log").read_text()
+
+
+@pytest.mark.parametrize("mode", ["stateful"])
+async def test_sign_in_through_the_mounted_app(google: Any, tmp_path: Path, mode: str) -> None:
+    from tests.signin import ALICE, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, SdkSignIn
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    google.allow_callback(f"{base}/tools/oauth/google/callback")
+    google.next_login(ALICE)
+    env = {**os.environ, "PUBLIC_URL": f"{base}/tools", "DATA_DIR": str(tmp_path), "GOOGLE_CLIENT_ID": GOOGLE_CLIENT_ID,
+           "GOOGLE_CLIENT_SECRET": GOOGLE_CLIENT_SECRET, "GOOGLE_DISCOVERY_URL": google.discovery_url}
+    log = (tmp_path / "parent.log").open("wb")
+    parent = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.mounted_app:app", "--port", str(port)],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        metadata = httpx2.get(f"{base}/.well-known/oauth-authorization-server/tools").json()
+        resource = httpx2.get(f"{base}/.well-known/oauth-protected-resource/tools/mcp").json()
+        signin = SdkSignIn(f"{base}/tools/mcp")
+        async with httpx2.AsyncClient(auth=signin.provider()) as http, signin.client(http) as mcp:
+            me = (await mcp.call_tool("whoami", {})).structured_content
+    finally:
+        parent.terminate()
+        parent.wait(15)
+    assert metadata["issuer"] == f"{base}/tools"
+    assert metadata["authorization_endpoint"] == f"{base}/tools/authorize"
+    assert resource["resource"] == f"{base}/tools/mcp"
+    assert me["email"] == ALICE["email"]

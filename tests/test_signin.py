@@ -287,3 +287,16 @@ def test_a_session_stays_with_the_account_that_opened_it(signin_server: ServerPr
         **mcp_headers(session_id=session), "authorization": f"Bearer {alice['access_token']}"})
     assert as_bob.status_code == 404
     assert as_alice.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_trailing_slash_on_the_url_does_not_loop_the_sign_in(signin_server: ServerProcess,
+                                                                     google: GoogleStandIn) -> None:
+    google.next_login(ALICE)
+    signin = SdkSignIn(signin_server.mcp_url + "/")
+    async with httpx2.AsyncClient(auth=signin.provider()) as http, signin.client(http) as mcp:
+        me = (await mcp.call_tool("whoami", {})).structured_content
+        again = (await mcp.call_tool("whoami", {})).structured_content
+    assert me == again
+    assert me["email"] == ALICE["email"]
+    assert signin.sign_ins == 1
