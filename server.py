@@ -51,7 +51,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2712,17 +2712,35 @@ def build_app(settings: Settings) -> Starlette:
     )
     session_manager = mcp.session_manager
     endpoint = mcp_endpoint(state, policy, session_manager)
+    routes: list[Route | Mount] = [
+        *[Route(path, endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]) for path in (MCP_PATH, MCP_PATH + "/")],
+        Route("/healthz", health_endpoint(state), methods=["GET"]),
+        *sign_in_routes(state),
+        Mount("/", sdk_app),  # whatever else the SDK serves, e.g. routes added with @mcp.custom_route
+    ]
+    return Starlette(routes=routes, lifespan=app_lifespan(state, session_manager))
 
+
+def health_endpoint(state: Runtime) -> Callable[[Request], Awaitable[Response]]:
     async def healthz(request: Request) -> Response:
+        """Liveness and the store's health, for load balancers and `doctor`."""
         try:
             await state.store.ping()
         except StorageError as exc:
             logger.warning("health check: %s", exc)
             return JSONResponse({"status": "unavailable", "store": "down"}, status_code=503)
-        return JSONResponse({"status": "ok", "store": "ok", "version": VERSION, "mode": settings.mode})
+        return JSONResponse({"status": "ok", "store": "ok", "version": VERSION, "mode": state.settings.mode})
+
+    return healthz
+
+
+def app_lifespan(state: Runtime, session_manager: StreamableHTTPSessionManager,
+                 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+    """Open the runtime, hand it to the MCP server's lifespan, and run the SDK's session manager."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        settings = state.settings
         async with state:
             token = _serving_runtime.set(state)
             try:
@@ -2735,14 +2753,7 @@ def build_app(settings: Settings) -> Starlette:
             finally:
                 _serving_runtime.reset(token)
 
-    routes: list[Route | Mount] = [
-        Route(MCP_PATH, endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]),
-        Route(MCP_PATH + "/", endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        *sign_in_routes(state),
-        Mount("/", sdk_app),  # whatever else the SDK serves, e.g. routes added with @mcp.custom_route
-    ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return lifespan
 
 
 # === 11. Command line ========================================================

@@ -197,6 +197,7 @@ def test_deny_returns_access_denied_with_state_and_iss(signin_server: ServerProc
     query, _ = client.authorize(challenge, decision="deny")
     assert query == {"error": "access_denied", "error_description": "The request was denied",
                      "state": "xyz-state", "iss": signin_server.base_url}
+    assert f'"client_id": "{client.client_id}", "event": "consent_denied"' in signin_server.log()
 
 
 def test_approval_is_remembered_per_person_and_client(signin_server: ServerProcess, google: GoogleStandIn) -> None:
@@ -213,6 +214,9 @@ def test_approval_is_remembered_per_person_and_client(signin_server: ServerProce
     end = returning.go(again.authorize_url(challenge))
     assert end.method == "STOP" and "code=" in end.url
     assert not returning.seen("/consent?txn="), "the same person and client: no second consent page"
+    asked = google.authorization_requests()[-1]
+    assert "prompt" not in asked, "a Google refresh token is held: no need to make Google ask again"
+    assert asked["login_hint"] == ALICE["email"]
     google.next_login(BOB)
     for cookie in list(browser.http.cookies.jar):  # Bob signs in at Google; this server's cookie still says Alice
         if cookie.name != "stream_http_session":
