@@ -56,10 +56,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Protocol
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import httpx2
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.backoff
 import uvicorn
 from authlib.integrations.starlette_client import OAuth, OAuthError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -90,6 +94,7 @@ from mcp.server.context import CallNext, HandlerResult
 from mcp.server.mcpserver import Context, Elicit, ElicitationResult, Resolve
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
+from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore, check_accept_headers
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -108,6 +113,7 @@ from mcp_types import (
     PromptReference,
     ResourceTemplateReference,
     ToolAnnotations,
+    jsonrpc_message_adapter,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, ValidationError
@@ -144,6 +150,9 @@ SESSION_MAX_AGE_S = 30 * 24 * 3600
 GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
 GOOGLE_CALLBACK_PATH = "/oauth/google/callback"
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
+SERVER_UNAVAILABLE = -32000  # JSON-RPC's implementation-defined server error; over HTTP, 503
+STORE_FAILED = "The server's storage is unavailable right now; retry in a few seconds"
+RETRY_AFTER_S = 2
 
 
 # === 1. Settings =============================================================
@@ -171,8 +180,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("PUBLIC_URL", "", "The URL clients reach this server at (scheme, host, port, any path "
            "prefix); the MCP endpoint is PUBLIC_URL/mcp. Default: http://HOST:PORT.", "--public-url"),
     Option("DATA_DIR", "./data", "Directory for the embedded SQLite store.", "--data-dir"),
-    Option("STORE_URL", "", "Where state lives: sqlite:///path/to/file.db. "
-           "Default: a SQLite file in DATA_DIR.", "--store-url"),
+    Option("STORE_URL", "", "Where state lives: sqlite:///path/to/file.db, or redis://[:password@]host:port/db "
+           "(rediss:// for TLS) shared by several replicas, with ?prefix=name to share one Redis between "
+           "deployments. Default: a SQLite file in DATA_DIR.", "--store-url"),
     Option("MCP_STATELESS", "false", "Serve every POST on its own, without Mcp-Session-Id "
            "(for several replicas).", "--stateless", switch=True),
     Option("MCP_JSON_RESPONSE", "false", "Answer each POST with one JSON body instead of an SSE "
@@ -181,6 +191,8 @@ OPTIONS: tuple[Option, ...] = (
            "e.g. https://inspector.example.com."),
     Option("ALLOWED_HOSTS", "", "Comma-separated extra Host header values to accept "
            "(host, host:port, or host:* for any port)."),
+    Option("TRUSTED_PROXIES", "127.0.0.1,::1", "Comma-separated addresses or networks of the reverse "
+           "proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; * believes anyone."),
     Option("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.", "--log-level"),
     Option("ALLOW_UNAUTHENTICATED", "false", "Serve a non-loopback address without sign-in: "
            "anyone who reaches the port can use every tool.", "--allow-unauthenticated", switch=True),
@@ -233,6 +245,7 @@ class Settings:
     json_response: bool
     cors_origins: tuple[str, ...]
     allowed_hosts: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
     log_level: str
     allow_unauthenticated: bool
     max_request_bytes: int
@@ -354,6 +367,7 @@ def load_settings(
         json_response=read.boolean("MCP_JSON_RESPONSE"),
         cors_origins=tuple(read.url("CORS_ORIGINS", origin) for origin in read.items("CORS_ORIGINS")),
         allowed_hosts=read.items("ALLOWED_HOSTS"),
+        trusted_proxies=read.items("TRUSTED_PROXIES"),
         log_level=read.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR")),
         allow_unauthenticated=read.boolean("ALLOW_UNAUTHENTICATED"),
         max_request_bytes=read.integer("MAX_REQUEST_BYTES", minimum=1024),
@@ -380,8 +394,15 @@ def load_settings(
 def check_settings(settings: Settings) -> list[str]:
     """The problems only visible when settings are seen together."""
     problems = []
-    if not settings.store_url.startswith(tuple(f"{scheme}://" for scheme in STORE_BACKENDS)):
-        problems.append(f"STORE_URL={settings.store_url!r} must start with sqlite:///")
+    store = urlsplit(settings.store_url).scheme
+    if store not in STORE_BACKENDS:
+        problems.append(f"STORE_URL={settings.store_url!r} must start with sqlite:///, redis:// or rediss://")
+    elif store != "sqlite" and settings.secret_key is None:
+        problems.append("STORE_URL is Redis, which several replicas share, so they need one SECRET_KEY: set it "
+                        "to the same long random value on every replica (a generated one would differ)")
+    for proxy in settings.trusted_proxies:
+        if proxy != "*" and not is_address_or_network(proxy):
+            problems.append(f"TRUSTED_PROXIES entry {proxy!r} is not an IP address or network")
     if bool(settings.google_client_id) != bool(settings.google_client_secret):
         problems.append("GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET must be set together")
     public = urlsplit(settings.public_url)
@@ -417,6 +438,14 @@ def default_public_url(host: str, port: int) -> str:
     if host in ("", "0.0.0.0", "::"):  # noqa: S104 - a comparison, not a bind
         host = "localhost"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_address_or_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback_host(host: str) -> bool:
@@ -973,8 +1002,21 @@ async def send_log(ctx: Context, message: str, level: str = "info") -> None:
 # === 4. Storage ==============================================================
 
 
-class StorageError(Exception):
-    """The store failed; the message says what was being done."""
+class StorageError(MCPError):
+    """The store failed. `str()` says what was being done and why, for the log. Raised inside an MCP
+    handler it is the JSON-RPC error the client gets, which only says to retry (-32000, STORE_FAILED);
+    over HTTP it is a 503 (`store_failure_handler`)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(SERVER_UNAVAILABLE, STORE_FAILED)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class StoreUnavailable(StorageError):
+    """The store cannot be reached; requests get 503 until it is back."""
 
 
 @dataclass(frozen=True)
@@ -999,6 +1041,18 @@ class Note:
         tags = f"\n\nTags: {', '.join(self.tags)}" if self.tags else ""
         return f"# {self.title}\n\n{self.body}{tags}"
 
+    def matches(self, words: Sequence[str], tag: str | None) -> bool:
+        """Every word in the title or body (case-insensitive), and the tag if one is given."""
+        text = f"{self.title}\n{self.body}".casefold()
+        return all(word.casefold() in text for word in words) and (tag is None or tag in self.tags)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "tags": list(self.tags)}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> "Note":
+        return cls(**{**value, "tags": tuple(value["tags"])})
+
 
 class Record(NamedTuple):
     """One stored value: `kind:key`, expiring after `ttl_s`, indexed by grant and by person."""
@@ -1013,17 +1067,23 @@ class Record(NamedTuple):
 
 class Store(Protocol):
     """Where state lives: notes, and expiring records keyed `kind:key` (clients, sign-in transactions,
-    codes, tokens, grants, consents, Google tokens). Every method is atomic; `take_record` reads and
-    deletes in one step so a one-time value cannot be used twice."""
+    codes, tokens, grants, consents, Google tokens). Every method is atomic: `take_record` reads and
+    deletes in one step so a one-time value cannot be used twice, and the `then` records it and
+    `swap_record` write are saved in the same step, or not at all.
 
+    A store shared by several processes also carries their change announcements (`publish` and
+    `messages`) and their locks; the embedded one does both within its process."""
+
+    @property
+    def available(self) -> bool: ...
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
     async def put_records(self, records: Sequence[Record]) -> None: ...
     async def get_record(self, kind: str, key: str) -> dict[str, Any] | None: ...
-    async def take_record(self, kind: str, key: str) -> dict[str, Any] | None: ...
-    async def swap_record(self, kind: str, key: str, expected: dict[str, Any],
-                          replacement: dict[str, Any]) -> bool: ...
+    async def take_record(self, kind: str, key: str, then: Sequence[Record] = ()) -> dict[str, Any] | None: ...
+    async def swap_record(self, kind: str, key: str, expected: dict[str, Any], replacement: dict[str, Any],
+                          then: Sequence[Record] = ()) -> bool: ...
     async def delete_record(self, kind: str, key: str) -> None: ...
     async def find_records(self, kind: str, subject: str) -> list[dict[str, Any]]: ...
     async def delete_grant(self, grant_id: str) -> int: ...
@@ -1035,6 +1095,10 @@ class Store(Protocol):
     async def delete_note(self, owner: str, note_id: str) -> bool: ...
     async def note_ids(self, owner: str) -> list[str]: ...
     async def note_tags(self, owner: str) -> list[str]: ...
+    def lock(self, name: str, ttl_s: float) -> AbstractAsyncContextManager[None]: ...
+    async def publish(self, message: dict[str, Any]) -> None: ...
+    def messages(self) -> AsyncIterator[dict[str, Any]]: ...
+    def event_store(self, max_events: int, ttl_s: float) -> EventStore: ...
 
 
 SQLITE_SCHEMA = """
@@ -1066,10 +1130,13 @@ LIVE = "(expires_at IS NULL OR expires_at > ?)"
 class SQLiteStore:
     """The embedded store: one SQLite file, used from one worker thread so writes are serialised."""
 
+    available = True  # a local file: when it fails, each request says why
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._locks: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
 
     async def _run(self, action: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         def call() -> Any:
@@ -1079,6 +1146,7 @@ class SQLiteStore:
                 with self._db:
                     return fn(self._db)
             except sqlite3.Error as exc:
+                logger.error("store error: %s: %s", action, exc)
                 raise StorageError(f"{action}: {exc}") from exc
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)
@@ -1157,11 +1225,7 @@ class SQLiteStore:
 
 
     async def put_records(self, records: Sequence[Record]) -> None:
-        now = time.time()
-        rows = [(r.kind, r.key, to_json(r.value), None if r.ttl_s is None else now + r.ttl_s, r.grant_id, r.subject)
-                for r in records]
-        await self._run(f"saving {', '.join(r.kind for r in records)}", lambda db: db.executemany(
-            "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?)", rows))
+        await self._run(f"saving {', '.join(r.kind for r in records)}", lambda db: _insert_records(db, records))
 
     async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
         row = await self._run(f"reading {kind}", lambda db: db.execute(
@@ -1169,19 +1233,30 @@ class SQLiteStore:
             (kind, key, time.time())).fetchone())
         return json.loads(row[0]) if row else None
 
-    async def take_record(self, kind: str, key: str) -> dict[str, Any] | None:
-        row = await self._run(f"taking {kind}", lambda db: db.execute(
-            "DELETE FROM records WHERE kind = ? AND key = ? RETURNING value, expires_at", (kind, key)).fetchone())
-        if row is None or (row[1] is not None and row[1] <= time.time()):
-            return None
-        return json.loads(row[0])
+    async def take_record(self, kind: str, key: str, then: Sequence[Record] = ()) -> dict[str, Any] | None:
+        def take(db: sqlite3.Connection) -> Any:
+            row = db.execute("DELETE FROM records WHERE kind = ? AND key = ? RETURNING value, expires_at",
+                             (kind, key)).fetchone()
+            if row is None or (row[1] is not None and row[1] <= time.time()):
+                return None
+            _insert_records(db, then)
+            return row[0]
 
-    async def swap_record(self, kind: str, key: str, expected: dict[str, Any],
-                          replacement: dict[str, Any]) -> bool:
-        cursor = await self._run(f"updating {kind}", lambda db: db.execute(
-            f"UPDATE records SET value = ? WHERE kind = ? AND key = ? AND value = ? AND {LIVE}",  # noqa: S608
-            (to_json(replacement), kind, key, to_json(expected), time.time())))
-        return cursor.rowcount == 1
+        value = await self._run(f"taking {kind}", take)
+        return json.loads(value) if value is not None else None
+
+    async def swap_record(self, kind: str, key: str, expected: dict[str, Any], replacement: dict[str, Any],
+                          then: Sequence[Record] = ()) -> bool:
+        def swap(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                f"UPDATE records SET value = ? WHERE kind = ? AND key = ? AND value = ? AND {LIVE}",  # noqa: S608
+                (to_json(replacement), kind, key, to_json(expected), time.time()))
+            if cursor.rowcount != 1:
+                return False
+            _insert_records(db, then)
+            return True
+
+        return await self._run(f"updating {kind}", swap)
 
     async def delete_record(self, kind: str, key: str) -> None:
         await self._run(f"deleting {kind}", lambda db: db.execute(
@@ -1204,6 +1279,29 @@ class SQLiteStore:
             "DELETE FROM records WHERE expires_at <= ?", (time.time(),)))
         return cursor.rowcount
 
+    @asynccontextmanager
+    async def lock(self, name: str, ttl_s: float) -> AsyncIterator[None]:
+        """One holder at a time in this process: the only process using this file."""
+        async with self._locks.setdefault(name, anyio.Lock()):
+            yield
+
+    async def publish(self, message: dict[str, Any]) -> None:
+        """Nothing to do: no other process shares this store."""
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        await anyio.sleep_forever()
+        yield {}  # pragma: no cover - makes this an async generator
+
+    def event_store(self, max_events: int, ttl_s: float) -> EventStore:
+        return MemoryEventStore(max_events)
+
+
+def _insert_records(db: sqlite3.Connection, records: Sequence[Record]) -> None:
+    now = time.time()
+    db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?)", [
+        (r.kind, r.key, to_json(r.value), None if r.ttl_s is None else now + r.ttl_s, r.grant_id, r.subject)
+        for r in records])
+
 
 def to_json(value: Any) -> str:
     """The one serialisation of stored records; sorted keys so equal values compare equal."""
@@ -1215,8 +1313,257 @@ def _note_from_row(row: Sequence[Any]) -> Note:
     return Note(id=note_id, title=title, body=body, tags=tuple(json.loads(tags)), created_at=created_at)
 
 
+# Redis runs each script atomically. `put` writes records with their TTLs and adds them to their
+# grant's and person's index sets, which live as long as their longest-lived member.
+REDIS_PUT = """
+local function put(records)
+  for _, record in ipairs(records) do
+    local key, value, ttl, indexes = record[1], record[2], record[3], record[4]
+    if ttl > 0 then redis.call('SET', key, value, 'PX', ttl) else redis.call('SET', key, value) end
+    for _, index in ipairs(indexes) do
+      local left = redis.call('PTTL', index)
+      redis.call('SADD', index, key)
+      if ttl == 0 then redis.call('PERSIST', index)
+      elseif left == -2 or (left >= 0 and left < ttl) then redis.call('PEXPIRE', index, ttl) end
+    end
+  end
+end
+"""
+REDIS_SCRIPTS = {
+    "put": REDIS_PUT + "put(cjson.decode(ARGV[1]))",
+    "take": REDIS_PUT + """
+local value = redis.call('GETDEL', KEYS[1])
+if value then put(cjson.decode(ARGV[1])) end
+return value""",
+    "swap": REDIS_PUT + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+put(cjson.decode(ARGV[3]))
+return 1""",
+    "delete_grant": """
+local removed = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do removed = removed + redis.call('DEL', key) end
+redis.call('DEL', KEYS[1])
+return removed""",
+}
+REDIS_TIMEOUT_S = 2
+REDIS_RETRY_EVERY_S = 1
+
+
+class RedisStore:
+    """The shared store: one Redis for every replica, through the `redis` package's asyncio client and
+    its connection pool. Expiry is Redis's own; a one-time value is consumed with GETDEL and every
+    change of several keys runs as one script, so replicas racing on the same code or refresh token
+    get exactly one winner. When Redis cannot be reached every call fails fast with StoreUnavailable
+    (the app answers 503) until a ping gets through again; the log says so once each way.
+
+    Keys start with the prefix from STORE_URL's `?prefix=` (default "stream-http"). One Redis server
+    (or a primary with Sentinel); scripts touch keys they compute, which Redis Cluster does not allow.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.prefix = query.pop("prefix", SERVER_NAME)
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path}"  # no password
+        self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            urlunsplit(parts._replace(query=urlencode(query))), decode_responses=True,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1))  # one retry: a pooled socket may be stale
+        self.channel = f"{self.prefix}:changes"
+        self._scripts = {name: self.client.register_script(text) for name, text in REDIS_SCRIPTS.items()}
+        self._down: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._down is None
+
+    async def call(self, action: str, operation: Callable[[], Awaitable[Any]], *, probe: bool = False) -> Any:
+        """Run `operation` against Redis, naming `action` in any error; fail fast while Redis is down
+        unless this is the `probe` that finds it back."""
+        if self._down is not None and not probe:
+            raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({self._down})")
+        try:
+            result = await operation()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._went_down(str(exc) or type(exc).__name__)
+            raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({exc})") from exc
+        except redis.RedisError as exc:
+            logger.error("store error: %s: %s", action, exc)
+            raise StorageError(f"{action}: {exc}") from exc
+        self._came_back()
+        return result
+
+    def _went_down(self, reason: str) -> None:
+        if self._down is None:
+            logger.error("store unavailable: Redis at %s: %s; MCP and sign-in requests get 503 until it is back",
+                         self.where, reason)
+        self._down = reason
+
+    def _came_back(self) -> None:
+        if self._down is not None:
+            self._down = None
+            logger.warning("store available again: Redis at %s answers; serving requests", self.where)
+
+    def _key(self, kind: str, key: str) -> str:
+        return f"{self.prefix}:r:{kind}:{key}"
+
+    def _encode(self, records: Sequence[Record]) -> str:
+        """Records as the `put` script takes them: key, value, TTL in ms (0: none), index sets."""
+        return json.dumps([
+            [self._key(r.kind, r.key), to_json(r.value), max(1, int(r.ttl_s * 1000)) if r.ttl_s else 0,
+             [*([f"{self.prefix}:g:{r.grant_id}"] if r.grant_id else []),
+              *([f"{self.prefix}:s:{r.kind}:{r.subject}"] if r.subject else [])]]
+            for r in records])
+
+    async def open(self) -> None:
+        with suppress(StoreUnavailable):  # a replica may start before Redis: it answers 503 until then
+            await self.ping()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> None:
+        await self.call("ping", self.client.ping, probe=True)
+
+    async def put_records(self, records: Sequence[Record]) -> None:
+        await self.call(f"saving {', '.join(r.kind for r in records)}",
+                       lambda: self._scripts["put"](args=[self._encode(records)]))
+
+    async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+        value = await self.call(f"reading {kind}", lambda: self.client.get(self._key(kind, key)))
+        return json.loads(value) if value is not None else None
+
+    async def take_record(self, kind: str, key: str, then: Sequence[Record] = ()) -> dict[str, Any] | None:
+        value = await self.call(f"taking {kind}", lambda: self._scripts["take"](
+            keys=[self._key(kind, key)], args=[self._encode(then)]))
+        return json.loads(value) if value is not None else None
+
+    async def swap_record(self, kind: str, key: str, expected: dict[str, Any], replacement: dict[str, Any],
+                          then: Sequence[Record] = ()) -> bool:
+        swapped = await self.call(f"updating {kind}", lambda: self._scripts["swap"](
+            keys=[self._key(kind, key)], args=[to_json(expected), to_json(replacement), self._encode(then)]))
+        return swapped == 1
+
+    async def delete_record(self, kind: str, key: str) -> None:
+        await self.call(f"deleting {kind}", lambda: self.client.delete(self._key(kind, key)))
+
+    async def find_records(self, kind: str, subject: str) -> list[dict[str, Any]]:
+        index = f"{self.prefix}:s:{kind}:{subject}"
+
+        async def find() -> list[dict[str, Any]]:
+            keys = sorted(await self.client.smembers(index))
+            values = await self.client.mget(keys) if keys else []
+            if gone := [key for key, value in zip(keys, values, strict=True) if value is None]:
+                await self.client.srem(index, *gone)  # expired or revoked since they were indexed
+            return [json.loads(value) for value in values if value is not None]
+
+        return await self.call(f"listing {kind}", find)
+
+    async def delete_grant(self, grant_id: str) -> int:
+        return await self.call("revoking a grant", lambda: self._scripts["delete_grant"](
+            keys=[f"{self.prefix}:g:{grant_id}"]))
+
+    async def purge_expired(self) -> int:
+        """Nothing to do: Redis expires records by itself."""
+        return 0
+
+    def _note_key(self, owner: str, note_id: str) -> str:
+        return f"{self.prefix}:n:{owner}:{note_id}"
+
+    def _notes_key(self, owner: str) -> str:
+        return f"{self.prefix}:notes:{owner}"
+
+    async def add_note(self, owner: str, note: Note) -> None:
+        async def add() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self._note_key(owner, note.id), to_json(note.to_json()))
+                pipe.zadd(self._notes_key(owner), {note.id: note.created_at})
+                await pipe.execute()
+
+        await self.call("adding a note", add)
+
+    async def get_note(self, owner: str, note_id: str) -> Note | None:
+        value = await self.call("reading a note", lambda: self.client.get(self._note_key(owner, note_id)))
+        return Note.from_json(json.loads(value)) if value is not None else None
+
+    async def _all_notes(self, owner: str) -> list[Note]:
+        """Every note of `owner`, newest first."""
+        async def read() -> list[str | None]:
+            ids = await self.client.zrange(self._notes_key(owner), 0, -1)
+            return await self.client.mget([self._note_key(owner, note_id) for note_id in ids]) if ids else []
+
+        values = await self.call("reading notes", read)
+        notes = [Note.from_json(json.loads(value)) for value in values if value is not None]
+        return sorted(notes, key=lambda note: (-note.created_at, note.id))
+
+    async def find_notes(self, owner: str, *, query: str = "", tag: str | None = None,
+                         limit: int = 20) -> tuple[list[Note], int]:
+        found = [note for note in await self._all_notes(owner) if note.matches(query.split(), tag)]
+        return found[:limit], len(found)
+
+    async def delete_note(self, owner: str, note_id: str) -> bool:
+        async def delete() -> list[Any]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._note_key(owner, note_id))
+                pipe.zrem(self._notes_key(owner), note_id)
+                return await pipe.execute()
+
+        deleted, _ = await self.call("deleting a note", delete)
+        return deleted > 0
+
+    async def note_ids(self, owner: str) -> list[str]:
+        return [note.id for note in await self._all_notes(owner)]
+
+    async def note_tags(self, owner: str) -> list[str]:
+        return sorted({tag for note in await self._all_notes(owner) for tag in note.tags})
+
+    @asynccontextmanager
+    async def lock(self, name: str, ttl_s: float) -> AsyncIterator[None]:
+        """One holder at a time across every replica; a holder that dies releases it after `ttl_s`."""
+        lock = self.client.lock(f"{self.prefix}:lock:{name}", timeout=ttl_s, sleep=0.05, blocking_timeout=ttl_s + 1)
+        if not await self.call(f"locking {name}", lock.acquire):
+            logger.error("store error: %s stayed locked for more than %.0f s", name, ttl_s + 1)
+            raise StorageError(f"locking {name}: still held after {ttl_s + 1:.0f} s")
+        try:
+            yield
+        finally:
+            with suppress(redis.RedisError):  # expired meanwhile, or Redis went away: it ends by its TTL
+                await lock.release()
+
+    async def publish(self, message: dict[str, Any]) -> None:
+        await self.call("announcing a change", lambda: self.client.publish(self.channel, to_json(message)))
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        """What every replica publishes, this one included, for as long as it runs (resubscribing
+        after Redis comes back; what was published meanwhile is lost)."""
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self._came_back()
+                while True:
+                    message = await pubsub.get_message(timeout=REDIS_RETRY_EVERY_S)
+                    if message is not None:
+                        try:
+                            yield json.loads(message["data"])
+                        except ValueError:
+                            logger.warning("ignored a message on %s that is not JSON", self.channel)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._went_down(str(exc) or type(exc).__name__)
+            finally:
+                with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True), suppress(redis.RedisError):
+                    await pubsub.aclose()
+            await anyio.sleep(REDIS_RETRY_EVERY_S)
+
+    def event_store(self, max_events: int, ttl_s: float) -> EventStore:
+        return RedisEventStore(self, max_events, ttl_s)
+
+
 STORE_BACKENDS: dict[str, Callable[[str], Store]] = {
     "sqlite": lambda url: SQLiteStore(Path(url.removeprefix("sqlite:///"))),
+    "redis": RedisStore,
+    "rediss": RedisStore,
 }
 
 
@@ -1405,6 +1752,8 @@ audit_log = logging.getLogger("stream_http.audit")
 
 def audit(event: str, **fields: Any) -> None:
     """One structured log line per security event. Never pass a token, code or secret."""
+    if address := _client_address.get():
+        fields["ip"] = address
     audit_log.info("%s", json.dumps({"event": event, **fields}, sort_keys=True, default=str))
 
 
@@ -1649,7 +1998,6 @@ class OAuthProvider:
         self.documents = documents
         self.cipher = cipher
         self.resource = canonical_url(settings.mcp_url)
-        self._google_refreshes: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
 
     def serves_resource(self, resource: str) -> bool:
         try:
@@ -1807,6 +2155,8 @@ class OAuthProvider:
 
     async def load_authorization_code(self, client: OAuthClientInformationFull,
                                       authorization_code: str) -> GrantCode | None:
+        """Claim the code: whatever the SDK then finds (wrong client, redirect URI or PKCE verifier),
+        it is never accepted again. Of two requests racing with one code, only one claims it."""
         key = token_hash(authorization_code)
         record = await self.store.take_record("code", key)
         if record is None:
@@ -1815,20 +2165,26 @@ class OAuthProvider:
                 audit("code_replayed", client_id=client.client_id, grant_id=used["grant_id"])
                 await self.revoke_grant(used["grant_id"], reason="authorization code replayed")
             return None
-        await self.store.put_records([Record("used_code", key, {"grant_id": record["grant_id"]},
-                                             ttl_s=AUTH_CODE_TTL_S, grant_id=record["grant_id"])])
+        await self.store.put_records([Record("claimed_code", key, record, ttl_s=AUTH_CODE_TTL_S,
+                                             grant_id=record["grant_id"])])
         return GrantCode.model_validate({**record, "code": authorization_code})
 
     async def exchange_authorization_code(self, client: OAuthClientInformationFull,
                                           authorization_code: GrantCode) -> OAuthToken:
+        """Turn the claimed code into a grant and its tokens, all saved in one step."""
         grant = {"id": authorization_code.grant_id, "client_id": client.client_id, "client_name": display_name(client),
                  "subject": authorization_code.subject, "scopes": authorization_code.scopes,
                  "resource": authorization_code.resource, "claims": authorization_code.claims,
                  "created_at": time.time()}
         tokens, records = self.new_tokens(grant, authorization_code.scopes)
-        await self.store.put_records([
+        key = token_hash(authorization_code.code)
+        taken = await self.store.take_record("claimed_code", key, then=[
+            Record("used_code", key, {"grant_id": grant["id"]}, ttl_s=AUTH_CODE_TTL_S, grant_id=grant["id"]),
             Record("grant", grant["id"], grant, ttl_s=self.settings.refresh_token_ttl_s, grant_id=grant["id"],
-                   subject=grant["subject"]), *records])
+                   subject=grant["subject"]),
+            *records])
+        if taken is None:
+            raise TokenError("invalid_grant", "this authorization code was already used")
         audit("token_issued", client_id=client.client_id, subject=grant["subject"], grant_id=grant["id"],
               scopes=authorization_code.scopes)
         return tokens
@@ -1865,25 +2221,25 @@ class OAuthProvider:
 
     async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: GrantRefreshToken,
                                      scopes: list[str]) -> OAuthToken:
-        key = token_hash(refresh_token.token)
-        current = await self.store.get_record("refresh", key)
-        rotated = {**(current or {}), "status": "rotated", "rotated_at": time.time()}
-        if current is None or current["status"] != "active" or not await self.store.swap_record(
-                "refresh", key, current, rotated):
-            raise TokenError("invalid_grant", "this refresh token was already used")
+        """Rotate: mark the refresh token used and save its successors in one step, so of two requests
+        racing with the same token exactly one gets new tokens, the other `invalid_grant`."""
         claims = refresh_token.claims
         if reason := refusal_reason(claims.get("email", ""), True, claims.get("hd"), self.settings):
             audit("refresh_refused", subject=refresh_token.subject, reason=reason)
             await self.revoke_grant(refresh_token.grant_id, reason="no longer allowed to sign in")
             raise TokenError("invalid_grant", reason)
+        key = token_hash(refresh_token.token)
+        current = await self.store.get_record("refresh", key)
         grant = await self.store.get_record("grant", refresh_token.grant_id)
-        if grant is None:
-            raise TokenError("invalid_grant", "this authorization was revoked")
+        if current is None or current["status"] != "active" or grant is None:
+            raise TokenError("invalid_grant", "this refresh token was already used or revoked")
         tokens, records = self.new_tokens(grant, scopes)
-        await self.store.put_records([
-            Record("grant", grant["id"], {**grant, "last_used_at": time.time()},
-                   ttl_s=self.settings.refresh_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
-            *records])
+        rotated = {**current, "status": "rotated", "rotated_at": time.time()}
+        if not await self.store.swap_record("refresh", key, current, rotated, then=[
+                Record("grant", grant["id"], {**grant, "last_used_at": time.time()},
+                       ttl_s=self.settings.refresh_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
+                *records]):
+            raise TokenError("invalid_grant", "this refresh token was already used")
         audit("token_refreshed", client_id=client.client_id, subject=grant["subject"], grant_id=grant["id"])
         return tokens
 
@@ -1933,8 +2289,8 @@ class OAuthProvider:
             raise GoogleRevoked("no Google authorization is stored for you")
         if tokens["expires_at"] > time.time() + 30:
             return tokens["access_token"]
-        lock = self._google_refreshes.setdefault(subject, anyio.Lock())
-        async with lock:  # one refresh at a time per person; the others use its result
+        # One refresh at a time per person, across replicas too; the others wait and use its result.
+        async with self.store.lock(f"google-refresh:{subject}", ttl_s=GOOGLE_TIMEOUT_S + 5):
             tokens = await self.google_tokens(subject) or tokens
             if tokens["expires_at"] > time.time() + 30:
                 return tokens["access_token"]
@@ -2136,6 +2492,81 @@ class MemoryEventStore(EventStore):
         return last.stream_id
 
 
+class RedisEventStore(EventStore):
+    """Events in the shared Redis, kept `ttl_s` (the session idle timeout) and at most `max_events` per
+    stream, each replayable only by its own session. Best effort: while Redis is unreachable events
+    still go out, they just cannot be replayed."""
+
+    def __init__(self, store: RedisStore, max_events: int, ttl_s: float) -> None:
+        self.store = store
+        self.max_events = max_events
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+
+    def _event_key(self, event_id: str) -> str:
+        return f"{self.store.prefix}:e:{event_id}"
+
+    def _stream_key(self, session_id: str, stream_id: str) -> str:
+        return f"{self.store.prefix}:es:{session_id}:{stream_id}"
+
+    async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
+        event_id = secrets.token_urlsafe(12)
+        scope = _stream_scope.get()
+        if scope is None or scope.session_id is None:
+            return event_id  # the answer that creates a session: nothing can resume it, it has no session yet
+        event = to_json({"session": scope.session_id, "stream": stream_id, "message": None if message is None
+                         else jsonrpc_message_adapter.dump_python(message, mode="json", by_alias=True,
+                                                                  exclude_unset=True)})
+        stream_key = self._stream_key(scope.session_id, stream_id)
+
+        async def save() -> None:
+            async with self.store.client.pipeline(transaction=True) as pipe:
+                pipe.set(self._event_key(event_id), event, px=self.ttl_ms)
+                pipe.rpush(stream_key, event_id)
+                pipe.ltrim(stream_key, -self.max_events, -1)
+                pipe.pexpire(stream_key, self.ttl_ms)
+                await pipe.execute()
+
+        try:
+            await self.store.call("saving a stream event", save)
+        except StorageError as exc:
+            logger.debug("stream event not kept for replay: %s", exc)
+        return event_id
+
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+        asking = _stream_scope.get()
+        try:
+            found = await self._events_after(last_event_id, asking.session_id if asking else None)
+        except StorageError as exc:
+            logger.warning("cannot replay a stream: %s", exc)
+            return None
+        if found is None:
+            return None
+        stream_id, events = found
+        for event_id, message in events:
+            await send_callback(EventMessage(jsonrpc_message_adapter.validate_python(message), event_id))
+        return stream_id
+
+    async def _events_after(self, last_event_id: str, session_id: str | None,
+                            ) -> tuple[str, list[tuple[str, Any]]] | None:
+        client = self.store.client
+
+        async def read() -> tuple[str, list[tuple[str, Any]]] | None:
+            last = await client.get(self._event_key(last_event_id))
+            if last is None or session_id is None or json.loads(last)["session"] != session_id:
+                return None
+            stream_id = json.loads(last)["stream"]
+            ids = await client.lrange(self._stream_key(session_id, stream_id), 0, -1)
+            if last_event_id not in ids:
+                return None
+            later = ids[ids.index(last_event_id) + 1:]
+            values = await client.mget([self._event_key(event_id) for event_id in later]) if later else []
+            messages = [(event_id, json.loads(value)["message"] if value else None)
+                        for event_id, value in zip(later, values, strict=True)]
+            return stream_id, [(event_id, message) for event_id, message in messages if message is not None]
+
+        return await self.store.call("replaying a stream", read)
+
+
 # === 9. Runtime ==============================================================
 
 
@@ -2148,7 +2579,9 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = open_store(settings)
-        self.events = None if settings.stateless else MemoryEventStore(settings.event_store_max_events)
+        self.events = None if settings.stateless else self.store.event_store(settings.event_store_max_events,
+                                                                               settings.session_idle_timeout_s)
+        self.replica = new_id()  # tells this process's change announcements from other replicas'
         self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False)
         self.provider = self.build_provider() if settings.auth_enabled else None
         self._exit = AsyncExitStack()
@@ -2169,6 +2602,8 @@ class Runtime:
             tasks = await self._exit.enter_async_context(anyio.create_task_group())
             self._exit.callback(tasks.cancel_scope.cancel)
             tasks.start_soon(self.purge_expired_records)
+            tasks.start_soon(self.watch_store)
+            tasks.start_soon(self.relay_changes)
         except BaseException:
             await self._exit.aclose()
             raise
@@ -2187,11 +2622,34 @@ class Runtime:
                 continue
             logger.debug("purged %d expired records", removed)
 
+    async def watch_store(self) -> None:
+        """While the store is unreachable, ping it every second so service resumes by itself."""
+        while True:
+            await anyio.sleep(REDIS_RETRY_EVERY_S)
+            if not self.store.available:
+                with suppress(StorageError):
+                    await self.store.ping()
+
     async def announce_notes_changed(self, owner: str, note_id: str) -> None:
-        """Tell `owner`'s listening connections that their notes changed."""
-        for event in (NotesChanged(owner=owner), NoteUpdated(uri="notes://index", owner=owner),
-                      NoteUpdated(uri=f"notes://{note_id}", owner=owner)):
-            await CHANGES.publish(event)
+        """Tell `owner`'s listening connections that their notes changed, here and on other replicas."""
+        await publish_notes_changed(owner, note_id)
+        try:
+            await self.store.publish({"owner": owner, "note_id": note_id, "from": self.replica})
+        except StorageError as exc:
+            logger.warning("other replicas were not told about a note change: %s", exc)
+
+    async def relay_changes(self) -> None:
+        """Pass on what other replicas announce to the connections listening here."""
+        async for message in self.store.messages():
+            owner, note_id = message.get("owner"), message.get("note_id")
+            if message.get("from") != self.replica and isinstance(owner, str) and isinstance(note_id, str):
+                await publish_notes_changed(owner, note_id)
+
+
+async def publish_notes_changed(owner: str, note_id: str) -> None:
+    for event in (NotesChanged(owner=owner), NoteUpdated(uri="notes://index", owner=owner),
+                  NoteUpdated(uri=f"notes://{note_id}", owner=owner)):
+        await CHANGES.publish(event)
 
 
 # === 10. HTTP app ============================================================
@@ -2302,8 +2760,9 @@ class RequestGate:
     belongs to, for the event store."""
 
     def __init__(self, app: ASGIApp, *, policy: HostPolicy, bearer: BearerPolicy | None, max_body_bytes: int,
-                 json_response: bool, stateless: bool) -> None:
+                 json_response: bool, stateless: bool, store: Store) -> None:
         self.app = app
+        self.store = store
         self.policy = policy
         self.bearer = bearer
         self.max_body_bytes = max_body_bytes
@@ -2312,7 +2771,8 @@ class RequestGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        problem = self.check_origin(request) or self.check_token(request) or self.check_method(request)
+        problem = (self.check_origin(request) or self.check_token(request) or self.check_method(request)
+                   or self.check_store())
         body = b""
         if problem is None and request.method == "POST":
             body, message, problem = await self.read_message(request)
@@ -2341,6 +2801,11 @@ class RequestGate:
 
     def check_token(self, request: Request) -> Response | None:
         return self.bearer.check_token(request) if self.bearer is not None else None
+
+    def check_store(self) -> Response | None:
+        if self.store.available:
+            return None
+        return json_rpc_error(503, SERVER_UNAVAILABLE, STORE_FAILED, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def check_method(self, request: Request) -> Response | None:
         if self.stateless and request.method in ("GET", "DELETE"):
@@ -2427,6 +2892,47 @@ def _learn_session_id(stream_scope: StreamScope, send: Send) -> Send:
     return watch
 
 
+def store_failure_handler(policy: HostPolicy) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Starlette's handler for a store failure during any request: 503 and Retry-After, in the form the
+    caller reads. Nothing is half-written (every change the store makes is atomic), so a retry is safe."""
+
+    async def answer(request: Request, exc: Exception) -> Response:
+        message = STORE_FAILED  # the store has logged what failed (an outage once, not per request)
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        origin = request.headers.get("origin")
+        if request.url.path.rstrip("/").endswith(MCP_PATH):
+            if origin and policy.allows_origin(origin):
+                headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin"})
+            return json_rpc_error(503, SERVER_UNAVAILABLE, message, headers)
+        if "text/html" in request.headers.get("accept", ""):
+            page = message_page("Try again in a moment", message + ".", status=503)
+            page.headers.update(headers)
+            return page
+        if origin:
+            headers["Access-Control-Allow-Origin"] = "*"  # as for_clients answers these endpoints
+        return oauth_error(503, "temporarily_unavailable", message, headers)
+
+    return answer
+
+
+_client_address: ContextVar[str | None] = ContextVar("stream_http_client_address", default=None)
+
+
+class RememberClient:
+    """Makes the caller's address available to `audit` (the forwarded one, from a proxy in TRUSTED_PROXIES)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        token = _client_address.set(client[0] if client else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _client_address.reset(token)
+
+
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version",
                       "Mcp-Method", "Mcp-Name", "Last-Event-ID")
 CORS_EXPOSE_HEADERS = ("Mcp-Session-Id", "WWW-Authenticate")
@@ -2471,9 +2977,9 @@ class SignInRoutes:
     def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
         """Pages a person visits: they get the signed session cookie that remembers who signed in."""
         limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
-        return SessionMiddleware(limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE,
-                                 max_age=SESSION_MAX_AGE_S, same_site="lax",
-                                 https_only=self.settings.public_url.startswith("https://"))
+        return RememberClient(SessionMiddleware(
+            limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
+            same_site="lax", https_only=self.settings.public_url.startswith("https://")))
 
     async def authorize(self, request: Request) -> Response:
         """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
@@ -2576,8 +3082,8 @@ class SignInRoutes:
 def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
     """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
     limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
-    return CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
-                          allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"])
+    return RememberClient(CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
+                                        allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"]))
 
 
 def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Route]:
@@ -2676,7 +3182,8 @@ def mcp_endpoint(state: Runtime, policy: HostPolicy, session_manager: Streamable
         handler = AuthContextMiddleware(handler)  # makes the token reachable from tools (get_access_token)
         bearer = BearerPolicy(resource_metadata_url(settings))
     gate: ASGIApp = RequestGate(handler, policy=policy, bearer=bearer, max_body_bytes=settings.max_request_bytes,
-                                json_response=settings.json_response, stateless=settings.stateless)
+                                json_response=settings.json_response, stateless=settings.stateless,
+                                store=state.store)
     if state.provider is not None:
         verifier = ProviderTokenVerifier(state.provider)
         gate = AuthenticationMiddleware(gate, backend=BearerAuthBackend(
@@ -2700,6 +3207,7 @@ def build_app(settings: Settings) -> Starlette:
     """
     state = Runtime(settings)
     policy = HostPolicy.from_settings(settings)
+    share_request_state_keys(settings)
     sdk_app = mcp.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=settings.stateless,
@@ -2718,7 +3226,19 @@ def build_app(settings: Settings) -> Starlette:
         *sign_in_routes(state),
         Mount("/", sdk_app),  # whatever else the SDK serves, e.g. routes added with @mcp.custom_route
     ]
-    return Starlette(routes=routes, lifespan=app_lifespan(state, session_manager))
+    return Starlette(routes=routes, lifespan=app_lifespan(state, session_manager),
+                     exception_handlers={StorageError: store_failure_handler(policy)})
+
+
+def share_request_state_keys(settings: Settings) -> None:
+    """Seal the SDK's `requestState` (multi-round tool calls) under a key derived from SECRET_KEY rather
+    than the SDK's per-process one, so a replica can open what another sealed. The audience claim is
+    the server's name, the same on every replica."""
+    if settings.secret_key is None:
+        return
+    security = RequestStateSecurity(keys=[derive_key(settings.secret_key, b"stream-http/request-state")])
+    mcp.middleware[:] = [RequestStateBoundary(security, default_audience=mcp.name)
+                         if isinstance(layer, RequestStateBoundary) else layer for layer in mcp.middleware]
 
 
 def health_endpoint(state: Runtime) -> Callable[[Request], Awaitable[Response]]:
@@ -2726,9 +3246,9 @@ def health_endpoint(state: Runtime) -> Callable[[Request], Awaitable[Response]]:
         """Liveness and the store's health, for load balancers and `doctor`."""
         try:
             await state.store.ping()
-        except StorageError as exc:
-            logger.warning("health check: %s", exc)
-            return JSONResponse({"status": "unavailable", "store": "down"}, status_code=503)
+        except StorageError:  # logged by the store, once per outage
+            return JSONResponse({"status": "unavailable", "store": "down"}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse({"status": "ok", "store": "ok", "version": VERSION, "mode": state.settings.mode})
 
     return healthz
@@ -2820,6 +3340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"server.py: configuration error: {exc}", file=sys.stderr)
             return 2
+    if "*" in settings.trusted_proxies:
+        logger.warning("TRUSTED_PROXIES is *: any caller can claim another address with X-Forwarded-For; "
+                       "list your proxies' addresses instead unless only they can reach this port")
     if settings.cimd_allow_local:
         logger.warning("CIMD_ALLOW_LOCAL is on: client metadata documents may come from loopback and private "
                        "addresses over http; turn it off outside development")
@@ -2829,6 +3352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=list(settings.trusted_proxies),
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = uvicorn.Server(config)
