@@ -4,11 +4,18 @@ Every server a test talks to is `server.py` started as its own process, exactly 
 in a scratch directory with its own DATA_DIR. The npm peers (conformance suite, Inspector CLI,
 mcp-remote, the TypeScript SDK, Node 22) come from tests/peers, installed from its lockfile on first
 use.
+
+The whole suite runs once per store: the embedded SQLite file, then a real Redis (Debian's
+`redis-server`, started here on a free loopback port). `--store sqlite` or `--store redis` runs one.
+Each server gets its own Redis key prefix, derived from its DATA_DIR, so servers sharing a DATA_DIR
+share their data in either store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -38,6 +45,8 @@ MODES: dict[str, tuple[str, ...]] = {
     "stateless-json": ("--stateless", "--json-response"),
 }
 ERAS = ("legacy", "2026-07-28")
+STORES = ("sqlite", "redis")
+TEST_SECRET_KEY = "tests-only-secret-key-shared-by-every-replica-0123456789"
 
 
 def free_port() -> int:
@@ -91,7 +100,8 @@ def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None, p
     port = port or free_port()
     log_path = workdir / f"server-{port}.log"
     inherited = {key: value for key, value in os.environ.items() if key not in SETTING_NAMES}
-    full_env = {**inherited, "DATA_DIR": str(workdir / "data"), "LOG_LEVEL": "INFO", **(env or {})}
+    data_dir = (env or {}).get("DATA_DIR", str(workdir / "data"))
+    full_env = {**inherited, "DATA_DIR": data_dir, "LOG_LEVEL": "INFO", **store_env(data_dir), **(env or {})}
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(port), *args],
                                    cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT)
@@ -118,8 +128,113 @@ def running_server(workdir: Path, *args: str, env: dict[str, str] | None = None,
         server.stop()
 
 
+# --- the store every server of this run uses
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store", choices=[*STORES, "both"], default="both",
+                     help="run the suite against this store (default: both, SQLite first)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("store")
+        metafunc.parametrize("store", STORES if chosen == "both" else [chosen], indirect=True, scope="session")
+
+
+class RedisServer:
+    """Debian's `redis-server` on a free loopback port, in its own directory; stop and start it again
+    to take the store away from running servers."""
+
+    def __init__(self, workdir: Path) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.fail("redis-server is needed for the Redis store tests: apt-get install redis-server")
+        self.executable, self.workdir, self.port = executable, workdir, free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = (self.workdir / "redis.log").open("ab")
+        self.process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+             "--save", "", "--appendonly", "yes", "--protected-mode", "yes"],
+            stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(15)
+
+
+@dataclass
+class StoreUnderTest:
+    """Which store the servers of this run use, and how to look inside it."""
+
+    kind: str
+    redis_url: str | None = None
+
+    def env(self, data_dir: str) -> dict[str, str]:
+        if self.redis_url is None:
+            return {}
+        return {"STORE_URL": f"{self.redis_url}?prefix={self.prefix(data_dir)}", "SECRET_KEY": TEST_SECRET_KEY}
+
+    @staticmethod
+    def prefix(data_dir: str) -> str:
+        return "t" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+
+    def stored(self, data_dir: Path) -> list[tuple[str, str]]:
+        """Every stored record of the server that uses `data_dir`, as (kind, "key value") pairs."""
+        if self.redis_url is None:
+            import sqlite3
+
+            with contextlib.closing(sqlite3.connect(data_dir / "stream-http.db")) as db:
+                return list(db.execute("SELECT kind, key || ' ' || value FROM records"))
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        keys = client.scan_iter(f"{self.prefix(str(data_dir))}:r:*")
+        return [(key.split(":")[2], key + " " + client.get(key)) for key in keys]
+
+
+# This module is imported twice (as pytest's conftest and as tests.conftest by helpers), so the
+# store of the run lives where both copies see it: the environment.
+REDIS_URL_VARIABLE = "STREAM_HTTP_TESTS_REDIS_URL"
+
+
+def current_store() -> StoreUnderTest:
+    url = os.environ.get(REDIS_URL_VARIABLE)
+    return StoreUnderTest("redis", url) if url else StoreUnderTest("sqlite")
+
+
+def store_env(data_dir: str) -> dict[str, str]:
+    return current_store().env(data_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def store(request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
+    """The store of every server this test starts (the whole suite runs once per store)."""
+    if getattr(request, "param", "sqlite") == "redis":
+        os.environ[REDIS_URL_VARIABLE] = request.getfixturevalue("redis_server").url
+    yield current_store()
+    os.environ.pop(REDIS_URL_VARIABLE, None)
+
+
 @pytest.fixture(scope="module", params=list(MODES))
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           store: StoreUnderTest) -> Iterator[ServerProcess]:
     """One server per transport mode, shared by the tests of a module."""
     with running_server(tmp_path_factory.mktemp(request.param), *MODES[request.param]) as running:
         running.env["MODE"] = request.param
@@ -127,7 +242,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def stateful_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def stateful_server(tmp_path_factory: pytest.TempPathFactory, store: StoreUnderTest) -> Iterator[ServerProcess]:
     with running_server(tmp_path_factory.mktemp("stateful")) as running:
         yield running
 
@@ -215,14 +330,10 @@ def open_session(client: httpx2.Client, mcp_url: str) -> str:
 
 def sse_messages(text: str) -> list[dict[str, object]]:
     """The JSON messages in an SSE body."""
-    import json
-
     return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and line[5:].strip()]
 
 
 def first_json(text: str) -> dict[str, object]:
-    import json
-
     messages = sse_messages(text)
     return messages[0] if messages else json.loads(text)
 
@@ -253,7 +364,8 @@ def google(peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
 
 
 @pytest.fixture(scope="module")
-def signin_server(google: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def signin_server(google: Any, tmp_path_factory: pytest.TempPathFactory,
+                  store: StoreUnderTest) -> Iterator[ServerProcess]:
     """A stateful server with sign-in on, shared by the tests of a module."""
     from tests.signin import auth_server
 

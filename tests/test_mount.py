@@ -12,7 +12,7 @@ import httpx2
 import pytest
 from mcp import Client
 
-from tests.conftest import REPO, free_port, wait_for_port
+from tests.conftest import REPO, free_port, store_env, wait_for_port
 
 pytestmark = pytest.mark.anyio
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.anyio
 async def test_a_tool_call_through_the_mounted_app(tmp_path: Path, mode: str, era: str) -> None:
     port = free_port()
     env = {**os.environ, "PUBLIC_URL": f"http://127.0.0.1:{port}/tools", "DATA_DIR": str(tmp_path),
-           "MCP_STATELESS": str(mode == "stateless").lower()}
+           "MCP_STATELESS": str(mode == "stateless").lower(), **store_env(str(tmp_path))}
     log = (tmp_path / "parent.log").open("wb")
     parent = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.mounted_app:app", "--port", str(port)],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, StoreUnderTest
 from tests.signin import ALICE, BOB, GoogleStandIn, RawClient, SdkSignIn, auth_server, mcp_call, pkce_pair
 
 # --- discovery
@@ -140,37 +140,46 @@ def test_revocation_works_for_public_clients_and_ends_the_tokens(signin_server: 
     assert client.refresh(tokens["refresh_token"]).json()["error"] == "invalid_grant"
 
 
-def test_restarting_the_server_keeps_clients_and_tokens(google: GoogleStandIn, tmp_path: Path) -> None:
+def test_restarting_the_server_keeps_clients_and_tokens(google: GoogleStandIn, tmp_path: Path,
+                                                       store: StoreUnderTest) -> None:
     google.next_login(ALICE)
     with auth_server(google, tmp_path) as server:
         client = RawClient.register(server)
         tokens = client.sign_in()
         port = server.port
-    key_file = tmp_path / "data" / "secret_key"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert "generated a SECRET_KEY in" in server.log()
     with auth_server(google, tmp_path, port=port) as restarted:
         still = mcp_call(restarted, tokens["access_token"], "tools/call", {"name": "whoami", "arguments": {}})
         refreshed = client.refresh(tokens["refresh_token"])
-        log = restarted.log()
     assert still.status_code == 200
     assert ALICE["email"] in still.text
     assert refreshed.status_code == 200, "the registered client is still known"
+
+
+def test_without_a_secret_key_one_is_generated_once_and_kept(google: GoogleStandIn, tmp_path: Path) -> None:
+    env = {"STORE_URL": f"sqlite:///{tmp_path}/data/stream-http.db", "SECRET_KEY": ""}
+    with auth_server(google, tmp_path, env=env) as server:
+        port = server.port
+    key_file = tmp_path / "data" / "secret_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert "generated a SECRET_KEY in" in server.log()
+    key = key_file.read_text()
+    with auth_server(google, tmp_path, env=env, port=port) as restarted:
+        log = restarted.log()
     assert "generated a SECRET_KEY" not in log
+    assert key_file.read_text() == key
 
 
-def test_tokens_are_stored_only_as_hashes_and_google_tokens_encrypted(google: GoogleStandIn, tmp_path: Path) -> None:
-    import sqlite3
-
+def test_tokens_are_stored_only_as_hashes_and_google_tokens_encrypted(google: GoogleStandIn, tmp_path: Path,
+                                                                     store: StoreUnderTest) -> None:
     google.next_login(ALICE)
     with auth_server(google, tmp_path) as server:
         tokens = RawClient.register(server).sign_in()
-    db = sqlite3.connect(tmp_path / "data" / "stream-http.db")
-    rows = db.execute("SELECT kind, key, value FROM records")
-    stored = "\n".join(f"{kind} {key} {value}" for kind, key, value in rows)
+    records = store.stored(tmp_path / "data")
+    stored = "\n".join(value for _, value in records)
+    assert {"access", "refresh", "grant", "google", "client"} <= {kind for kind, _ in records}
     assert tokens["access_token"] not in stored and tokens["refresh_token"] not in stored
-    google_row = db.execute("SELECT value FROM records WHERE kind = 'google'").fetchone()[0]
-    assert set(json.loads(google_row)) == {"sealed"}, "Google's tokens are sealed, not readable"
+    google_record = next(value for kind, value in records if kind == "google").split(" ", 1)[1]
+    assert set(json.loads(google_record)) == {"sealed"}, "Google's tokens are sealed, not readable"
 
 
 # --- what the person sees
