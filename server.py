@@ -2275,8 +2275,11 @@ class OAuthProvider:
 
     async def save_google_tokens(self, subject: str, token: Mapping[str, Any]) -> None:
         held = await self.google_tokens(subject) or {}
-        expires_at = token.get("expires_at") or time.time() + float(token.get("expires_in") or 3600)
-        tokens = {"access_token": token["access_token"], "expires_at": float(expires_at),
+        now = time.time()
+        expires_at = float(token.get("expires_at") or now + float(token.get("expires_in") or 3600))
+        # Renewed a little before it expires: 30 s early, or halfway for a token shorter-lived than a minute.
+        fresh_until = expires_at - min(30.0, max(0.0, expires_at - now) / 2)
+        tokens = {"access_token": token["access_token"], "expires_at": expires_at, "fresh_until": fresh_until,
                   "refresh_token": token.get("refresh_token") or held.get("refresh_token")}
         await self.store.put_records([Record("google", subject, {"sealed": self.cipher.encrypt(subject, tokens)},
                                              subject=subject)])
@@ -2287,12 +2290,12 @@ class OAuthProvider:
         tokens = await self.google_tokens(subject)
         if tokens is None:
             raise GoogleRevoked("no Google authorization is stored for you")
-        if tokens["expires_at"] > time.time() + 30:
+        if is_fresh(tokens):
             return tokens["access_token"]
         # One refresh at a time per person, across replicas too; the others wait and use its result.
         async with self.store.lock(f"google-refresh:{subject}", ttl_s=GOOGLE_TIMEOUT_S + 5):
             tokens = await self.google_tokens(subject) or tokens
-            if tokens["expires_at"] > time.time() + 30:
+            if is_fresh(tokens):
                 return tokens["access_token"]
             if not tokens.get("refresh_token"):
                 raise GoogleRevoked("Google gave this server no refresh token")
@@ -2317,6 +2320,11 @@ class OAuthProvider:
         for grant in await self.store.find_records("grant", subject):
             await self.revoke_grant(grant["id"], reason=reason)
         await self.store.delete_record("google", subject)
+
+
+def is_fresh(google_tokens: Mapping[str, Any]) -> bool:
+    """Whether Google's access token can still be used without a refresh first."""
+    return time.time() < google_tokens.get("fresh_until", google_tokens["expires_at"] - 30)
 
 
 def consent_key(subject: str, client_id: str) -> str:

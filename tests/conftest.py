@@ -139,7 +139,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "store" in metafunc.fixturenames:
         chosen = metafunc.config.getoption("store")
-        metafunc.parametrize("store", STORES if chosen == "both" else [chosen], indirect=True, scope="session")
+        stores = list(STORES) if chosen == "both" else [chosen]
+        if metafunc.definition.get_closest_marker("store_of_its_own"):
+            stores = stores[:1]  # it starts the store it needs; running it twice would test nothing new
+        metafunc.parametrize("store", stores, indirect=True, scope="session")
 
 
 class RedisServer:
@@ -151,6 +154,7 @@ class RedisServer:
         if executable is None:
             pytest.fail("redis-server is needed for the Redis store tests: apt-get install redis-server")
         self.executable, self.workdir, self.port = executable, workdir, free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 

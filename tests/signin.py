@@ -79,6 +79,10 @@ class GoogleStandIn:
     def revocations(self) -> list[dict[str, Any]]:
         return self.control("/test/log")["revocations"]
 
+    def refreshes(self) -> list[dict[str, Any]]:
+        """Every refresh-token request Google saw, with its outcome ("success" or "error")."""
+        return self.control("/test/log")["refreshes"]
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)

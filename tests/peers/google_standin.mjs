@@ -29,6 +29,7 @@ const refreshIssuedTo = new Set(); // `${sub} ${clientId}` that already got a re
 const offlineGrants = new Map(); // grantId -> whether a refresh token may be issued
 const authorizationRequests = []; // the query of every /auth request, for assertions
 const revocations = []; // tokens revoked at the revocation endpoint
+const refreshes = []; // every refresh_token grant: which grant, and whether it succeeded
 const clientRedirects = new Map(); // client_id -> redirect URIs registered so far
 let nextLogin = { sub: "100000000000000000001", email: "alice@example.com", email_verified: true,
                   name: "Alice Example", picture: "https://example.com/alice.png" };
@@ -82,6 +83,11 @@ const issuer = `http://127.0.0.1:${server.address().port}`;
 const provider = new Provider(issuer, configuration);
 
 provider.on("grant.revoked", (ctx, grantId) => revocations.push({ grantId, at: Date.now() }));
+for (const outcome of ["success", "error"]) {
+  provider.on(`grant.${outcome}`, (ctx) => {
+    if (ctx.oidc.params?.grant_type === "refresh_token") refreshes.push({ outcome, at: Date.now() });
+  });
+}
 
 // Make the next token response misbehave the way a broken or hostile provider would.
 provider.use(async (ctx, next) => {
@@ -204,7 +210,7 @@ server.on("request", async (req, res) => {
       return json(res, 200, { ok: true });
     }
     if (url.pathname === "/test/log" && req.method === "GET") {
-      return json(res, 200, { authorizationRequests, revocations });
+      return json(res, 200, { authorizationRequests, revocations, refreshes });
     }
     if (url.pathname === "/auth") {
       authorizationRequests.push(Object.fromEntries(url.searchParams));
