@@ -16,11 +16,11 @@ Map (`grep -n '^# ===' server.py`):
     1. Settings            every knob: environment, .env and command line, from one table
     2. The MCP server      the server object, and what its handlers reach (caller, runtime, changes)
     3. The MCP surface     tools, resources, prompts, completions: edit these first
-    4. Storage             notes and expiring records in SQLite, one interface for every backend
+    4. Storage             notes and expiring records: SQLite (one process) or Redis (replicas)
     5. Google sign-in      Authlib: the only code that talks to Google
     6. OAuth provider      this server as the OAuth 2.1 authorization server for MCP clients
     7. HTML pages          consent and message pages
-    8. Resumable streams   the event store behind Last-Event-ID
+    8. Resumable streams   the event store behind Last-Event-ID, in memory or in Redis
     9. Runtime             what tools and routes share while the server runs
     10. HTTP app           request checks, sign-in routes, CORS, build_app()
     11. Command line       main()
