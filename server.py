@@ -3292,7 +3292,8 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
     parser = argparse.ArgumentParser(
         prog="server.py",
         description="stream-http: a remote MCP server over Streamable HTTP. Every setting can also be "
-        "given as an environment variable or in ./.env; flags win.",
+        "given as an environment variable or in ./.env; flags win. Commands: `server.py claude-config "
+        "--help` (connect Claude Desktop).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="settings (environment variable, default):\n" + "\n".join(
             f"  {o.env:<24} {o.default or '-':<12} {o.help}" for o in OPTIONS),
@@ -3330,8 +3331,86 @@ def refuse_unsafe_bind(settings: Settings) -> str | None:
             "--allow-unauthenticated (ALLOW_UNAUTHENTICATED=true) to accept the risk.")
 
 
+# --- claude-config: connect Claude Desktop to this server through mcp-remote
+
+
+def claude_config_path() -> Path:
+    """Where Claude Desktop keeps its configuration on this platform."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "Claude" / "claude_desktop_config.json"
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming")) / "Claude" / \
+            "claude_desktop_config.json"
+    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "Claude" / "claude_desktop_config.json"
+
+
+def claude_server_entry(mcp_url: str) -> dict[str, Any]:
+    """The `mcpServers` entry: Claude Desktop starts mcp-remote, which signs in and bridges stdio to HTTP."""
+    args = ["-y", "mcp-remote", mcp_url]
+    if urlsplit(mcp_url).scheme == "http" and not is_loopback_host(urlsplit(mcp_url).hostname or ""):
+        args.append("--allow-http")  # mcp-remote refuses plain http beyond localhost without it
+    return {"command": "npx", "args": args}
+
+
+def write_claude_config(path: Path, name: str, entry: dict[str, Any]) -> Path | None:
+    """Merge `entry` into the config at `path` as server `name`, keeping everything else; the old file is
+    kept beside it as a backup, whose path is returned. Raises ConfigError for a file that is not a JSON
+    object (nothing is written then)."""
+    config: dict[str, Any] = {}
+    backup = None
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        try:
+            config = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); fix or move it, then run this again") from exc
+        if not isinstance(config, dict) or not isinstance(config.get("mcpServers", {}), dict):
+            raise ConfigError(f"{path} does not hold a JSON object with an mcpServers object")
+        backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+        backup.write_text(text, encoding="utf-8")
+    config.setdefault("mcpServers", {})[name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)  # atomic: Claude Desktop never reads a half-written file
+    return backup
+
+
+def claude_config(argv: Sequence[str]) -> int:
+    """`server.py claude-config`: print, or with --write merge, Claude Desktop's entry for this server."""
+    parser = argparse.ArgumentParser(prog="server.py claude-config",
+                                     description="Connect Claude Desktop to this server through mcp-remote.")
+    parser.add_argument("--name", default=SERVER_NAME, help=f"the server's name in Claude (default {SERVER_NAME})")
+    parser.add_argument("--url", help="the MCP endpoint (default PUBLIC_URL/mcp from the settings)")
+    parser.add_argument("--write", action="store_true", help="merge it into Claude Desktop's config file")
+    parser.add_argument("--config-file", type=Path, default=claude_config_path(),
+                        help="the file to merge into (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        mcp_url = args.url or load_settings().mcp_url
+        entry = claude_server_entry(mcp_url)
+        if not args.write:
+            print(json.dumps({"mcpServers": {args.name: entry}}, indent=2))
+            print(f"\nAdd this to {args.config_file} (or run again with --write), then restart Claude Desktop.",
+                  file=sys.stderr)
+            return 0
+        backup = write_claude_config(args.config_file, args.name, entry)
+    except (ConfigError, OSError) as exc:
+        print(f"server.py claude-config: {exc}", file=sys.stderr)
+        return 1
+    kept = f"; the previous file is kept as {backup}" if backup else ""
+    print(f"added {args.name!r} ({mcp_url}) to {args.config_file}{kept}. Restart Claude Desktop to connect.")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"claude-config": claude_config}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the HTTP server until SIGINT or SIGTERM; return the exit status."""
+    """Run the HTTP server until SIGINT or SIGTERM (or a command: claude-config); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     overrides = parse_args(argv)
     try:
         settings = load_settings(overrides=overrides)
