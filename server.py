@@ -56,7 +56,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import anyio
 import httpx2
@@ -3293,7 +3293,7 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
         prog="server.py",
         description="stream-http: a remote MCP server over Streamable HTTP. Every setting can also be "
         "given as an environment variable or in ./.env; flags win. Commands: `server.py claude-config "
-        "--help` (connect Claude Desktop).",
+        "--help` (connect Claude Desktop), `server.py doctor --help` (check a deployment).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="settings (environment variable, default):\n" + "\n".join(
             f"  {o.env:<24} {o.default or '-':<12} {o.help}" for o in OPTIONS),
@@ -3403,11 +3403,262 @@ def claude_config(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"claude-config": claude_config}
+# --- doctor: check a running deployment from outside, as its clients will meet it
+
+# The callback URLs well-known MCP clients register (as they send them in November 2026).
+KNOWN_CALLBACKS: dict[str, tuple[str, ...]] = {
+    "Claude": ("https://claude.ai/api/mcp/auth_callback",),
+    "MCP Inspector": ("http://localhost:6274/oauth/callback",),
+    "mcp-remote": ("http://localhost:3334/oauth/callback",),
+    "VS Code": ("http://127.0.0.1:33418/", "https://vscode.dev/redirect"),
+    "Cursor": ("https://www.cursor.com/agents/mcp/oauth/callback", "cursor://anysphere.cursor-mcp/oauth/callback"),
+}
+DOCTOR_ORIGIN = "http://localhost:6274"  # a browser client's origin: the Inspector's
+DOCTOR_CALLBACK = "http://127.0.0.1:9/stream-http-doctor"  # never reached: the doctor stops before it
+CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+HIDDEN_INPUT = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
+FORM_ACTION = re.compile(r'<form method="post" action="([^"]+)">')
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report: what was checked, and what was found or how to fix it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+
+
+class Doctor:
+    """Checks a deployment over HTTP the way MCP clients, browsers and Google will meet it, so that
+    the failures people hit with remote MCP servers show up before a user does."""
+
+    def __init__(self, mcp_url: str, http: httpx2.AsyncClient) -> None:
+        self.url = mcp_url.rstrip("/")
+        parts = urlsplit(self.url)
+        self.origin, self.path = f"{parts.scheme}://{parts.netloc}", parts.path
+        self.http = http
+        self.checks: list[Check] = []
+
+    def check(self, name: str, passed: bool, detail: str) -> bool:
+        self.checks.append(Check(name, passed, detail))
+        return passed
+
+    async def run(self) -> list[Check]:
+        try:
+            await self.examine()
+        except httpx2.HTTPError as exc:
+            self.check("connection", False, f"{type(exc).__name__}: {exc or 'no answer'}; is the server up at "
+                       f"{self.url}?")
+        except (ValueError, KeyError, TypeError) as exc:  # an answer that is not what the protocol says
+            self.check("answers", False, f"an unexpected answer ({type(exc).__name__}: {exc})")
+        return self.checks
+
+    async def examine(self) -> None:
+        first = await self.post_initialize(self.url)
+        if not self.check("Host header", first.status_code not in (400, 403, 421) or "host" not in first.text.lower(),
+                          f"{self.origin} is accepted" if first.status_code not in (400, 403, 421) else
+                          f"answered {first.status_code} ({first.text[:80]!r}): set PUBLIC_URL={self.origin}"
+                          f"{self.path.removesuffix('/mcp')} (the URL clients use) or add the host to ALLOWED_HOSTS"):
+            return
+        await self.check_cors()
+        if first.status_code != 401:
+            self.check("sign-in", is_loopback_host(urlsplit(self.url).hostname or ""),
+                       f"off (answered {first.status_code} without a token): the sign-in checks are skipped; "
+                       "set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET for anything but this machine")
+            return
+        await self.check_challenge(first)
+        resource = await self.check_resource_metadata()
+        if resource is None:
+            return
+        metadata = await self.check_authorization_server(resource["authorization_servers"][0])
+        if metadata is None:
+            return
+        client_id = await self.check_known_clients(metadata["registration_endpoint"])
+        if client_id is not None:
+            await self.check_google(metadata["authorization_endpoint"], client_id)
+
+    async def post_initialize(self, url: str, **headers: str) -> httpx2.Response:
+        return await self.http.post(url, json={
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                       "clientInfo": {"name": "stream-http doctor", "version": VERSION}}},
+            headers={"accept": "application/json, text/event-stream", **headers})
+
+    async def check_challenge(self, response: httpx2.Response) -> None:
+        challenge = response.headers.get("www-authenticate", "")
+        params = dict(CHALLENGE_PARAM.findall(challenge))
+        metadata_url = params.get("resource_metadata")
+        self.check("401 challenge", challenge.lower().startswith("bearer") and bool(metadata_url)
+                   and bool(params.get("scope")),
+                   f"WWW-Authenticate: {challenge}" if metadata_url and params.get("scope") else
+                   f"WWW-Authenticate is {challenge or 'missing'!r}: it needs resource_metadata= and scope= so "
+                   "clients find the sign-in and ask for the right scope (a proxy may be stripping it)")
+        if metadata_url:
+            self.check("public URL", metadata_url.startswith(self.origin + "/"),
+                       f"the server names itself {self.origin}" if metadata_url.startswith(self.origin + "/") else
+                       f"the server advertises {metadata_url}, not {self.origin}: set PUBLIC_URL to the URL clients "
+                       "use, and have the proxy send X-Forwarded-Proto from an address in TRUSTED_PROXIES")
+        slash = await self.post_initialize(self.url + "/")
+        self.check("trailing slash", slash.status_code == 401,
+                   f"{self.url}/ is the same endpoint" if slash.status_code == 401 else
+                   f"{self.url}/ answered {slash.status_code}: clients that add the slash would loop")
+
+    async def check_resource_metadata(self) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = None
+        for where, url in (("path-aware", f"{self.origin}/.well-known/oauth-protected-resource{self.path}"),
+                           ("root", f"{self.origin}/.well-known/oauth-protected-resource")):
+            response = await self.http.get(url)
+            document = response.json() if response.status_code == 200 else {}
+            resource = document.get("resource")
+            good = resource == self.url and bool(document.get("authorization_servers"))
+            self.check(f"resource metadata ({where})", good,
+                       f"{url} names resource {resource}" if good else
+                       f"{url} answered {response.status_code} with resource {resource!r}; it must be {self.url} "
+                       "exactly (no trailing slash), with authorization_servers; route /.well-known/ to the server")
+            found = found or (document if good else None)
+        return found
+
+    async def check_authorization_server(self, issuer: str) -> dict[str, Any] | None:
+        parts = urlsplit(issuer)
+        url = f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path.rstrip('/')}"
+        response = await self.http.get(url)
+        metadata = response.json() if response.status_code == 200 else {}
+        if not self.check("issuer", metadata.get("issuer") == issuer,
+                          f"{issuer} at {url}" if metadata.get("issuer") == issuer else
+                          f"{url} answered {response.status_code} with issuer {metadata.get('issuer')!r}, which "
+                          f"must equal {issuer} exactly: set PUBLIC_URL to the URL clients use"):
+            return None
+        methods = metadata.get("code_challenge_methods_supported") or []
+        self.check("PKCE", methods == ["S256"], f"code_challenge_methods_supported is {methods}" +
+                   ("" if methods == ["S256"] else ": it must be exactly [\"S256\"]"))
+        self.check("iss in responses", metadata.get("authorization_response_iss_parameter_supported") is True,
+                   "authorization_response_iss_parameter_supported" +
+                   (" is true" if metadata.get("authorization_response_iss_parameter_supported") else
+                    " is not true: clients cannot tell a mix-up attack"))
+        return metadata
+
+    async def check_cors(self) -> None:
+        preflight = await self.http.options(self.url, headers={
+            "origin": DOCTOR_ORIGIN, "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type, mcp-protocol-version, mcp-session-id"})
+        allowed = preflight.headers.get("access-control-allow-origin") in (DOCTOR_ORIGIN, "*")
+        allowed_headers = preflight.headers.get("access-control-allow-headers", "").lower()
+        good = preflight.status_code < 300 and allowed and "authorization" in allowed_headers
+        self.check("CORS preflight", good, f"{DOCTOR_ORIGIN} may send Authorization and Mcp-Session-Id" if good else
+                   f"OPTIONS from {DOCTOR_ORIGIN} answered {preflight.status_code}, allow-origin "
+                   f"{preflight.headers.get('access-control-allow-origin')!r}, allow-headers {allowed_headers!r}: "
+                   "browser clients (the Inspector) cannot connect; add the origin to CORS_ORIGINS")
+        response = await self.post_initialize(self.url, origin=DOCTOR_ORIGIN)
+        exposed = {h.strip().lower() for h in response.headers.get("access-control-expose-headers", "").split(",")}
+        missing = sorted({"www-authenticate", "mcp-session-id"} - exposed)
+        self.check("CORS exposed headers", not missing, "WWW-Authenticate and Mcp-Session-Id are readable by browsers"
+                   if not missing else f"{', '.join(missing)} not in Access-Control-Expose-Headers: a browser client "
+                   "cannot see the sign-in challenge or its session (a proxy may be replacing the CORS headers)")
+
+    async def check_known_clients(self, registration_endpoint: str) -> str | None:
+        """Register one client with every known callback (and the doctor's own), dropping each one the
+        policy refuses; a refused callback is a client that cannot sign in. Leaves one registered client."""
+        wanted = [DOCTOR_CALLBACK, *(uri for uris in KNOWN_CALLBACKS.values() for uri in uris)]
+        refused: dict[str, str] = {}
+        for _ in range(len(wanted)):
+            response = await self.http.post(registration_endpoint, json={
+                "client_name": "stream-http doctor (self-check)", "redirect_uris": wanted,
+                "token_endpoint_auth_method": "none", "grant_types": ["authorization_code"]})
+            if response.status_code == 201:
+                break
+            reason = response.json().get("error_description", "") if response.status_code == 400 else ""
+            culprit = next((uri for uri in wanted if repr(uri) in reason or uri in reason), None)
+            if culprit is None or culprit == DOCTOR_CALLBACK:
+                self.check("registration", False, f"{registration_endpoint} answered {response.status_code}: "
+                           f"{response.text[:200]}")
+                return None
+            refused[culprit] = reason
+            wanted.remove(culprit)
+        for client, uris in KNOWN_CALLBACKS.items():
+            bad = [uri for uri in uris if uri in refused]
+            self.check(f"callback for {client}", not bad, f"{', '.join(uris)} allowed" if not bad else
+                       f"{refused[bad[0]]}; to let {client} sign in, add {bad[0]} to REDIRECT_URI_PATTERNS")
+        return response.json()["client_id"] if response.status_code == 201 else None
+
+    async def check_google(self, authorization_endpoint: str, client_id: str) -> None:
+        """Start a sign-in up to Google's door (never through it): the consent page, then the redirect to
+        Google with offline access, and Google's own answer to this server's client and callback."""
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(secrets.token_bytes(32)).digest()).rstrip(b"=").decode()
+        response = await self.http.get(authorization_endpoint, params={
+            "response_type": "code", "client_id": client_id, "redirect_uri": DOCTOR_CALLBACK, "scope": "mcp",
+            "state": "doctor", "code_challenge": challenge, "code_challenge_method": "S256", "resource": self.url})
+        if response.is_redirect:
+            response = await self.http.get(urljoin(str(response.url), response.headers["location"]))
+        form = dict(HIDDEN_INPUT.findall(response.text))
+        if not self.check("consent page", response.status_code == 200 and {"txn", "csrf"} <= set(form),
+                          "shown before Google" if {"txn", "csrf"} <= set(form) else
+                          f"{response.url} answered {response.status_code} without a consent form"):
+            return
+        action = FORM_ACTION.search(response.text)
+        target = urljoin(str(response.url), html.unescape(action.group(1))) if action else str(response.url)
+        approved = await self.http.post(target, data={**{k: html.unescape(v) for k, v in form.items()},
+                                                      "decision": "approve"})
+        google = urlsplit(approved.headers.get("location", ""))
+        query = dict(parse_qsl(google.query))
+        expected_callback = self.url.removesuffix("/mcp") + GOOGLE_CALLBACK_PATH
+        self.check("Google callback", query.get("redirect_uri") == expected_callback,
+                   f"{expected_callback} (add it to the OAuth client's authorized redirect URIs at Google)"
+                   if query.get("redirect_uri") == expected_callback else
+                   f"the server sends Google {query.get('redirect_uri')!r}, not {expected_callback}: set PUBLIC_URL")
+        self.check("offline access", query.get("access_type") == "offline" and "openid" in query.get("scope", ""),
+                   f"access_type={query.get('access_type')}, scope={query.get('scope')}" +
+                   ("" if query.get("access_type") == "offline" else ": without offline access sign-ins die "
+                    "with Google's access token after an hour"))
+        discovery = f"{google.scheme}://{google.netloc}/.well-known/openid-configuration"
+        try:
+            found = (await self.http.get(discovery)).json().get("authorization_endpoint")
+        except (httpx2.HTTPError, ValueError) as exc:
+            found = None
+            self.check("Google discovery", False, f"{discovery}: {exc}")
+        else:
+            self.check("Google discovery", bool(found), f"{discovery} is reachable" if found else
+                       f"{discovery} has no authorization_endpoint: check GOOGLE_DISCOVERY_URL")
+        at_google = await self.http.get(approved.headers.get("location", ""))
+        self.check("Google accepts the client", at_google.status_code < 400,
+                   f"{google.netloc} answered {at_google.status_code} to client {query.get('client_id')}"
+                   if at_google.status_code < 400 else f"{google.netloc} refused client {query.get('client_id')} "
+                   f"or its redirect URI ({at_google.status_code}: {at_google.text[:120]!r}): check "
+                   f"GOOGLE_CLIENT_ID and add {expected_callback} to its authorized redirect URIs")
+
+
+def doctor(argv: Sequence[str]) -> int:
+    """`server.py doctor [URL]`: check a running deployment; exit 1 when any check fails."""
+    parser = argparse.ArgumentParser(prog="server.py doctor", description=Doctor.__doc__)
+    parser.add_argument("url", nargs="?", help="the MCP endpoint (default PUBLIC_URL/mcp from the settings)")
+    args = parser.parse_args(argv)
+    try:
+        url = args.url or load_settings().mcp_url
+    except ConfigError as exc:
+        print(f"server.py doctor: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    async def examine() -> list[Check]:
+        async with httpx2.AsyncClient(timeout=GOOGLE_TIMEOUT_S) as http:
+            return await Doctor(url, http).run()
+
+    print(f"checking {url}")
+    checks = asyncio.run(examine())
+    for check in checks:
+        print(check.line())
+    failed = sum(not check.passed for check in checks)
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"claude-config": claude_config, "doctor": doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the HTTP server until SIGINT or SIGTERM (or a command: claude-config); return the exit status."""
+    """Run the HTTP server until SIGINT or SIGTERM (or a command: claude-config, doctor); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,87 +27,14 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ResourcesListChanged
 
-from tests.conftest import (
-    REPO,
-    TEST_SECRET_KEY,
-    Peers,
-    RedisServer,
-    ServerProcess,
-    free_port,
-    running_server,
-    wait_for_port,
-)
+from tests.conftest import TEST_SECRET_KEY, Peers, RedisServer, ServerProcess, free_port, running_server
+from tests.nginx import Nginx, readme_config
 from tests.signin import ALICE, GoogleStandIn, RawClient, SdkSignIn, mcp_call, pkce_pair, start_auth_server
 
 pytestmark = pytest.mark.store_of_its_own  # always its own Redis, whatever --store says
 REPLICAS = 3
 GOOGLE_TOKEN_TTL_S = 2
 WAIT_S = 10
-
-
-# --- the load balancer
-
-
-def readme_nginx_block() -> str:
-    """The reverse-proxy configuration README documents, verbatim."""
-    readme = (REPO / "README.md").read_text()
-    return re.search(r"```nginx\n(.*?)```", readme, re.DOTALL).group(1)
-
-
-@dataclass
-class Nginx:
-    """Debian's nginx on a loopback port, running README's block with our replicas as upstreams."""
-
-    workdir: Path
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @classmethod
-    def start(cls, workdir: Path, upstream_ports: list[int]) -> Nginx:
-        executable = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not Path(executable).exists():
-            pytest.fail("nginx is needed for the replica tests: apt-get install nginx")
-        workdir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        block = readme_nginx_block()
-        upstreams = "".join(f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;\n" for p in upstream_ports)
-        block, replaced = re.subn(r"(    server 10\.0\.0\.\d+:8000 .*;\n)+", upstreams, block)
-        assert replaced == 1, "README's upstream block changed shape"
-        block = block.replace("listen 443 ssl;", f"listen 127.0.0.1:{port};")
-        block = "\n".join(line for line in block.splitlines() if "ssl_certificate" not in line)
-        temp = "\n".join(f"    {name}_temp_path {workdir}/{name};" for name in
-                         ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (workdir / "nginx.conf").write_text(f"""
-daemon off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 512; }}
-http {{
-    log_format upstreams '$status $upstream_addr $upstream_status';
-    access_log {workdir}/access.log upstreams;
-{temp}
-{block}
-}}
-""")
-        log = (workdir / "nginx.out").open("wb")
-        process = subprocess.Popen([executable, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
-                                    "-e", str(workdir / "error.log")], stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(port)
-        return cls(workdir, port, process)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def access_log(self) -> list[tuple[int, str]]:
-        """(status, upstream addresses tried) of every request nginx answered."""
-        lines = (self.workdir / "access.log").read_text().splitlines()
-        return [(int(status), upstream) for status, upstream, _ in (line.split(" ", 2) for line in lines)]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 # --- the cluster
@@ -156,7 +80,7 @@ def cluster(peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     google = GoogleStandIn(peers, workdir / "google", "--access-token-ttl", str(GOOGLE_TOKEN_TTL_S))
     redis = RedisServer(workdir / "redis")
     ports = [free_port() for _ in range(REPLICAS)]
-    nginx = Nginx.start(workdir / "nginx", ports)
+    nginx = Nginx.start(workdir / "nginx", readme_config(ports))
     google.allow_callback(f"{nginx.base_url}/oauth/google/callback")
     env = {"STORE_URL": f"{redis.url}?prefix=cluster", "SECRET_KEY": TEST_SECRET_KEY,
            "PUBLIC_URL": nginx.base_url, "ALLOWED_HOSTS": "127.0.0.1:*"}  # the tests also call replicas directly
