@@ -149,6 +149,7 @@ SESSION_COOKIE = "stream_http_session"
 SESSION_MAX_AGE_S = 30 * 24 * 3600
 GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
 GOOGLE_CALLBACK_PATH = "/oauth/google/callback"
+ACCOUNT_SIGN_IN_MAX_AGE_S = 3600  # /account asks Google again after this, so the access policy is fresh
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
 SERVER_UNAVAILABLE = -32000  # JSON-RPC's implementation-defined server error; over HTTP, 503
 STORE_FAILED = "The server's storage is unavailable right now; retry in a few seconds"
@@ -625,7 +626,7 @@ CHANGES = ChangeBus()
 async def serve_handshake_sessions(ctx: ServerRequestContext["Runtime", Any], call_next: CallNext) -> HandlerResult:
     """What 2025-era sessions get beyond the SDK: list-changed and resource-updated notifications
     on their GET stream, resource subscriptions, and a log level they can set."""
-    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS or ctx.request_id is None:  # a notification: not ours
         return await call_next(ctx)
     settings = runtime().settings
     # Over stdio the process serves one client: its whole life is one session.
@@ -1845,6 +1846,7 @@ class PendingAuthorization:
     identity: dict[str, Any] | None = None  # the verified person, once back from Google
     nonce: str = ""
     verifier: str = ""
+    purpose: Literal["authorize", "account"] = "authorize"  # "account": a person opening /account
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1885,6 +1887,19 @@ class LoginOutcome:
     redirect: str
     identity: GoogleIdentity | None = None
     refused: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnectedApp:
+    """One application a person has allowed, as /account shows it."""
+
+    grant_id: str
+    name: str
+    vouched_by: str | None
+    redirect_host: str
+    scopes: tuple[str, ...]
+    authorised_at: float
+    last_used_at: float
 
 
 class SignInFailed(Exception):
@@ -2071,7 +2086,8 @@ class OAuthProvider:
 
     async def to_google(self, pending: PendingAuthorization, login_hint: str | None = None) -> str:
         state = new_id()
-        ask_consent = not (pending.remembered_for and await self.google_tokens(pending.remembered_for))
+        ask_consent = pending.purpose == "authorize" and not (
+            pending.remembered_for and await self.google_tokens(pending.remembered_for))
         try:
             url, nonce, verifier = await self.google.authorization_url(state, login_hint=login_hint,
                                                                        ask_consent=ask_consent)
@@ -2091,15 +2107,15 @@ class OAuthProvider:
         pending = PendingAuthorization.from_json(record)
         if error or not code:
             audit("sign_in_refused", client_id=pending.client_id, reason=f"Google answered {error or 'no code'}")
-            return LoginOutcome(self.client_redirect(pending, error="access_denied",
-                                                     error_description="Sign-in with Google was cancelled"),
+            return LoginOutcome(self.refusal_redirect(pending, error="access_denied",
+                                                      error_description="Sign-in with Google was cancelled"),
                                 refused="Sign-in with Google was cancelled or refused.")
         try:
             identity, google_tokens = await self.google.finish(code, nonce=pending.nonce, verifier=pending.verifier)
         except GoogleError as exc:
             audit("sign_in_refused", client_id=pending.client_id, reason=str(exc))
-            return LoginOutcome(self.client_redirect(pending, error="server_error",
-                                                     error_description="Google sign-in failed"),
+            return LoginOutcome(self.refusal_redirect(pending, error="server_error",
+                                                      error_description="Google sign-in failed"),
                                 refused=f"Sign-in with Google failed: {exc}")
         return await self.after_login(pending, identity, google_tokens)
 
@@ -2109,10 +2125,12 @@ class OAuthProvider:
         reason = refusal_reason(identity.email, identity.email_verified, identity.hosted_domain, self.settings)
         if reason:
             audit("sign_in_refused", reason=reason, **who)
-            return LoginOutcome(self.client_redirect(pending, error="access_denied", error_description=reason),
+            return LoginOutcome(self.refusal_redirect(pending, error="access_denied", error_description=reason),
                                 identity=identity, refused=reason)
         audit("sign_in_allowed", **who)
         await self.save_google_tokens(identity.subject, google_tokens)
+        if pending.purpose == "account":
+            return LoginOutcome(pending.redirect_uri, identity=identity)
         known = dataclasses.replace(pending, identity={**identity.claims(), "sub": identity.subject})
         if not known.consented or (known.remembered_for and known.remembered_for != identity.subject):
             # An approval belongs to a person: ask the one who actually signed in.
@@ -2138,6 +2156,10 @@ class OAuthProvider:
             Record("consent", consent_key(subject, pending.client_id), {"scopes": approved}, subject=subject),
         ])
         return self.client_redirect(pending, code=code)
+
+    def refusal_redirect(self, pending: PendingAuthorization, **params: str) -> str:
+        """Where a refused sign-in continues: back to the client, or nowhere for /account."""
+        return self.client_redirect(pending, **params) if pending.purpose == "authorize" else ""
 
     def client_redirect(self, pending: PendingAuthorization, **params: str) -> str:
         """Back to the client, with `state` and, per RFC 9207, `iss` on every answer."""
@@ -2267,6 +2289,38 @@ class OAuthProvider:
         if grant and not await self.store.find_records("grant", grant["subject"]):
             await self.forget_google(grant["subject"])
 
+    # --- /account: the person's own view of the applications connected to them
+
+    async def start_account_sign_in(self, login_hint: str | None) -> str:
+        """The Google URL that signs a person in to /account (the same access policy, no client)."""
+        pending = PendingAuthorization(
+            id=new_id(), client_id="", client_name="", redirect_uri=f"{self.settings.public_url}/account",
+            redirect_uri_explicit=False, state=None, code_challenge="", scopes=(), resource=self.resource,
+            csrf=new_id(), consented=True, purpose="account")
+        return await self.to_google(pending, login_hint=login_hint)
+
+    async def connected_apps(self, subject: str) -> list[ConnectedApp]:
+        """Every grant `subject` has given, newest first, with what the page shows about its client."""
+        apps = []
+        for grant in await self.store.find_records("grant", subject):
+            client = await self.store.get_record("client", grant["client_id"]) or {}
+            redirect_uris = client.get("redirect_uris") or [""]
+            apps.append(ConnectedApp(
+                grant_id=grant["id"], name=grant.get("client_name") or grant["client_id"],
+                vouched_by=urlsplit(grant["client_id"]).hostname if is_document_client_id(grant["client_id"]) else None,
+                redirect_host=urlsplit(str(redirect_uris[0])).netloc or str(redirect_uris[0]),
+                scopes=tuple(grant["scopes"]), authorised_at=grant["created_at"],
+                last_used_at=grant.get("last_used_at") or grant["created_at"]))
+        return sorted(apps, key=lambda app: app.authorised_at, reverse=True)
+
+    async def disconnect(self, subject: str, grant_ids: Iterable[str]) -> int:
+        """End these grants of `subject` (never anyone else's); how many there were."""
+        owned = {grant["id"] for grant in await self.store.find_records("grant", subject)}
+        ended = [grant_id for grant_id in grant_ids if grant_id in owned]
+        for grant_id in ended:
+            await self.revoke_grant(grant_id, reason="disconnected by its owner on /account")
+        return len(ended)
+
     # --- Google's tokens for the person: stored encrypted, never handed to a client
 
     async def google_tokens(self, subject: str) -> dict[str, Any] | None:
@@ -2351,6 +2405,7 @@ button,.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px so
 color:var(--fg);cursor:pointer;text-decoration:none;display:inline-block}
 button.primary,.button.primary{background:var(--accent);border-color:var(--accent);color:#fff}
 button:focus-visible,.button:focus-visible{outline:3px solid var(--accent);outline-offset:2px}
+section{border-top:1px solid var(--line);margin-top:1rem}h2{font-size:1.1rem;margin:.75rem 0 .5rem}
 @media (max-width:30rem){main{margin:0;border-radius:0;border-width:0 0 1px}.actions>*{flex:1;text-align:center}}
 """
 PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).decode()
@@ -2373,6 +2428,45 @@ CONSENT_BODY = string.Template("""<p><strong>$client_name</strong> asks to use $
 <button type="submit" name="decision" value="deny">Deny</button></div></form>""")
 
 MESSAGE_BODY = string.Template("""<p>$message</p>$action_html""")
+
+ACCOUNT_BODY = string.Template("""<p>Signed in as <strong>$email</strong>. These applications can use $server
+on your behalf. Disconnecting one ends its access at once; it must ask you again to come back.</p>
+$notice_html$apps_html""")
+
+ACCOUNT_APP = string.Template("""<section aria-labelledby="app-$grant_id"><h2 id="app-$grant_id">$name</h2>
+<dl>$details_html</dl>
+<form method="post" action="$action"><input type="hidden" name="csrf_token" value="$csrf">
+<button type="submit" name="grant" value="$grant_id" aria-label="Disconnect $name">Disconnect</button></form>
+</section>""")
+
+ACCOUNT_ALL = string.Template("""<form method="post" action="$action"><input type="hidden" name="csrf_token"
+value="$csrf"><div class="actions"><button type="submit" name="grant" value="all" class="primary">Disconnect all
+$count</button></div></form>""")
+
+
+def when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
+
+
+def account_page(email: str, apps: Sequence[ConnectedApp], *, csrf: str, action: str,
+                 removed: int | None = None) -> HTMLResponse:
+    """The connected-apps page: each application with what it may do, and a way to disconnect it."""
+    notice_html = ""
+    if removed is not None:
+        notice_html = f'<p role="status" class="note">Disconnected {removed} application{"s" * (removed != 1)}.</p>'
+    sections = []
+    for app in apps:
+        details = [("Domain" if app.vouched_by else "Sends you back to", app.vouched_by or app.redirect_host),
+                   ("Can", ", ".join(SCOPES.get(scope, scope) for scope in app.scopes)),
+                   ("Authorised", when(app.authorised_at)), ("Last signed in", when(app.last_used_at))]
+        sections.append(ACCOUNT_APP.substitute(
+            grant_id=html.escape(app.grant_id, quote=True), name=html.escape(app.name), action=action, csrf=csrf,
+            details_html="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in details)))
+    if sections:
+        sections.append(ACCOUNT_ALL.substitute(action=action, csrf=csrf, count=f"({len(apps)})"))
+    apps_html = "".join(sections) or "<p>No applications are connected to your account.</p>"
+    return render_page("Connected applications", ACCOUNT_BODY, email=email, notice_html=notice_html,
+                       apps_html=apps_html, form_targets=[action])
 
 
 def render_page(title: str, body: string.Template, *, status: int = 200, head_html: str = "",
@@ -2980,6 +3074,7 @@ class SignInRoutes:
             Route("/authorize", self.for_browsers(self.authorize), methods=["GET", "POST"]),
             Route("/consent", self.for_browsers(self.consent), methods=["GET", "POST"]),
             Route(GOOGLE_CALLBACK_PATH, self.for_browsers(self.google_callback), methods=["GET"]),
+            Route("/account", self.for_browsers(self.account), methods=["GET", "POST"]),
         ]
 
     def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
@@ -3052,10 +3147,40 @@ class SignInRoutes:
         except SignInFailed as exc:
             return message_page("Sign-in could not finish", str(exc), status=400)
         if outcome.refused:
-            return message_page("Access refused", outcome.refused, status=403, continue_to=outcome.redirect)
+            return message_page("Access refused", outcome.refused, status=403, continue_to=outcome.redirect or None)
         if outcome.identity is not None:
-            request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email}
+            request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email,
+                                       "at": int(time.time())}
         return redirect_to(outcome.redirect)
+
+    async def account(self, request: Request) -> Response:
+        """/account: the signed-in person's connected applications (GET), or disconnecting some (POST)."""
+        user = request.session.get("user") or {}
+        if time.time() - user.get("at", 0) > ACCOUNT_SIGN_IN_MAX_AGE_S:  # sign in (again) with Google first
+            return redirect_to(await self.provider.start_account_sign_in(login_hint=user.get("email")), status=303)
+        action = f"{self.settings.public_url}/account"
+        csrf = request.session.setdefault("account_csrf", new_id())
+        if request.method == "POST":
+            form = await request.form()
+            if not from_this_site(request, self.settings) or not hmac.compare_digest(
+                    str(form.get("csrf_token", "")), csrf):
+                return message_page("Request refused", "This did not come from your own account page, so "
+                                    "nothing was changed.", status=403, continue_to=action,
+                                    continue_label="Back to your account")
+            chosen = str(form.get("grant", ""))
+            apps = await self.provider.connected_apps(user["sub"])
+            removed = await self.provider.disconnect(
+                user["sub"], [app.grant_id for app in apps] if chosen == "all" else [chosen])
+            if chosen != "all" and not removed:
+                return message_page("Not found", "That application is not connected to your account (it may "
+                                    "have been disconnected already).", status=404, continue_to=action,
+                                    continue_label="Back to your account")
+            audit("apps_disconnected", subject=user["sub"], count=removed)
+            return redirect_to(f"{action}?removed={removed}", status=303)
+        shown = request.query_params.get("removed", "")
+        apps = await self.provider.connected_apps(user["sub"])
+        return account_page(user.get("email") or user["sub"], apps, csrf=csrf, action=action,
+                            removed=int(shown) if shown.isdigit() else None)
 
     async def token(self, request: Request) -> Response:
         """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not)."""

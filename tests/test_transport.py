@@ -233,6 +233,17 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert problem in result.stderr
 
 
+def test_a_request_method_sent_as_a_notification_is_dropped_quietly(tmp_path: Path) -> None:
+    """Found by the fuzz below: `logging/setLevel` without an id, with a bad level, logged a traceback."""
+    with running_server(tmp_path, "--stateless") as server:
+        response = httpx2.post(server.mcp_url, headers=mcp_headers(), json={
+            "jsonrpc": "2.0", "method": "logging/setLevel", "params": {"level": "loud"}})
+        time.sleep(0.3)  # the notification is handled after the 202
+        log = server.log()
+    assert response.status_code == 202
+    assert "Traceback" not in log and "raised" not in log
+
+
 # --- property-based fuzzing: whatever arrives, never a 500 or a traceback
 
 JSON_VALUES = st.recursive(
