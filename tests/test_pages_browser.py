@@ -1,0 +1,201 @@
+"""The pages people see, driven in real headless Chromium (Debian's, through Playwright): a sign-in from
+an MCP client through the consent page and the Google stand-in's login form, Deny, /account, and the
+error pages. Each page is saved as a screenshot at desktop and phone widths under artifacts/screenshots/
+for a person to look at, and checked for what a person needs: one heading, named buttons reachable by
+keyboard, readable contrast, no sideways scrolling on a phone, and no Content-Security-Policy violation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from tests.conftest import ARTIFACTS, Peers, ServerProcess
+from tests.signin import ALICE, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
+
+SCREENSHOTS = ARTIFACTS / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+CALLBACK = "http://127.0.0.1:6777/cb"
+# WCAG 2 contrast ratio of an element's text against its own (or the page's) background.
+CONTRAST_JS = """element => {
+  const rgb = c => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const lum = c => { const [r, g, b] = rgb(c).map(v => { v /= 255;
+      return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126*r + 0.7152*g + 0.0722*b; };
+  const background = el => { for (; el; el = el.parentElement) { const c = getComputedStyle(el).backgroundColor;
+      if (!c.startsWith('rgba') || !c.endsWith(', 0)')) return c; } return 'rgb(255, 255, 255)'; };
+  const [a, b] = [lum(getComputedStyle(element).color), lum(background(element))];
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is needed for the page tests: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def interactive_google(peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoogleStandIn]:
+    """A stand-in that shows its login form, so the test signs in by typing and clicking."""
+    stand_in = GoogleStandIn(peers, tmp_path_factory.mktemp("google-form"), "--interactive")
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture(scope="module")
+def site(interactive_google: GoogleStandIn, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with auth_server(interactive_google, tmp_path_factory.mktemp("pages")) as server:
+        yield server
+
+
+class Person:
+    """One browser window (a fresh profile) and what it saw."""
+
+    def __init__(self, chromium: Any, viewport: str = "desktop") -> None:
+        self.context = chromium.new_context(viewport=VIEWPORTS[viewport])
+        self.page = self.context.new_page()
+        self.csp_violations: list[str] = []
+        self.page.on("console", lambda message: self.csp_violations.append(message.text)
+                     if "Content Security Policy" in message.text else None)
+        self.arrived: list[str] = []
+        self.context.route(CALLBACK + "**", self.client_callback)
+
+    def client_callback(self, route: Any) -> None:
+        """The MCP client's loopback callback: record the answer, as the client would."""
+        self.arrived.append(route.request.url)
+        route.fulfill(status=200, content_type="text/plain", body="the client received its answer")
+
+    def answer(self) -> dict[str, str]:
+        assert self.arrived, "the browser never came back to the client"
+        return {key: values[0] for key, values in parse_qs(urlsplit(self.arrived[-1]).query).items()}
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def check_page(person: Person, name: str, chromium: Any) -> None:
+    """What every page owes a person, at both widths; and the screenshots."""
+    page = person.page
+    assert page.locator("html").get_attribute("lang") == "en"
+    assert page.locator("h1").count() == 1
+    for button in page.get_by_role("button").all() + page.get_by_role("link").all():
+        assert button.inner_text().strip() or button.get_attribute("aria-label"), "every control has a name"
+        assert button.evaluate(CONTRAST_JS) >= 4.5, f"{button.inner_text()!r} is hard to read"
+    assert page.locator("h1").evaluate(CONTRAST_JS) >= 4.5
+    assert person.csp_violations == [], person.csp_violations
+    for viewport, size in VIEWPORTS.items():
+        page.set_viewport_size(size)
+        assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth"), \
+            f"{name} scrolls sideways at {viewport} width"
+        shot = SCREENSHOTS / f"{name}-{viewport}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.locator("script, link[rel=stylesheet], img[src^=http], iframe").count() == 0, "self-contained"
+
+
+def authorize_url(server: ServerProcess) -> tuple[RawClient, str, str]:
+    client = RawClient.register(server, redirect_uri=CALLBACK, client_name="Notes Desktop")
+    verifier, challenge = pkce_pair()
+    return client, verifier, client.authorize_url(challenge, scope="mcp")
+
+
+def sign_in_at_google(person: Person, email: str) -> None:
+    page = person.page
+    page.wait_for_url("**/interaction/**")
+    page.get_by_label("Email").fill(email)
+    page.get_by_role("button", name="Next").click()
+
+
+def test_a_sign_in_by_clicking_through_consent_and_google(chromium: Any, site: ServerProcess,
+                                                         interactive_google: GoogleStandIn) -> None:
+    interactive_google.next_login(ALICE)
+    client, verifier, url = authorize_url(site)
+    person = Person(chromium)
+    try:
+        person.page.goto(url)
+        assert person.page.get_by_role("heading", level=1).inner_text() == "Allow access?"
+        assert "Notes Desktop" in person.page.inner_text("main") and "127.0.0.1:6777" in person.page.inner_text("main")
+        check_page(person, "consent", chromium)
+        person.page.set_viewport_size(VIEWPORTS["desktop"])
+        person.page.keyboard.press("Tab")  # the keyboard reaches Allow first
+        assert person.page.evaluate("document.activeElement.textContent") == "Allow"
+        person.page.keyboard.press("Enter")
+        sign_in_at_google(person, ALICE["email"])
+        person.page.wait_for_url(CALLBACK + "**")
+        answer = person.answer()
+    finally:
+        person.close()
+    assert answer["state"] == "xyz-state" and answer["iss"] == site.base_url
+    tokens = client.exchange(answer["code"], verifier).json()
+    assert mcp_call(site, tokens["access_token"], "tools/list").status_code == 200
+
+
+def test_deny_sends_the_client_access_denied(chromium: Any, site: ServerProcess) -> None:
+    _, _, url = authorize_url(site)
+    person = Person(chromium, "phone")
+    try:
+        person.page.goto(url)
+        person.page.get_by_role("button", name="Deny").click()
+        person.page.wait_for_url(CALLBACK + "**")
+        answer = person.answer()
+    finally:
+        person.close()
+    assert answer["error"] == "access_denied" and answer["state"] == "xyz-state" and answer["iss"] == site.base_url
+
+
+def test_the_connected_apps_page_disconnects_by_click(chromium: Any, site: ServerProcess,
+                                                     interactive_google: GoogleStandIn) -> None:
+    interactive_google.next_login(ALICE)
+    client, verifier, url = authorize_url(site)
+    person = Person(chromium)
+    try:
+        person.page.goto(url)
+        person.page.get_by_role("button", name="Allow").click()
+        sign_in_at_google(person, ALICE["email"])
+        person.page.wait_for_url(CALLBACK + "**")
+        tokens = client.exchange(person.answer()["code"], verifier).json()
+        person.page.goto(site.base_url + "/account")  # signed in a moment ago: no second trip to Google
+        assert person.page.get_by_role("heading", level=1).inner_text() == "Connected applications"
+        assert person.page.get_by_role("heading", name="Notes Desktop").count() >= 1
+        check_page(person, "account", chromium)
+        person.page.set_viewport_size(VIEWPORTS["desktop"])
+        person.page.get_by_role("button", name="Disconnect Notes Desktop").first.click()
+        person.page.wait_for_load_state()
+        assert "Disconnected 1 application." in person.page.get_by_role("status").inner_text()
+        check_page(person, "account-after-disconnect", chromium)
+    finally:
+        person.close()
+    assert mcp_call(site, tokens["access_token"], "tools/list").status_code == 401, "disconnected at once"
+
+
+def test_the_refused_and_error_pages(chromium: Any, interactive_google: GoogleStandIn, tmp_path: Path) -> None:
+    with auth_server(interactive_google, tmp_path, env={"ALLOWED_DOMAINS": "corp.example"}) as server:
+        interactive_google.next_login(ALICE)
+        _, _, url = authorize_url(server)
+        person = Person(chromium)
+        try:
+            person.page.goto(url)
+            person.page.get_by_role("button", name="Allow").click()
+            sign_in_at_google(person, ALICE["email"])
+            person.page.wait_for_load_state()
+            assert person.page.get_by_role("heading", level=1).inner_text() == "Access refused"
+            check_page(person, "refused", chromium)
+            person.page.goto(server.base_url + "/consent?txn=expired")
+            assert person.page.get_by_role("heading", level=1).inner_text() == "This page has expired"
+            check_page(person, "expired", chromium)
+        finally:
+            person.close()
