@@ -220,7 +220,12 @@ OPTIONS: tuple[Option, ...] = (
            "an app scheme such as cursor://*. Empty: any https or loopback URI."),
     Option("CIMD_ALLOW_LOCAL", "false", "Accept client metadata documents from loopback and private "
            "addresses, over http too. For developing a client only."),
+    Option("SERVER_ICON", "", "A small image file (PNG, SVG, ICO, JPEG or WebP, up to 32 KB) shown beside "
+           "the server's name on every page; embedded in the page, never fetched."),
 )
+ICON_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".ico": "image/x-icon", ".jpg": "image/jpeg",
+              ".jpeg": "image/jpeg", ".webp": "image/webp"}
+ICON_MAX_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,7 @@ class Settings:
     refresh_token_ttl_s: int
     redirect_uri_patterns: tuple[str, ...]
     cimd_allow_local: bool
+    server_icon: str = ""  # a data: URI
 
     @property
     def mcp_url(self) -> str:
@@ -332,6 +338,25 @@ class _Reader:
             self.problems.append(f"{name}={value!r} is not one of {', '.join(choices)}")
         return value
 
+    def image(self, name: str) -> str:
+        """A small image file, as a data: URI the pages embed."""
+        path = Path(self.text(name)) if self.text(name) else None
+        if path is None:
+            return ""
+        kind = ICON_TYPES.get(path.suffix.lower())
+        try:
+            data = path.read_bytes() if kind else b""
+        except OSError as exc:
+            self.problems.append(f"{name}={str(path)!r} cannot be read ({exc.strerror})")
+            return ""
+        if kind is None:
+            self.problems.append(f"{name}={str(path)!r} must be one of {', '.join(ICON_TYPES)}")
+        elif len(data) > ICON_MAX_BYTES:
+            self.problems.append(f"{name}={str(path)!r} is {len(data)} bytes; at most {ICON_MAX_BYTES}")
+        else:
+            return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+        return ""
+
     def url(self, name: str, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -385,6 +410,7 @@ def load_settings(
         refresh_token_ttl_s=read.integer("REFRESH_TOKEN_TTL", minimum=60),
         redirect_uri_patterns=read.items("REDIRECT_URI_PATTERNS"),
         cimd_allow_local=read.boolean("CIMD_ALLOW_LOCAL"),
+        server_icon=read.image("SERVER_ICON"),
     )
     read.problems += check_settings(settings)
     if read.problems:
@@ -2398,7 +2424,8 @@ PAGE_CSS = """
 *{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
 color:var(--fg);background:var(--bg)}main{max-width:32rem;margin:2rem auto;padding:1.5rem;background:var(--card);
 border:1px solid var(--line);border-radius:12px}h1{font-size:1.35rem;margin:.2rem 0 1rem}
-.brand{color:var(--muted);font-size:.9rem;margin:0}dl{display:grid;grid-template-columns:auto 1fr;gap:.3rem 1rem}
+.brand{color:var(--muted);font-size:.9rem;margin:0;display:flex;align-items:center;gap:.5rem}
+dl{display:grid;grid-template-columns:auto 1fr;gap:.3rem 1rem}
 dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}ul{padding-left:1.2rem}.note{color:var(--muted);font-size:.9rem}
 .actions{display:flex;gap:.75rem;flex-wrap:wrap;margin-top:1.5rem}
 button,.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid var(--line);background:var(--card);
@@ -2413,7 +2440,7 @@ PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).dec
 PAGE = string.Template("""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">$head_html<title>$title · $server</title><style>$css_html</style></head>
-<body><main><p class="brand">$server</p><h1>$title</h1>
+<body><main><p class="brand">$icon_html$server</p><h1>$title</h1>
 $body_html
 </main></body></html>
 """)
@@ -2469,6 +2496,15 @@ def account_page(email: str, apps: Sequence[ConnectedApp], *, csrf: str, action:
                        apps_html=apps_html, form_targets=[action])
 
 
+# The pages are drawn outside any one request's settings; build_app sets the icon (one server per process).
+PAGE_ICON = {"html": ""}
+
+
+def show_icon(data_uri: str) -> None:
+    PAGE_ICON["html"] = f'<img src="{html.escape(data_uri, quote=True)}" alt="" width="28" height="28">' \
+        if data_uri else ""
+
+
 def render_page(title: str, body: string.Template, *, status: int = 200, head_html: str = "",
                 form_targets: Sequence[str] = (), **values: str) -> HTMLResponse:
     """A full page; every value is HTML-escaped except those named `*_html`."""
@@ -2476,6 +2512,7 @@ def render_page(title: str, body: string.Template, *, status: int = 200, head_ht
                for name, value in values.items()}
     server = html.escape(SERVER_NAME)
     page = PAGE.substitute(title=html.escape(title), server=server, head_html=head_html, css_html=PAGE_CSS,
+                           icon_html=PAGE_ICON["html"],
                            body_html=body.substitute(server=server, **escaped))
     return HTMLResponse(page, status_code=status, headers=page_headers(form_targets))
 
@@ -3344,6 +3381,7 @@ def build_app(settings: Settings) -> Starlette:
     state = Runtime(settings)
     policy = HostPolicy.from_settings(settings)
     share_request_state_keys(settings)
+    show_icon(settings.server_icon)
     sdk_app = mcp.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=settings.stateless,

@@ -183,7 +183,11 @@ def test_the_connected_apps_page_disconnects_by_click(chromium: Any, site: Serve
 
 
 def test_the_refused_and_error_pages(chromium: Any, interactive_google: GoogleStandIn, tmp_path: Path) -> None:
-    with auth_server(interactive_google, tmp_path, env={"ALLOWED_DOMAINS": "corp.example"}) as server:
+    icon = tmp_path / "icon.svg"
+    icon.write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 28 28"><circle cx="14" cy="14" r="12" '
+                    'fill="#1a5fd0"/></svg>')
+    env = {"ALLOWED_DOMAINS": "corp.example", "SERVER_ICON": str(icon)}
+    with auth_server(interactive_google, tmp_path, env=env) as server:
         interactive_google.next_login(ALICE)
         _, _, url = authorize_url(server)
         person = Person(chromium)
@@ -193,6 +197,9 @@ def test_the_refused_and_error_pages(chromium: Any, interactive_google: GoogleSt
             sign_in_at_google(person, ALICE["email"])
             person.page.wait_for_load_state()
             assert person.page.get_by_role("heading", level=1).inner_text() == "Access refused"
+            brand_icon = person.page.locator(".brand img")
+            assert brand_icon.get_attribute("src").startswith("data:image/svg+xml;base64,")
+            assert brand_icon.evaluate("img => img.complete && img.naturalWidth > 0"), "the icon is drawn"
             check_page(person, "refused", chromium)
             person.page.goto(server.base_url + "/consent?txn=expired")
             assert person.page.get_by_role("heading", level=1).inner_text() == "This page has expired"

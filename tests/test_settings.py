@@ -92,3 +92,16 @@ def test_server_py_loads_the_way_mcp_run_and_mcp_dev_load_it(tmp_path: Path) -> 
     result = run_python("-c", probe, str(REPO / "server.py"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "stream-http"
+
+
+def test_a_server_icon_must_be_a_small_image(tmp_path: Path) -> None:
+    small, big, text = tmp_path / "icon.png", tmp_path / "big.png", tmp_path / "icon.txt"
+    small.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+    big.write_bytes(b"0" * (server.ICON_MAX_BYTES + 1))
+    text.write_text("not an image")
+    assert server.load_settings({"SERVER_ICON": str(small)}).server_icon.startswith("data:image/png;base64,iVBORw0K")
+    for path, problem in ((big, "is 32769 bytes; at most 32768"), (text, "must be one of .png"),
+                          (tmp_path / "missing.svg", "cannot be read")):
+        with pytest.raises(server.ConfigError) as raised:
+            server.load_settings({"SERVER_ICON": str(path)})
+        assert problem in str(raised.value)
