@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
+import html
 import json
 import logging
 import os
@@ -48,9 +51,28 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 DEFAULT_URL = "http://127.0.0.1:8000/mcp"
 MODERN_VERSION = "2026-07-28"
 SIGN_IN_TIMEOUT_S = 300
-CALLBACK_PAGE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nConnection: close\r\n\r\n"
-                 b"<!doctype html><title>Signed in</title><p>Signed in. You can close this tab and go back "
-                 b"to the terminal.</p>")
+CALLBACK_CSS = ("body{margin:0;font:16px/1.5 system-ui,sans-serif;color:#1b1f24;background:#f6f7f9}"
+                "main{max-width:32rem;margin:2rem auto;padding:1.5rem;background:#fff;border:1px solid #d0d7de;"
+                "border-radius:12px}h1{font-size:1.35rem}@media (max-width:30rem){main{margin:0;border-radius:0}}")
+CALLBACK_CSS_HASH = base64.b64encode(hashlib.sha256(CALLBACK_CSS.encode()).digest()).decode()
+CALLBACK_CSP = f"default-src 'none'; style-src 'sha256-{CALLBACK_CSS_HASH}'; frame-ancestors 'none'"
+
+
+def callback_page(query: dict[str, str]) -> bytes:
+    """The page the browser shows when it comes back to client.py: done, or why not."""
+    if "code" in query:
+        title, message = "Signed in", "You can close this tab and go back to the terminal."
+    else:
+        reason = query.get("error_description") or query.get("error") or "the server sent no answer"
+        title, message = "Sign-in did not finish", f"{reason}. The terminal says what to do next."
+    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width, initial-scale=1"><title>{html.escape(title)} · client.py</title>'
+            f"<style>{CALLBACK_CSS}</style></head><body><main><p>stream-http client.py</p>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></main></body></html>").encode()
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {len(page)}\r\n"
+            f"Content-Security-Policy: {CALLBACK_CSP}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n")
+    return head.encode() + page
+
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -184,7 +206,7 @@ class SignIn:
     async def receive(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request_line = (await reader.readline()).decode("latin-1").split()
         query = parse_qs(urlsplit(request_line[1]).query) if len(request_line) > 1 else {}
-        writer.write(CALLBACK_PAGE)
+        writer.write(callback_page({key: values[0] for key, values in query.items()}))
         await writer.drain()
         writer.close()
         if self.answer is not None and not self.answer.done() and ("code" in query or "error" in query):

@@ -64,7 +64,7 @@ def test_no_browser_prints_the_link_and_waits_for_it(google: GoogleStandIn, sign
     assert header.startswith("Sign in by opening this link")
     end = Browser().go(link)
     assert re.match(r"http://127\.0\.0\.1:\d+/callback\?code=", end.url)
-    assert "Signed in. You can close this tab" in end.body
+    assert "<h1>Signed in</h1>" in end.body and "You can close this tab and go back to the terminal." in end.body
     output, errors = process.communicate(timeout=60)
     assert process.returncode == 0, errors
     assert json.loads(output)["email"] == ALICE["email"]

@@ -7,6 +7,10 @@ keyboard, readable contrast, no sideways scrolling on a phone, and no Content-Se
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.conftest import ARTIFACTS, Peers, ServerProcess
+from tests.conftest import ARTIFACTS, REPO, Peers, ServerProcess
 from tests.signin import ALICE, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
 SCREENSHOTS = ARTIFACTS / "screenshots"
@@ -142,6 +146,31 @@ def test_a_sign_in_by_clicking_through_consent_and_google(chromium: Any, site: S
     assert answer["state"] == "xyz-state" and answer["iss"] == site.base_url
     tokens = client.exchange(answer["code"], verifier).json()
     assert mcp_call(site, tokens["access_token"], "tools/list").status_code == 200
+
+
+def test_client_py_signs_in_through_the_browser_and_says_so(chromium: Any, site: ServerProcess,
+                                                           interactive_google: GoogleStandIn, tmp_path: Path) -> None:
+    """The signed-in page: client.py's own loopback page, at the end of a sign-in done by clicking."""
+    interactive_google.next_login(ALICE)
+    process = subprocess.Popen([sys.executable, "client.py", "--url", site.mcp_url, "--no-browser", "call", "whoami"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={"XDG_CONFIG_HOME": str(tmp_path), "PATH": os.environ["PATH"]})
+    assert process.stderr is not None
+    assert process.stderr.readline().startswith("Sign in by opening this link")
+    link = process.stderr.readline().strip()
+    person = Person(chromium)
+    try:
+        person.page.goto(link)
+        person.page.get_by_role("button", name="Allow").click()
+        sign_in_at_google(person, ALICE["email"])
+        person.page.wait_for_url("http://127.0.0.1:*/callback?*")
+        assert person.page.get_by_role("heading", level=1).inner_text() == "Signed in"
+        check_page(person, "signed-in", chromium)
+    finally:
+        person.close()
+    output, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert json.loads(output)["email"] == ALICE["email"]
 
 
 def test_deny_sends_the_client_access_denied(chromium: Any, site: ServerProcess) -> None:
