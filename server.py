@@ -2339,10 +2339,10 @@ class OAuthProvider:
                 last_used_at=grant.get("last_used_at") or grant["created_at"]))
         return sorted(apps, key=lambda app: app.authorised_at, reverse=True)
 
-    async def disconnect(self, subject: str, grant_ids: Iterable[str]) -> int:
-        """End these grants of `subject` (never anyone else's); how many there were."""
-        owned = {grant["id"] for grant in await self.store.find_records("grant", subject)}
-        ended = [grant_id for grant_id in grant_ids if grant_id in owned]
+    async def disconnect(self, subject: str, which: str) -> int:
+        """End grant `which` of `subject`, or all of them for "all" (never anyone else's); how many ended."""
+        owned = [grant["id"] for grant in await self.store.find_records("grant", subject)]
+        ended = owned if which == "all" else [grant_id for grant_id in owned if grant_id == which]
         for grant_id in ended:
             await self.revoke_grant(grant_id, reason="disconnected by its owner on /account")
         return len(ended)
@@ -3205,9 +3205,7 @@ class SignInRoutes:
                                     "nothing was changed.", status=403, continue_to=action,
                                     continue_label="Back to your account")
             chosen = str(form.get("grant", ""))
-            apps = await self.provider.connected_apps(user["sub"])
-            removed = await self.provider.disconnect(
-                user["sub"], [app.grant_id for app in apps] if chosen == "all" else [chosen])
+            removed = await self.provider.disconnect(user["sub"], chosen)
             if chosen != "all" and not removed:
                 return message_page("Not found", "That application is not connected to your account (it may "
                                     "have been disconnected already).", status=404, continue_to=action,
