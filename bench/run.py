@@ -48,6 +48,7 @@ class Contender:
     env: dict[str, str] = field(default_factory=dict)
     token: str = ""
     google: Any = None  # the Google stand-in that signs in for a token, with sign-in on
+    port: int = field(default_factory=lambda: free_port())  # the same every round: tokens name it
 
 
 @dataclass
@@ -74,8 +75,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(contender: Contender, workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    log = (workdir / f"{contender.name}.log").open("wb")
+    port = contender.port
+    log = (workdir / f"{contender.name}.log").open("ab")
     env = {**os.environ, "DATA_DIR": str(workdir / contender.name), **contender.env}
     process = subprocess.Popen(pinned(SERVER_CPU, contender.command(port)), cwd=REPO, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
