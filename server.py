@@ -3623,8 +3623,8 @@ class Doctor:
 
     async def examine(self) -> None:
         first = await self.post_initialize(self.url)
-        if not self.check("Host header", first.status_code not in (400, 403, 421) or "host" not in first.text.lower(),
-                          f"{self.origin} is accepted" if first.status_code not in (400, 403, 421) else
+        host_refused = first.status_code in (400, 403, 421) and "host" in first.text.lower()
+        if not self.check("Host header", not host_refused, f"{self.origin} is accepted" if not host_refused else
                           f"answered {first.status_code} ({first.text[:80]!r}): set PUBLIC_URL={self.origin}"
                           f"{self.path.removesuffix('/mcp')} (the URL clients use) or add the host to ALLOWED_HOSTS"):
             return
