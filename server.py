@@ -724,10 +724,13 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 
 
 # --- tools
+#
+# A tool that does no blocking work is `async def`: the SDK runs a plain `def` tool in a worker
+# thread, a hop that costs more than these tools themselves.
 
 
 @mcp.tool(title="Echo", annotations=READ_ONLY)
-def echo(
+async def echo(
     message: Annotated[str, Field(description="Text to send back.", max_length=10_000)],
 ) -> str:
     """Return the message unchanged. Useful to check that the connection works."""
@@ -735,7 +738,7 @@ def echo(
 
 
 @mcp.tool(title="Add two numbers", annotations=READ_ONLY)
-def add(
+async def add(
     a: Annotated[float, Field(description="First addend.")],
     b: Annotated[float, Field(description="Second addend.")],
 ) -> float:
@@ -753,7 +756,7 @@ class Identity(BaseModel):
 
 
 @mcp.tool(title="Who am I", annotations=READ_ONLY)
-def whoami() -> Identity:
+async def whoami() -> Identity:
     """Describe the account this conversation acts for: who owns the notes and which client is
     connected. Without sign-in, everyone is the same local user."""
     user = current_user()
