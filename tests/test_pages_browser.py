@@ -124,6 +124,13 @@ def sign_in_at_google(person: Person, email: str) -> None:
     page.get_by_role("button", name="Next").click()
 
 
+def allow_and_sign_in(person: Person, url: str, email: str = ALICE["email"]) -> None:
+    """Open a sign-in link, click Allow on the consent page, and sign in at the Google stand-in."""
+    person.page.goto(url)
+    person.page.get_by_role("button", name="Allow").click()
+    sign_in_at_google(person, email)
+
+
 def test_a_sign_in_by_clicking_through_consent_and_google(chromium: Any, site: ServerProcess,
                                                          interactive_google: GoogleStandIn) -> None:
     interactive_google.next_login(ALICE)
@@ -160,9 +167,7 @@ def test_client_py_signs_in_through_the_browser_and_says_so(chromium: Any, site:
     link = process.stderr.readline().strip()
     person = Person(chromium)
     try:
-        person.page.goto(link)
-        person.page.get_by_role("button", name="Allow").click()
-        sign_in_at_google(person, ALICE["email"])
+        allow_and_sign_in(person, link)
         person.page.wait_for_url("http://127.0.0.1:*/callback?*")
         assert person.page.get_by_role("heading", level=1).inner_text() == "Signed in"
         check_page(person, "signed-in", chromium)
@@ -192,9 +197,7 @@ def test_the_connected_apps_page_disconnects_by_click(chromium: Any, site: Serve
     client, verifier, url = authorize_url(site)
     person = Person(chromium)
     try:
-        person.page.goto(url)
-        person.page.get_by_role("button", name="Allow").click()
-        sign_in_at_google(person, ALICE["email"])
+        allow_and_sign_in(person, url)
         person.page.wait_for_url(CALLBACK + "**")
         tokens = client.exchange(person.answer()["code"], verifier).json()
         person.page.goto(site.base_url + "/account")  # signed in a moment ago: no second trip to Google
@@ -221,9 +224,7 @@ def test_the_refused_and_error_pages(chromium: Any, interactive_google: GoogleSt
         _, _, url = authorize_url(server)
         person = Person(chromium)
         try:
-            person.page.goto(url)
-            person.page.get_by_role("button", name="Allow").click()
-            sign_in_at_google(person, ALICE["email"])
+            allow_and_sign_in(person, url)
             person.page.wait_for_load_state()
             assert person.page.get_by_role("heading", level=1).inner_text() == "Access refused"
             brand_icon = person.page.locator(".brand img")
