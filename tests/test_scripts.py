@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import REPO, SETTING_NAMES, free_port, wait_for_port
+from tests.conftest import REPO, SETTING_NAMES, ServerProcess, free_port, wait_for_port
 
 
 @pytest.mark.parametrize(("script", "mode"), [("stateful.sh", "stateful"), ("stateless.sh", "stateless")])
@@ -31,3 +31,11 @@ def test_run_scripts_start_their_mode(tmp_path: Path, script: str, mode: str) ->
     assert health["mode"] == mode
     assert f"serving MCP at http://127.0.0.1:{port}/mcp ({mode}, no sign-in)" in output
     assert (tmp_path / "stream-http.db").exists()
+
+
+def test_the_server_runs_on_uvloop_and_httptools(server: ServerProcess) -> None:
+    """The fast event loop and HTTP parser are the defaults, not a benchmark's tuning: a server started on
+    asyncio's own loop serves about half the requests per core (bench/run.py)."""
+    loaded = Path(f"/proc/{server.process.pid}/maps").read_text()
+    assert "uvloop/loop." in loaded
+    assert "httptools/parser/parser." in loaded
