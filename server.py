@@ -44,6 +44,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import ssl
 import string
 import sys
 import time
@@ -54,6 +55,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -1675,6 +1677,14 @@ def refusal_reason(email: str, email_verified: bool, hosted_domain: str | None, 
     return f"{email} is not among the people allowed to use this server."
 
 
+@cache
+def tls_context() -> ssl.SSLContext:
+    """The one TLS context of every outbound connection. Building one loads the system's CA certificates
+    (milliseconds of CPU), and Authlib builds a new HTTP client for each call to Google: without a shared
+    context that was two thirds of the CPU a sign-in costs (bench/rates.py)."""
+    return httpx2.create_ssl_context()
+
+
 class GoogleLogin:
     """Google as the identity provider: sign-in, token refresh, userinfo and revocation."""
 
@@ -1684,7 +1694,7 @@ class GoogleLogin:
             "google", client_id=settings.google_client_id, client_secret=secret,
             server_metadata_url=settings.google_discovery_url,
             client_kwargs={"scope": "openid email profile", "code_challenge_method": "S256",
-                           "timeout": GOOGLE_TIMEOUT_S},
+                           "timeout": GOOGLE_TIMEOUT_S, "verify": tls_context()},
         )
         self.credentials = (settings.google_client_id, secret)
         self.redirect_uri = settings.public_url + GOOGLE_CALLBACK_PATH
@@ -2750,7 +2760,7 @@ class Runtime:
         self.events = None if settings.stateless else self.store.event_store(settings.event_store_max_events,
                                                                                settings.session_idle_timeout_s)
         self.replica = new_id()  # tells this process's change announcements from other replicas'
-        self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False)
+        self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False, verify=tls_context())
         self.provider = self.build_provider() if settings.auth_enabled else None
         self._exit = AsyncExitStack()
 
