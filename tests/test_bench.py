@@ -1,5 +1,5 @@
-"""The benchmark harness runs end to end (a smoke run: one round of one second, two contenders); the
-figures themselves are read from `uv run bench/run.py`, never asserted here."""
+"""The benchmark harness runs end to end with tiny counts, every part and every contender, so none of it
+can rot; the figures themselves are read from `uv run bench/run.py`, never asserted here."""
 
 from __future__ import annotations
 
@@ -13,15 +13,56 @@ from tests.conftest import run_python
 pytestmark = pytest.mark.store_of_its_own
 
 
-def test_a_quick_run_prints_the_table_and_its_ratios(tmp_path: Path) -> None:
+def bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
     results = tmp_path / "bench.json"
-    done = run_python("bench/run.py", "--quick", "--eras", "legacy,2026-07-28", "--only", "A raw,ours auth off",
-                      "--json", str(results), timeout_s=300)
+    done = run_python("bench/run.py", *args, "--json", str(results), timeout_s=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = json.loads(results.read_text())
-    assert [(row["contender"], row["era"]) for row in rows] == [
-        ("A raw Starlette", "legacy"), ("ours auth off", "legacy"),
-        ("A raw Starlette", "2026-07-28"), ("ours auth off", "2026-07-28")]
-    assert all(row["requests_per_s"] > 0 and row["failures"] == 0 and row["cpu_us_per_request"] > 0 for row in rows)
-    assert rows[0]["ratio_a"] == 1.0
-    assert "era 2026-07-28: stateless JSON" in done.stdout and "xA" in done.stdout
+    return json.loads(results.read_text()), done.stdout
+
+
+def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> None:
+    results, out = bench(tmp_path, "--quick", "--parts", "throughput")
+    rows = results["throughput"]
+    measured = {(row["contender"], row["mode"], row["era"]) for row in rows}
+    contenders = {"A raw Starlette", "A+ uvloop httptools", "SDK defaults", "SDK tuned", "SDK tuned + bearer",
+                  "TS SDK", "FastMCP 4.1.0", "ours auth off", "ours auth on SQLite", "ours auth on Redis"}
+    assert {row["contender"] for row in rows} == contenders
+    for name in ("SDK defaults", "SDK tuned", "ours auth off", "ours auth on SQLite"):
+        assert {(mode, era) for (contender, mode, era) in measured if contender == name} == {
+            ("json", "legacy"), ("json", "2026-07-28"), ("sse", "legacy"), ("sse", "2026-07-28"),
+            ("stateful", "legacy")}
+    assert {(mode, era) for (contender, mode, era) in measured if contender == "TS SDK"} == {("json", "legacy")}
+    for row in rows:
+        assert row["requests_per_s"] > 0 and row["failures"] == 0 and row["cpu_us_per_request"] > 0, row
+    assert all(row["ratio_a"] == 1.0 for row in rows if row["contender"] == "A raw Starlette")
+    judged = {target["target"] for target in results["targets"]}
+    assert "2026-07-28: auth on SQLite ≥ 2.0 x TS SDK (its 2025-11-25 figure)" in judged
+    assert "legacy: auth on SQLite ≥ 2.0 x FastMCP" in judged and "legacy: Redis ≥ 0.90 x SQLite" in judged
+    assert "stateful JSON, one session, era legacy" in out and "xSDK tuned" in out
+
+
+def test_memory_and_rates(tmp_path: Path) -> None:
+    results, out = bench(tmp_path, "--quick", "--parts", "memory,rates")
+    footprints = [m for m in results["memory"] if "session_kb" in m]
+    assert {(m["contender"], m["sessions"]) for m in footprints} == {
+        ("SDK tuned", 20), ("SDK tuned", 100), ("ours auth off", 20), ("ours auth off", 100)}
+    assert all(m["session_kb"] > 0 and m["stream_kb"] > 0 for m in footprints)
+    waves = [m for m in results["memory"] if "wave" in m]
+    assert sorted((m["contender"], m["wave"]) for m in waves) == [
+        ("SDK tuned", 1), ("SDK tuned", 2), ("SDK tuned", 3), ("ours auth off", 1), ("ours auth off", 2),
+        ("ours auth off", 3)]
+    rates = {(rate["contender"], rate["what"].split(",")[0]): rate for rate in results["rates"]}
+    for store in ("SQLite", "Redis"):
+        for what in ("complete sign-ins", "token refreshes", "bearer validations (valid token)",
+                     "bearer validations (unknown token)"):
+            rate = rates[(f"ours auth on {store}", what)]
+            assert rate["per_s"] > 0 and rate["count"] > 0 and rate["failed"] == 0, rate
+    assert "answered 415" in out and "answered 401" in out
+
+
+def test_a_short_soak_fails_nothing(tmp_path: Path) -> None:
+    results, out = bench(tmp_path, "--soak", "0.15", "--soak-clients", "4")
+    soak = results["soak"]
+    assert soak["failed"] == 0 and soak["requests"] > 0
+    assert len(soak["periods"]) >= 3 and all(period["rss_mb"] > 0 for period in soak["periods"])
+    assert "failed requests: 0 of" in out

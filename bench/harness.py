@@ -1,0 +1,292 @@
+"""What every part of the benchmark shares: the contenders, how one is started on its own port and CPU,
+how a request of each era looks, and what the kernel says about a process (CPU time, memory, files)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BENCH = REPO / "bench"
+CONTENDERS = BENCH / "contenders"
+PEERS = REPO / "tests" / "peers"
+ERAS = ("legacy", "2026-07-28")
+LEGACY_VERSION = "2025-11-25"
+MODES = {"json": "stateless JSON", "sse": "stateless SSE", "stateful": "stateful JSON, one session"}
+FASTMCP = "fastmcp==4.1.0"  # 4.1.4+ needs a newer certifi than the package mirror has
+TICKS = os.sysconf("SC_CLK_TCK")
+SERVER_CPU, LOAD_CPU = "0", "1"
+STARTUP_TIMEOUT_S = 180  # FastMCP's environment is built on first use
+
+
+@dataclass
+class Contender:
+    """One server under test. `command(port, mode)` starts it; it serves `modes` and `eras`."""
+
+    name: str
+    command: Callable[[int, str], list[str]]
+    modes: tuple[str, ...] = ("json",)
+    eras: tuple[str, ...] = ERAS
+    env: dict[str, str] = field(default_factory=dict)
+    token: str = ""
+    google: Any = None  # the Google stand-in that signs in for a token, with sign-in on
+    port: int = field(default_factory=lambda: free_port())  # the same every round: tokens name it
+
+    def serves(self, mode: str, era: str) -> bool:
+        return mode in self.modes and era in self.eras and not (mode == "stateful" and era != "legacy")
+
+
+def pinned(cpu: str, command: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else command
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(contender: Contender, workdir: Path, mode: str = "json",
+            ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The contender serving `mode` on its port, pinned to the server CPU, checked to answer `add`."""
+    port = contender.port
+    log = (workdir / f"{contender.name}.log").open("ab")
+    env = {**os.environ, "DATA_DIR": str(workdir / contender.name), **contender.env}
+    process = subprocess.Popen(pinned(SERVER_CPU, contender.command(port, mode)), cwd=REPO, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        wait_until_listening(url, contender, process)
+        prepare_token(contender, url)
+        answer_once(url, contender, mode)
+        yield process, url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_until_listening(url: str, contender: Contender, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{contender.name} exited with {process.returncode}")
+        try:
+            httpx2.post(url, json={})
+            return
+        except httpx2.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def request_headers(era: str, token: str = "", session: str = "") -> dict[str, str]:
+    headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
+               "mcp-protocol-version": LEGACY_VERSION if era == "legacy" else era}
+    if era != "legacy":
+        headers |= {"mcp-method": "tools/call", "mcp-name": "add"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    if session:
+        headers["mcp-session-id"] = session
+    return headers
+
+
+def request_body(era: str, method: str = "tools/call", params: dict[str, Any] | None = None,
+                 request_id: int = 1) -> dict[str, Any]:
+    params = dict(params if params is not None else {"name": "add", "arguments": {"a": 2, "b": 3}})
+    if era != "legacy":
+        params["_meta"] = {"io.modelcontextprotocol/protocolVersion": era,
+                           "io.modelcontextprotocol/clientCapabilities": {}}
+    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+
+
+def json_rpc_answer(response: httpx2.Response) -> dict[str, Any]:
+    """The JSON-RPC message of a JSON or single-event SSE response."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+        return json.loads(data[-1]) if data and data[-1] else {}
+    return response.json()
+
+
+def open_session(client: httpx2.Client, url: str, token: str = "") -> str:
+    """A handshake-era session: initialize, then notifications/initialized; its Mcp-Session-Id."""
+    headers = request_headers("legacy", token)
+    response = client.post(url, headers=headers, json=request_body("legacy", "initialize", {
+        "protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}))
+    session = response.headers.get("mcp-session-id", "")
+    if response.status_code != 200 or not session:
+        raise RuntimeError(f"initialize answered {response.status_code}: {response.text[:300]}")
+    client.post(url, headers=request_headers("legacy", token, session),
+                json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+    return session
+
+
+def answer_once(url: str, contender: Contender, mode: str) -> None:
+    """The contender answers `add` correctly in every era it serves: a benchmark of errors is worthless."""
+    with httpx2.Client(timeout=30) as client:
+        for era in contender.eras:
+            if not contender.serves(mode, era):
+                continue
+            session = open_session(client, url, contender.token) if mode == "stateful" else ""
+            response = client.post(url, json=request_body(era), headers=request_headers(era, contender.token, session))
+            result = json_rpc_answer(response).get("result") or {}
+            if (result.get("structuredContent") or {}).get("result") != 5:
+                raise RuntimeError(f"{contender.name} ({mode}, {era}) answered {response.status_code}: "
+                                   f"{response.text[:300]}")
+
+
+# --- what the kernel says about a process
+
+
+def server_pid(process: subprocess.Popen[bytes]) -> int:
+    """The server itself, under `taskset`'s exec (same pid) or `uv run`'s child."""
+    pid = process.pid
+    for _ in range(3):
+        kids = [kid for task in Path(f"/proc/{pid}/task").iterdir()  # any thread may have started it
+                for kid in (task / "children").read_text().split()]
+        if not kids:
+            return pid
+        pid = int(kids[0])
+    return pid
+
+
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of `pid` and its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid`."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# --- the contenders
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def ours(port: int, mode: str) -> list[str]:
+    """Our server with product defaults but for the mode: stateless JSON as README runs replicas."""
+    flags = {"json": ["--stateless", "--json-response"], "sse": ["--stateless"], "stateful": ["--json-response"]}
+    return python(str(REPO / "server.py"), *flags[mode], "--port", str(port))
+
+
+def bare_sdk(*extra: str) -> Callable[[int, str], list[str]]:
+    return lambda port, mode: python(str(CONTENDERS / "bare_sdk.py"), str(port), f"--{mode}", *extra)
+
+
+def ts_sdk(port: int, mode: str) -> list[str]:
+    from tests.conftest import Peers
+
+    return [Peers(PEERS).node22, str(CONTENDERS / "ts_sdk.cjs"), str(port), str(PEERS)]
+
+
+def fastmcp(port: int, mode: str) -> list[str]:
+    """FastMCP in an environment of its own (it pins its own `mcp`), built by uv on first use."""
+    return ["uv", "run", "--no-project", "--isolated", "--quiet", "--with", FASTMCP, "python",
+            str(CONTENDERS / "fastmcp_server.py"), str(port)]
+
+
+BENCH_TOKEN = "bench-token-for-the-in-memory-verifier"
+ALL_MODES = tuple(MODES)
+
+
+def all_contenders() -> list[Contender]:
+    raw = str(CONTENDERS / "raw_starlette.py")
+    return [
+        Contender("A raw Starlette", lambda port, mode: python(raw, str(port))),
+        Contender("A+ uvloop httptools", lambda port, mode: python(raw, str(port), "--fast")),
+        Contender("SDK defaults", bare_sdk(), modes=ALL_MODES),
+        Contender("SDK tuned", bare_sdk("--tuned"), modes=ALL_MODES),
+        Contender("SDK tuned + bearer", bare_sdk("--tuned", "--bearer", BENCH_TOKEN), token=BENCH_TOKEN),
+        Contender("TS SDK", ts_sdk, eras=("legacy",)),
+        Contender("FastMCP 4.1.0", fastmcp),
+        Contender("ours auth off", ours, modes=ALL_MODES),
+        Contender("ours auth on SQLite", ours, modes=ALL_MODES),
+        Contender("ours auth on Redis", ours),
+    ]
+
+
+def chosen_contenders(workdir: Path, only: list[str]) -> tuple[list[Contender], contextlib.ExitStack]:
+    """The contenders whose names start with one of `only` (all when empty), with what they need running:
+    the npm peers for the TypeScript SDK, and for sign-in the Google stand-in and a Redis."""
+    stack = contextlib.ExitStack()
+    chosen = [c for c in all_contenders() if not only or any(c.name.startswith(prefix) for prefix in only)]
+    if any(c.name in ("TS SDK",) or "auth on" in c.name for c in chosen):
+        from tests.conftest import install_peers
+
+        install_peers()
+    for contender in chosen:
+        if contender.name.startswith("ours"):
+            contender.env["MAX_SESSIONS"] = "20000"
+    if any("auth on" in c.name for c in chosen):
+        stack.enter_context(signed_in(workdir, [c for c in chosen if "auth on" in c.name]))
+    return chosen, stack
+
+
+@contextlib.contextmanager
+def signed_in(workdir: Path, contenders: list[Contender]) -> Iterator[None]:
+    """Sign-in on for these contenders: the Google stand-in, and a Redis for those named so."""
+    from tests.conftest import PEERS as PEERS_DIR
+    from tests.conftest import TEST_SECRET_KEY, Peers, RedisServer
+    from tests.signin import GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, GoogleStandIn
+
+    with contextlib.ExitStack() as stack:
+        google = GoogleStandIn(Peers(PEERS_DIR), workdir / "google")
+        stack.callback(google.stop)
+        for contender in contenders:
+            contender.env |= {"GOOGLE_CLIENT_ID": GOOGLE_CLIENT_ID, "GOOGLE_CLIENT_SECRET": GOOGLE_CLIENT_SECRET,
+                              "GOOGLE_DISCOVERY_URL": google.discovery_url, "SECRET_KEY": TEST_SECRET_KEY,
+                              "ALLOWED_HOSTS": "127.0.0.1:*"}
+            if "Redis" in contender.name:
+                redis = RedisServer(workdir / f"redis-{contender.port}")
+                stack.callback(redis.stop)
+                contender.env["STORE_URL"] = f"{redis.url}?prefix=bench"
+            contender.google = google
+        yield
+
+
+class ServerAt:
+    """What tests.signin's RawClient needs of a running server."""
+
+    def __init__(self, mcp_url: str) -> None:
+        self.mcp_url = mcp_url
+        self.base_url = mcp_url.removesuffix("/mcp")
+
+
+def prepare_token(contender: Contender, url: str) -> None:
+    """A real token, issued by our server through the Google stand-in (once: the store keeps it)."""
+    if contender.google is None or contender.token:
+        return
+    from tests.signin import RawClient
+
+    contender.google.allow_callback(url.removesuffix("/mcp") + "/oauth/google/callback")
+    contender.token = RawClient.register(ServerAt(url)).sign_in()["access_token"]  # type: ignore[arg-type]
