@@ -33,7 +33,9 @@ class InMemoryVerifier:
 
 auth = AuthSettings(issuer_url=base_url, resource_server_url=f"{base_url}/mcp", required_scopes=["mcp"]) \
     if bearer else None
-mcp = MCPServer("bare-sdk", token_verifier=InMemoryVerifier() if bearer else None, auth=auth)
+# MCPServer sets up logging itself at its `log_level` (INFO by default, a Rich line per stateless request)
+mcp = MCPServer("bare-sdk", token_verifier=InMemoryVerifier() if bearer else None, auth=auth,
+                log_level="WARNING" if tuned else "INFO")
 
 if tuned:
     @mcp.tool()
