@@ -123,7 +123,7 @@ from starlette.applications import Starlette
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -2953,7 +2953,10 @@ class RequestGate:
                    or self.check_store())
         body = b""
         if problem is None and request.method == "POST":
-            body, message, problem = await self.read_message(request)
+            try:
+                body, message, problem = await self.read_message(request)
+            except ClientDisconnect:
+                return  # the client left before its request was whole: nobody to answer, nothing done
             if problem is None and self.bearer is not None and message is not None:
                 problem = self.bearer.check_scopes(request, message)
         if problem is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -288,3 +289,21 @@ def test_fuzzed_requests_never_get_a_500(server: ServerProcess, body: bytes, hea
 
 def test_the_fuzzed_servers_logged_no_traceback(server: ServerProcess) -> None:
     assert "Traceback" not in server.log()
+
+
+def test_a_client_that_leaves_mid_body_costs_no_traceback(tmp_path: Path) -> None:
+    """A load generator stopping, or a client timing out, leaves requests half-sent: the server drops them
+    quietly and keeps serving."""
+    with running_server(tmp_path) as server:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n"
+                             b'{"jsonrpc": "2.0",')
+                time.sleep(0.05)
+        time.sleep(0.5)
+        session = open_session(httpx2.Client(), server.mcp_url)
+        answer = post(server, PING, mcp_headers(session_id=session))
+        assert answer.status_code == 200 and first_json(answer.text)["result"] == {}
+        assert "Exception in ASGI application" not in server.log()
+        assert "Traceback" not in server.log()
