@@ -578,6 +578,7 @@ class HandshakeSession:
     session: ServerSession  # the latest request's proxy; its connection channel outlives the request
     log_level: str = "debug"
     watched: set[str] = field(default_factory=set)
+    last_active: float = field(default_factory=time.monotonic)  # when its last HTTP request ended
 
 
 class ChangeBus:
@@ -591,6 +592,8 @@ class ChangeBus:
     def __init__(self) -> None:
         self._listeners: dict[object, tuple[str, Callable[[ServerEvent], None]]] = {}
         self._sessions: dict[str, HandshakeSession] = {}
+        self._in_flight: dict[str, int] = {}  # HTTP requests being served, per session (GET streams included)
+        self._swept = time.monotonic()
 
     def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
         """Register a listen stream for the user who opened it."""
@@ -602,15 +605,46 @@ class ChangeBus:
 
         return unsubscribe
 
-    def session(self, session_id: str, owner: str, session: ServerSession, limit: int) -> HandshakeSession:
+    def session(self, session_id: str, owner: str, session: ServerSession, limit: int,
+                idle_s: float) -> HandshakeSession:
         """The record of a handshake-era session, made on its first request (oldest dropped past `limit`)."""
         known = self._sessions.get(session_id)
         if known is None or known.owner != owner:
+            self.forget_idle(idle_s)
             known = self._sessions[session_id] = HandshakeSession(owner, session)
             while len(self._sessions) > limit:
                 self._sessions.pop(next(iter(self._sessions)))
         known.session = session
         return known
+
+    # A record holds its session's objects, so it must go when the SDK ends the session: on a DELETE,
+    # or once no request of it has been in flight (no POST, no open GET stream) for the idle timeout.
+
+    def request_started(self, session_id: str) -> None:
+        self._in_flight[session_id] = self._in_flight.get(session_id, 0) + 1
+
+    def request_ended(self, session_id: str, *, deleted: bool) -> None:
+        left = self._in_flight.pop(session_id, 1) - 1
+        if left > 0:
+            self._in_flight[session_id] = left
+        if deleted:
+            self._sessions.pop(session_id, None)
+        elif known := self._sessions.get(session_id):
+            known.last_active = time.monotonic()
+
+    def forget_idle(self, idle_s: float) -> None:
+        """Drop the records of sessions the SDK has closed for idling (looked for at most once a second)."""
+        now = time.monotonic()
+        if now - self._swept < 1:
+            return
+        self._swept = now
+        for session_id, known in list(self._sessions.items()):
+            if session_id not in self._in_flight and now - known.last_active > idle_s and session_id != STDIO_SESSION:
+                del self._sessions[session_id]
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
 
     def log_level(self, session_id: str | None) -> str:
         known = self._sessions.get(session_id or "")
@@ -661,7 +695,8 @@ async def serve_handshake_sessions(ctx: ServerRequestContext["Runtime", Any], ca
     session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else STDIO_SESSION
     known = None
     if session_id and not settings.stateless:
-        known = CHANGES.session(session_id, current_user().subject, ctx.session, settings.max_sessions)
+        known = CHANGES.session(session_id, current_user().subject, ctx.session, settings.max_sessions,
+                                settings.session_idle_timeout_s)
     params = ctx.params or {}
     if ctx.method == "logging/setLevel":
         if params.get("level") not in LOG_LEVELS:
@@ -2612,6 +2647,7 @@ class StreamScope:
     """The session an HTTP request belongs to; learnt from the response when the request opens one."""
 
     session_id: str | None = None
+    status: int | None = None  # of the response, once it has started
 
 
 _stream_scope: ContextVar[StreamScope | None] = ContextVar("stream_http_stream_scope", default=None)
@@ -2967,12 +3003,17 @@ class RequestGate:
         if self.stateless:  # no sessions, so no event store that needs to know the session
             await self.app(scope, receive, send)
             return
-        stream_scope = StreamScope(session_id=request.headers.get("mcp-session-id"))
+        session_id = request.headers.get("mcp-session-id")
+        stream_scope = StreamScope(session_id=session_id)
         token = _stream_scope.set(stream_scope)
+        if session_id:
+            CHANGES.request_started(session_id)
         try:
             await self.app(scope, receive, _learn_session_id(stream_scope, send))
         finally:
             _stream_scope.reset(token)
+            if session_id:
+                CHANGES.request_ended(session_id, deleted=request.method == "DELETE" and stream_scope.status == 200)
 
     def check_origin(self, request: Request) -> Response | None:
         host = request.headers.get("host")
@@ -3068,8 +3109,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 def _learn_session_id(stream_scope: StreamScope, send: Send) -> Send:
     async def watch(message: Message) -> None:
-        if message["type"] == "http.response.start" and stream_scope.session_id is None:
-            for name, value in message.get("headers", ()):
+        if message["type"] == "http.response.start":
+            stream_scope.status = message["status"]
+            for name, value in message.get("headers", ()) if stream_scope.session_id is None else ():
                 if name.lower() == b"mcp-session-id":
                     stream_scope.session_id = value.decode("latin-1")
         await send(message)
@@ -3467,7 +3509,10 @@ def health_endpoint(state: Runtime) -> Callable[[Request], Awaitable[Response]]:
         except StorageError:  # logged by the store, once per outage
             return JSONResponse({"status": "unavailable", "store": "down"}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
-        return JSONResponse({"status": "ok", "store": "ok", "version": VERSION, "mode": state.settings.mode})
+        health: dict[str, Any] = {"status": "ok", "store": "ok", "version": VERSION, "mode": state.settings.mode}
+        if not state.settings.stateless:  # handshake-era sessions this process keeps for notifications
+            health["sessions"] = CHANGES.session_count
+        return JSONResponse(health)
 
     return healthz
 

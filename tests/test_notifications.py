@@ -141,3 +141,50 @@ async def test_stateless_handshake_servers_promise_no_notifications(tmp_path: An
     assert resources.list_changed is False and resources.subscribe is False
     error = first_json(bad_level.text)["error"]
     assert error["code"] == -32602 and "level must be one of" in error["message"]
+
+
+async def test_sessions_are_forgotten_when_they_end_and_listeners_are_kept(tmp_path: Any) -> None:
+    """The record that routes a session's notifications holds that session's objects: it goes when the
+    client ends the session (DELETE) or the SDK closes it for idling, and stays while a GET stream listens.
+    /healthz counts the records (before this, every closed session stayed until MAX_SESSIONS)."""
+    import httpx2
+
+    from tests.conftest import first_json, mcp_headers, open_session, running_server
+
+    idle_s = 2
+    with running_server(tmp_path, env={"SESSION_IDLE_TIMEOUT": str(idle_s)}) as server:
+        def sessions() -> int:
+            return httpx2.get(server.base_url + "/healthz").json()["sessions"]
+
+        def raw_session_with_a_call() -> str:
+            with httpx2.Client() as http:
+                session = open_session(http, server.mcp_url)
+                answer = http.post(server.mcp_url, headers=mcp_headers(session_id=session), json={
+                    "jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                    "params": {"name": "add", "arguments": {"a": 1, "b": 2}}})
+                assert first_json(answer.text)["result"]["structuredContent"] == {"result": 3}
+                return session
+
+        assert sessions() == 0
+        async with Client(server.mcp_url, mode="legacy") as client:
+            await client.list_tools()
+            assert sessions() == 1
+        assert sessions() == 0  # the SDK client ends its session with DELETE
+
+        heard = anyio.Event()
+
+        async def on_message(message: Any) -> None:
+            if isinstance(message, types.ResourceListChangedNotification):
+                heard.set()
+
+        async with Client(server.mcp_url, mode="legacy", message_handler=on_message) as listener:
+            await listener.list_resources()
+            raw_session_with_a_call()  # left open, never used again: the SDK closes it for idling
+            assert sessions() == 2
+            await anyio.sleep(idle_s + 1.5)
+            raw_session_with_a_call()  # a new session looks for closed ones
+            assert sessions() == 2  # the listener (its GET stream is open) and the newest one
+            async with Client(server.mcp_url, mode="2026-07-28") as writer:
+                await writer.call_tool("add_note", {"title": "still heard"})
+            with anyio.fail_after(WAIT_S):
+                await heard.wait()
