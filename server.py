@@ -3111,9 +3111,10 @@ def _learn_session_id(stream_scope: StreamScope, send: Send) -> Send:
     async def watch(message: Message) -> None:
         if message["type"] == "http.response.start":
             stream_scope.status = message["status"]
-            for name, value in message.get("headers", ()) if stream_scope.session_id is None else ():
-                if name.lower() == b"mcp-session-id":
-                    stream_scope.session_id = value.decode("latin-1")
+            if stream_scope.session_id is None:
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"mcp-session-id":
+                        stream_scope.session_id = value.decode("latin-1")
         await send(message)
 
     return watch

@@ -118,6 +118,12 @@ def request_body(era: str, method: str = "tools/call", params: dict[str, Any] | 
     return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
 
 
+def initialize_body(client_name: str = "bench") -> dict[str, Any]:
+    """A handshake-era `initialize` request."""
+    return request_body("legacy", "initialize", {"protocolVersion": LEGACY_VERSION, "capabilities": {},
+                                                 "clientInfo": {"name": client_name, "version": "1"}})
+
+
 def json_rpc_answer(response: httpx2.Response) -> dict[str, Any]:
     """The JSON-RPC message of a JSON or single-event SSE response."""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -129,8 +135,7 @@ def json_rpc_answer(response: httpx2.Response) -> dict[str, Any]:
 def open_session(client: httpx2.Client, url: str, token: str = "") -> str:
     """A handshake-era session: initialize, then notifications/initialized; its Mcp-Session-Id."""
     headers = request_headers("legacy", token)
-    response = client.post(url, headers=headers, json=request_body("legacy", "initialize", {
-        "protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}))
+    response = client.post(url, headers=headers, json=initialize_body())
     session = response.headers.get("mcp-session-id", "")
     if response.status_code != 200 or not session:
         raise RuntimeError(f"initialize answered {response.status_code}: {response.text[:300]}")

@@ -19,7 +19,7 @@ from bench.harness import (
     LEGACY_VERSION,
     Contender,
     chosen_contenders,
-    request_body,
+    initialize_body,
     request_headers,
     rss_bytes,
     running,
@@ -52,9 +52,7 @@ async def open_sessions(client: httpx2.AsyncClient, url: str, count: int) -> lis
 
     async def one() -> str:
         async with gate:
-            response = await client.post(url, headers=request_headers("legacy"), json=request_body(
-                "legacy", "initialize", {"protocolVersion": LEGACY_VERSION, "capabilities": {},
-                                         "clientInfo": {"name": "bench", "version": "1"}}))
+            response = await client.post(url, headers=request_headers("legacy"), json=initialize_body())
             session = response.headers.get("mcp-session-id")
             if response.status_code != 200 or not session:
                 raise RuntimeError(f"initialize answered {response.status_code}: {response.text[:200]}")
@@ -111,7 +109,6 @@ def settled_rss(pid: int) -> int:
 
 
 async def footprint(contender: Contender, url: str, pid: int, counts: tuple[int, ...]) -> list[Footprint]:
-    port = int(url.split(":")[2].split("/")[0])
     found = []
     async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=OPENING_AT_ONCE)) as client:
         await close(client, url, await open_sessions(client, url, 1), [])  # warm the code paths up
@@ -124,7 +121,7 @@ async def footprint(contender: Contender, url: str, pid: int, counts: tuple[int,
             sessions += added
             with_sessions = settled_rss(pid)
             sessions_bytes = with_sessions - base - streams_bytes
-            streams += await open_streams(port, added)
+            streams += await open_streams(contender.port, added)
             streams_bytes += settled_rss(pid) - with_sessions
             found.append(Footprint(contender.name, count, sessions_bytes / count / 1024,
                                    streams_bytes / count / 1024))
@@ -133,12 +130,11 @@ async def footprint(contender: Contender, url: str, pid: int, counts: tuple[int,
 
 
 async def waves(contender: Contender, url: str, pid: int, size: int, count: int) -> list[Wave]:
-    port = int(url.split(":")[2].split("/")[0])
     found = []
     async with httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=OPENING_AT_ONCE)) as client:
         for number in range(1, count + 1):
             sessions = await open_sessions(client, url, size)
-            streams = await open_streams(port, sessions)
+            streams = await open_streams(contender.port, sessions)
             peak = settled_rss(pid)
             await close(client, url, sessions, streams)
             await asyncio.sleep(0.5)

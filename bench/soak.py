@@ -30,6 +30,7 @@ from bench.harness import (
     REPO,
     Contender,
     ServerAt,
+    initialize_body,
     json_rpc_answer,
     open_files,
     python,
@@ -99,8 +100,7 @@ class SoakClient:
     async def connect(self) -> None:
         async def initialize() -> httpx2.Response:
             self.session = ""
-            return await self.http.post(self.url, headers=self.headers(), json=request_body("legacy", "initialize", {
-                "protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": {"name": "soak", "version": "1"}}))
+            return await self.http.post(self.url, headers=self.headers(), json=initialize_body("soak"))
 
         response = await self.timed(initialize, lambda r: r.status_code == 200 and "mcp-session-id" in r.headers)
         if response is not None:
