@@ -1,7 +1,7 @@
-"""stream-http: a remote MCP server over Streamable HTTP.
+"""stream-http: a remote MCP server over Streamable HTTP, behind Sign in with Google.
 
-One file is the whole server: an MCP Python SDK `MCPServer` (what SDK 1.x called FastMCP)
-with tools, resources and prompts, served over Streamable HTTP by Starlette and uvicorn. With
+One file is the whole server: an MCP Python SDK `MCPServer` (what SDK 1.x called FastMCP) with
+tools, resources and prompts, served over Streamable HTTP by Starlette and uvicorn. With
 GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET set it is also the OAuth 2.1 authorization server its
 MCP clients sign in with, handing the person's sign-in to Google.
 
@@ -13,18 +13,19 @@ Run it:
     mcp run server.py                # stdio, for clients that launch their servers
 
 Map (`grep -n '^# ===' server.py`):
-    1. Settings            every knob: environment, .env and command line, from one table
-    2. The MCP server      the server object, and what its handlers reach (caller, runtime, changes)
-    3. The MCP surface     tools, resources, prompts, completions: edit these first
-    4. Storage             notes and expiring records: SQLite (one process) or Redis (replicas)
-    5. Google sign-in      Authlib: the only code that talks to Google
-    6. OAuth provider      this server as the OAuth 2.1 authorization server for MCP clients
-    7. HTML pages          consent and message pages
-    8. Resumable streams   the event store behind Last-Event-ID, in memory or in Redis
-    9. Runtime             what tools and routes share while the server runs
-    10. HTTP app           request checks, sign-in routes, CORS, build_app()
-    11. Command line       main()
+    1. Your server         the server object, then its tools, resources, prompts, completions and
+                           the notes demo's data: what you edit to make the server yours
+    The rest is the server's machinery, which adding a tool needs none of:
+    2. Settings            every knob: environment, .env and command line, from one table
+    3. Storage             typed records with expiry, in SQLite (one process) or Redis (replicas)
+    4. Serving MCP         what handlers reach (caller, runtime), change notifications, the middleware
+    5. Google              Authlib and the person's Google tokens: the only code that talks to Google
+    6. OAuth provider      this server as the authorization server for MCP clients, and its routes
+    7. Pages               consent, account and message pages
+    8. HTTP app            request checks, CORS, build_app()
+    9. Command line        main(), claude-config, doctor
 """
+
 
 import argparse
 import asyncio
@@ -57,7 +58,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Protocol
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import anyio
@@ -96,7 +97,7 @@ from mcp.server.context import CallNext, HandlerResult
 from mcp.server.mcpserver import Context, Elicit, ElicitationResult, Resolve
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
-from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
+from mcp.server.request_state import AESGCMRequestStateCodec, RequestStateSecurity
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore, check_accept_headers
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -106,6 +107,8 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthMetadata, OAuthToke
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import (
     INVALID_PARAMS,
+    INVALID_REQUEST,
+    PARSE_ERROR,
     ClientCapabilities,
     Completion,
     CompletionArgument,
@@ -118,48 +121,431 @@ from mcp_types import (
     jsonrpc_message_adapter,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, ValidationError
+from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route, request_response
+from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("stream_http")
 
 SERVER_NAME = "stream-http"
-VERSION = "0.1.0"
-MCP_PATH = "/mcp"
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
+VERSION = "0.2.0"
 NOTE_TITLE_MAX_CHARS = 200
 NOTE_BODY_MAX_CHARS = 20_000
 NOTE_TAGS_MAX = 10
 NOTE_TAG_MAX_CHARS = 32
 SEARCH_LIMIT_MAX = 100
 LONG_TASK_STEPS_MAX = 50
-LIST_NOTIFY_TIMEOUT_S = 1.0
-SHUTDOWN_GRACE_S = 5
-OUTBOUND_TIMEOUT_S = 10
-GOOGLE_TIMEOUT_S = 10
-PURGE_INTERVAL_S = 600
-OAUTH_BODY_MAX_BYTES = 65_536
-SESSION_COOKIE = "stream_http_session"
-SESSION_MAX_AGE_S = 30 * 24 * 3600
+
+
+# === 1. Your server: tools, resources, prompts (edit here) ===================
+#
+# `mcp` is what `mcp run server.py` and `mcp dev server.py` load, and what `build_app` serves over
+# HTTP. The SDK takes the server's lifespan, middleware, change feed and request-state codec when
+# it is built, here at import; the machinery behind them needs the settings, which exist only once
+# the server starts, so these four forward to it (section 4).
+
+
+@asynccontextmanager
+async def lifespan(server: "MCPServer[Runtime]") -> "AsyncIterator[Runtime]":
+    async with serving_runtime() as running:
+        yield running
+
+
+async def middleware(ctx: "ServerRequestContext[Runtime, Any]", call_next: CallNext) -> HandlerResult:
+    return await handle_message(ctx, call_next)
+
+
+class ChangeFeed:
+    """The SDK's subscription bus behind `subscriptions/listen`: the running server's change bus."""
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        return runtime().changes.subscribe(listener)
+
+    async def publish(self, event: ServerEvent) -> None:
+        await runtime().changes.publish(event)
+
+
+class RequestStateSeal:
+    """The SDK's request-state codec, under the key the running server derives from SECRET_KEY, so
+    that a replica can open what another sealed. Until then (stdio), a key of this process's own."""
+
+    codec = AESGCMRequestStateCodec([secrets.token_bytes(32)])
+
+    @classmethod
+    def use_key(cls, key: bytes) -> None:
+        cls.codec = AESGCMRequestStateCodec([key])
+
+    def seal(self, payload: bytes) -> str:
+        return self.codec.seal(payload)
+
+    def unseal(self, token: str) -> bytes:
+        return self.codec.unseal(token)
+
+
+mcp: "MCPServer[Runtime]" = MCPServer(
+    SERVER_NAME,
+    title="stream-http",
+    version=VERSION,
+    instructions=(
+        "A personal notebook and a few utilities. Use search_notes before add_note to avoid "
+        "duplicates; notes belong to the signed-in user and nobody else sees them."
+    ),
+    lifespan=lifespan,
+    middleware=[middleware],
+    subscriptions=ChangeFeed(),
+    request_state_security=RequestStateSecurity(codec=RequestStateSeal()),
+)
+
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
+                            open_world_hint=False)
+
+
+# --- tools
+#
+# Plain functions: their docstrings and `Field` descriptions are what the model reads. A tool that
+# does no blocking work is `async def`: the SDK runs a plain `def` tool in a worker thread, a hop
+# that costs more than these tools themselves. `current_user()` says who is calling, `runtime()`
+# reaches the store and settings.
+
+
+@mcp.tool(title="Echo", annotations=READ_ONLY)
+async def echo(
+    message: Annotated[str, Field(description="Text to send back.", max_length=10_000)],
+) -> str:
+    """Return the message unchanged. Useful to check that the connection works."""
+    return message
+
+
+@mcp.tool(title="Add two numbers", annotations=READ_ONLY)
+async def add(
+    a: Annotated[float, Field(description="First addend.")],
+    b: Annotated[float, Field(description="Second addend.")],
+) -> float:
+    """Add two numbers and return the sum."""
+    return a + b
+
+
+class Identity(BaseModel):
+    subject: str = Field(description="Stable identifier of the account.")
+    email: str | None = Field(description="Verified email address, when signed in.")
+    name: str | None = Field(description="Display name.")
+    hosted_domain: str | None = Field(description="Google Workspace domain, when there is one.")
+    client_id: str | None = Field(description="The MCP client this request came through.")
+    authenticated: bool = Field(description="False when the server runs without sign-in.")
+
+
+@mcp.tool(title="Who am I", annotations=READ_ONLY)
+async def whoami() -> Identity:
+    """Describe the account this conversation acts for: who owns the notes and which client is
+    connected. Without sign-in, everyone is the same local user."""
+    user = current_user()
+    return Identity(**dataclasses.asdict(user), authenticated=user is not LOCAL_USER)
+
+
+class NoteView(BaseModel):
+    id: str = Field(description="Identifier to pass to delete_note or read as notes://{id}.")
+    title: str
+    body: str
+    tags: list[str]
+    created_at: float = Field(description="Unix time the note was written.")
+
+
+class NoteList(BaseModel):
+    notes: list[NoteView]
+    total: int = Field(description="How many notes matched, before the limit.")
+
+
+Tag = Annotated[str, Field(min_length=1, max_length=NOTE_TAG_MAX_CHARS, pattern=r"^[\w-]+$")]
+
+
+@mcp.tool(title="Add a note", annotations=ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
+async def add_note(
+    title: Annotated[str, Field(description="Short title.", min_length=1, max_length=NOTE_TITLE_MAX_CHARS)],
+    body: Annotated[str, Field(description="The note itself (Markdown).", max_length=NOTE_BODY_MAX_CHARS)] = "",
+    tags: Annotated[list[Tag], Field(description="Labels (letters, digits, - and _), "
+                                     "used by search_notes.", max_length=NOTE_TAGS_MAX)] = [],  # noqa: B006
+) -> NoteView:
+    """Save a note in the user's private notebook and return it with its new id."""
+    note = Note.new(title=title.strip(), body=body, tags=normalise_tags(tags))
+    await save_note(current_user().subject, note)
+    return note.view()
+
+
+@mcp.tool(title="Search notes", annotations=READ_ONLY)
+async def search_notes(
+    query: Annotated[str, Field(description="Words to look for in titles and bodies; "
+                                "empty matches every note.", max_length=200)] = "",
+    tag: Annotated[str | None, Field(description="Only notes with this tag.", max_length=NOTE_TAG_MAX_CHARS)] = None,
+    limit: Annotated[int, Field(description="Most notes to return.", ge=1, le=SEARCH_LIMIT_MAX)] = 20,
+) -> NoteList:
+    """Find the user's notes by words and tag, newest first."""
+    found = await find_notes(current_user().subject, query=query, tag=tag.lower() if tag else None)
+    return NoteList(notes=[note.view() for note in found[:limit]], total=len(found))
+
+
+class DeleteConfirmation(BaseModel):
+    confirm: bool = Field(description="Delete this note for good?")
+
+
+NOT_ASKED = "not asked"
+
+
+async def ask_before_deleting(note_id: str, ctx: Context) -> Elicit[DeleteConfirmation] | str:
+    """Ask the user to confirm, where this connection can carry the question."""
+    note = await get_note(current_user().subject, note_id)
+    if note is None:
+        raise ToolError(f"There is no note {note_id!r}. search_notes lists the ids.")
+    if not can_ask_user(ctx):
+        return NOT_ASKED
+    return Elicit(f"Delete the note {note.title!r} ({note_id})? This cannot be undone.", DeleteConfirmation)
+
+
+class DeleteOutcome(BaseModel):
+    deleted: bool
+    note_id: str
+    confirmation: Literal["confirmed", "declined", "cancelled", "not asked"] = Field(
+        description="What the user said; 'not asked' when the connection cannot ask "
+        "(stateless or JSON-response HTTP, or a client without elicitation).")
+
+
+@mcp.tool(title="Delete a note", annotations=ToolAnnotations(
+    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
+async def delete_note(
+    note_id: Annotated[str, Field(description="Id of the note, as search_notes returns it.", max_length=64)],
+    answer: Annotated[ElicitationResult[DeleteConfirmation], Resolve(ask_before_deleting)],
+) -> DeleteOutcome:
+    """Delete one of the user's notes. Where the client supports it, the user is asked to confirm
+    first and nothing is deleted unless they agree. Where the connection cannot ask (stateless or
+    JSON-response HTTP, or a client without elicitation) the note is deleted straight away and the
+    result says 'not asked': rely on the client's own confirmation for destructive tools."""
+    verdict = confirmation_of(answer)
+    if verdict not in ("confirmed", NOT_ASKED):
+        return DeleteOutcome(deleted=False, note_id=note_id, confirmation=verdict)
+    deleted = await remove_note(current_user().subject, note_id)
+    return DeleteOutcome(deleted=deleted, note_id=note_id, confirmation=verdict)
+
+
+class TaskReport(BaseModel):
+    steps_completed: int
+    seconds: float
+
+
+@mcp.tool(title="Run a long task", annotations=READ_ONLY)
+async def long_task(
+    ctx: Context,
+    steps: Annotated[int, Field(description="How many steps to run.", ge=1, le=LONG_TASK_STEPS_MAX)] = 5,
+    step_seconds: Annotated[float, Field(description="Seconds each step takes.", ge=0, le=5)] = 0.5,
+) -> TaskReport:
+    """Run a task in steps, reporting progress and a log message after each one. A model can use it
+    to see how the client shows long-running work."""
+    started = time.monotonic()
+    for step in range(1, steps + 1):
+        await anyio.sleep(step_seconds)
+        await ctx.report_progress(step, steps, f"step {step} of {steps}")
+        await send_log(ctx, f"long_task finished step {step} of {steps}")
+    return TaskReport(steps_completed=steps, seconds=round(time.monotonic() - started, 3))
+
+
+class GoogleProfile(BaseModel):
+    subject: str = Field(description="The Google account's stable id.")
+    email: str | None
+    email_verified: bool | None
+    name: str | None
+    picture: str | None = Field(description="URL of the profile picture.")
+    hosted_domain: str | None = Field(description="Google Workspace domain, when there is one.")
+    locale: str | None = None
+
+
+@mcp.tool(title="Google profile", annotations=ToolAnnotations(
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
+async def google_profile() -> GoogleProfile:
+    """Fetch the signed-in person's profile from Google (name, email, picture, Workspace domain) with
+    their own Google authorization, which this server keeps and refreshes. Shows how a tool reaches a
+    Google API on the user's behalf. Needs the "google" scope; on a server without sign-in it says so."""
+    info = await call_google(lambda google, token: google.userinfo(token))
+    return GoogleProfile(subject=str(info.get("sub", current_user().subject)), email=info.get("email"),
+                         email_verified=info.get("email_verified"), name=info.get("name"),
+                         picture=info.get("picture"), hosted_domain=info.get("hd"), locale=info.get("locale"))
+
+
+# --- resources
+
+
+@mcp.resource("notes://index", name="Notes index", mime_type="application/json")
+async def notes_index() -> str:
+    """Every note of the user: id, title, tags and when it was written, newest first."""
+    found = await find_notes(current_user().subject)
+    return json.dumps([{"id": n.id, "title": n.title, "tags": list(n.tags), "created_at": n.created_at}
+                       for n in found[:SEARCH_LIMIT_MAX]])
+
+
+@mcp.resource("notes://{note_id}", name="Note", mime_type="text/markdown")
+async def note_text(note_id: str) -> str:
+    """One note of the user, as Markdown."""
+    note = await get_note(current_user().subject, note_id)
+    if note is None:
+        raise ResourceNotFoundError(f"There is no note {note_id!r}")
+    return note.markdown()
+
+
+@mcp.resource("server://info", name="Server info", mime_type="application/json")
+def server_info() -> str:
+    """What this server is and how it runs: version, transport mode, enabled features."""
+    settings = runtime().settings
+    return json.dumps({
+        "name": SERVER_NAME,
+        "version": VERSION,
+        "mcp_endpoint": settings.mcp_url,
+        "mode": settings.mode,
+        "protocol_eras": ["2025-11-25 (initialize handshake)", *MODERN_PROTOCOL_VERSIONS],
+        "features": {
+            "sign_in": settings.auth_enabled,
+            "resumable_streams": not settings.stateless,
+            "store": urlsplit(settings.store_url).scheme,
+        },
+    })
+
+
+# --- prompts
+
+DRAFT_STYLES = ("email", "blog post", "summary", "tweet")
+
+
+@mcp.prompt(title="Summarize notes")
+async def summarize_notes(tag: str | None = None) -> list[UserMessage]:
+    """Ask the model to summarize the user's notes, optionally only those with one tag."""
+    found = await find_notes(current_user().subject, tag=tag)
+    if not found:
+        return [UserMessage(f"I have no notes{f' tagged {tag!r}' if tag else ''} yet. Say so briefly.")]
+    notes = "\n\n".join(note.markdown() for note in found[:SEARCH_LIMIT_MAX])
+    return [UserMessage(f"Summarize these notes in a few bullet points:\n\n{notes}")]
+
+
+@mcp.prompt(title="Draft from a note")
+async def draft_from_note(note_id: str, style: str = "email") -> list[UserMessage]:
+    """Ask the model to turn one note into a draft in the given style."""
+    note = await get_note(current_user().subject, note_id)
+    if note is None:
+        raise MCPError(INVALID_PARAMS, f"There is no note {note_id!r}")
+    return [UserMessage(f"Write a {style} based on this note:\n\n{note.markdown()}")]
+
+
+# --- completions
+
+
+@mcp.completion()
+async def complete_argument(
+    ref: PromptReference | ResourceTemplateReference,
+    argument: CompletionArgument,
+    context: CompletionContext | None,
+) -> Completion | None:
+    """Offer note ids, tags and styles to clients that autocomplete arguments."""
+    prefix = argument.value.lower()
+    if argument.name == "note_id":
+        candidates = [note.id for note in await find_notes(current_user().subject)]
+    elif argument.name == "tag":
+        candidates = sorted({tag for note in await find_notes(current_user().subject) for tag in note.tags})
+    elif argument.name == "style":
+        candidates = list(DRAFT_STYLES)
+    else:
+        return None
+    matches = [value for value in candidates if value.lower().startswith(prefix)]
+    return Completion(values=matches[:100], total=len(matches), has_more=len(matches) > 100)
+
+
+# --- the notes demo's data: records in the server's store, one per note, listed per owner
+#
+# To drop the demo, delete these, the four note tools, the two notes resources and the two prompts.
+
+
+@dataclass(frozen=True)
+class Note:
+    kind: ClassVar[str] = "note"  # its records' kind in the store
+
+    id: str
+    title: str
+    body: str
+    tags: tuple[str, ...]
+    created_at: float
+
+    @classmethod
+    def new(cls, *, title: str, body: str, tags: tuple[str, ...]) -> "Note":
+        # A letter first, so an id never reads as a number (1e100, 12345678) to clients that guess types.
+        note_id = "n" + secrets.token_hex(4)
+        return cls(id=note_id, title=title, body=body, tags=tags, created_at=round(time.time(), 3))
+
+    def view(self) -> NoteView:
+        return NoteView(id=self.id, title=self.title, body=self.body, tags=list(self.tags),
+                        created_at=self.created_at)
+
+    def markdown(self) -> str:
+        tags = f"\n\nTags: {', '.join(self.tags)}" if self.tags else ""
+        return f"# {self.title}\n\n{self.body}{tags}"
+
+    def matches(self, words: Sequence[str], tag: str | None) -> bool:
+        """Every word in the title or body (case-insensitive), and the tag if one is given."""
+        text = f"{self.title}\n{self.body}".casefold()
+        return all(word.casefold() in text for word in words) and (tag is None or tag in self.tags)
+
+
+def note_key(owner: str, note_id: str) -> str:
+    return f"{owner} {note_id}"
+
+
+async def save_note(owner: str, note: Note) -> None:
+    await runtime().store.put(Entry(note_key(owner, note.id), note, owner=owner, order=note.created_at))
+    await runtime().announce_resources_changed(owner, ["notes://index", f"notes://{note.id}"])
+
+
+async def get_note(owner: str, note_id: str) -> Note | None:
+    return await runtime().store.get(Note, note_key(owner, note_id))
+
+
+async def find_notes(owner: str, *, query: str = "", tag: str | None = None) -> list[Note]:
+    """The owner's notes with every word of `query` and the tag, newest first."""
+    words = query.split()
+    return [note for note in await runtime().store.find(Note, owner) if note.matches(words, tag)]
+
+
+async def remove_note(owner: str, note_id: str) -> bool:
+    deleted = await runtime().store.delete(Note, note_key(owner, note_id))
+    if deleted:
+        await runtime().announce_resources_changed(owner, ["notes://index", f"notes://{note_id}"])
+    return deleted
+
+
+def normalise_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(tag.strip().lower() for tag in tags if tag.strip()))
+
+
+def confirmation_of(answer: Any) -> Literal["confirmed", "declined", "cancelled", "not asked"]:
+    if getattr(answer, "action", None) == "accept":
+        data = answer.data
+        if data == NOT_ASKED:
+            return NOT_ASKED
+        return "confirmed" if isinstance(data, DeleteConfirmation) and data.confirm else "declined"
+    return "declined" if getattr(answer, "action", None) == "decline" else "cancelled"
+
+
+# === The server's machinery below: adding a tool, resource or prompt needs none of it ===
+#
+# Settings, storage, the MCP plumbing, sign-in with Google, the OAuth provider, the pages, the HTTP
+# app and the command line. Read on to change how the server runs, not what it offers.
+
+
+# === 2. Settings =============================================================
+
+MCP_PATH = "/mcp"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
-GOOGLE_CALLBACK_PATH = "/oauth/google/callback"
-ACCOUNT_SIGN_IN_MAX_AGE_S = 3600  # /account asks Google again after this, so the access policy is fresh
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
-SERVER_UNAVAILABLE = -32000  # JSON-RPC's implementation-defined server error; over HTTP, 503
-STORE_FAILED = "The server's storage is unavailable right now; retry in a few seconds"
-RETRY_AFTER_S = 2
-
-
-# === 1. Settings =============================================================
-
 
 class ConfigError(Exception):
     """The configuration cannot work; the message names every problem found."""
@@ -486,599 +872,26 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-# === 2. The MCP server and what its handlers reach ===========================
+
+def derive_key(secret_key: Secret, purpose: bytes) -> bytes:
+    """A 32-byte key for one purpose, so SECRET_KEY itself is never used directly."""
+    return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(secret_key.value.encode())
+
+
+# === 3. Storage ==============================================================
 #
-# Handlers below need three things from the running server, each one call away:
-# `current_user()` (who is calling), `runtime()` (settings and store) and `CHANGES` (the bus that
-# tells listening clients their resource list changed).
-
-
-@dataclass(frozen=True)
-class User:
-    """The person behind the current request."""
-
-    subject: str
-    email: str | None = None
-    name: str | None = None
-    hosted_domain: str | None = None
-    client_id: str | None = None
-
-
-LOCAL_USER = User(subject="local", name="Local user")
-
-
-def current_user() -> User:
-    """Who sent the message being handled: the signed-in account, or the local user."""
-    token = get_access_token()
-    if token is None:
-        return LOCAL_USER
-    claims = token.claims or {}
-    return User(
-        subject=token.subject or token.client_id,
-        email=claims.get("email"),
-        name=claims.get("name"),
-        hosted_domain=claims.get("hd"),
-        client_id=token.client_id,
-    )
-
-
-_current_runtime: ContextVar["Runtime"] = ContextVar("stream_http_runtime")
-_serving_runtime: ContextVar["Runtime"] = ContextVar("stream_http_serving_runtime")
-
-
-def runtime() -> "Runtime":
-    """The running server's shared state (settings, store) for the message being handled."""
-    return _current_runtime.get()
-
-
-async def share_runtime(ctx: ServerRequestContext["Runtime", Any], call_next: CallNext) -> HandlerResult:
-    """Make the lifespan's runtime reachable from every handler, including static resources and
-    completions, which the SDK calls without a Context."""
-    token = _current_runtime.set(ctx.lifespan_context)
-    try:
-        return await call_next(ctx)
-    finally:
-        _current_runtime.reset(token)
-
-
-@asynccontextmanager
-async def runtime_lifespan(server: "MCPServer[Runtime]") -> AsyncIterator["Runtime"]:
-    """Yield the HTTP app's runtime, or under `mcp run` (stdio) open one from the environment."""
-    serving = _serving_runtime.get(None)
-    if serving is not None:
-        yield serving
-        return
-    async with Runtime(load_settings()) as opened:
-        yield opened
-
-
-@dataclass(frozen=True)
-class NotesChanged(ResourcesListChanged):
-    """The list of `owner`'s notes changed: a resources list-changed event for that user only."""
-
-    owner: str = ""
-
-
-@dataclass(frozen=True)
-class NoteUpdated(ResourceUpdated):
-    """A resource of `owner` changed (notes://index or one note): for that user's subscribers only."""
-
-    owner: str = ""
-
-
-LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
-STDIO_SESSION = "stdio"
-
-
-@dataclass
-class HandshakeSession:
-    """A stateful 2025-era session: who owns it, its log level, the resources it subscribed to."""
-
-    owner: str
-    session: ServerSession  # the latest request's proxy; its connection channel outlives the request
-    log_level: str = "debug"
-    watched: set[str] = field(default_factory=set)
-    last_active: float = field(default_factory=time.monotonic)  # when its last HTTP request ended
-
-
-class ChangeBus:
-    """Delivers change events to the connections they concern, in both protocol eras.
-
-    It is the SDK's `SubscriptionBus` for `subscriptions/listen` streams (2026-07-28), and it keeps
-    the handshake-era sessions whose GET stream receives `notifications/resources/list_changed`
-    and `notifications/resources/updated`. An event that names an owner reaches only that user.
-    """
-
-    def __init__(self) -> None:
-        self._listeners: dict[object, tuple[str, Callable[[ServerEvent], None]]] = {}
-        self._sessions: dict[str, HandshakeSession] = {}
-        self._in_flight: dict[str, int] = {}  # HTTP requests being served, per session (GET streams included)
-        self._swept = time.monotonic()
-
-    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
-        """Register a listen stream for the user who opened it."""
-        token = object()
-        self._listeners[token] = (current_user().subject, listener)
-
-        def unsubscribe() -> None:
-            self._listeners.pop(token, None)
-
-        return unsubscribe
-
-    def session(self, session_id: str, owner: str, session: ServerSession, limit: int,
-                idle_s: float) -> HandshakeSession:
-        """The record of a handshake-era session, made on its first request (oldest dropped past `limit`)."""
-        known = self._sessions.get(session_id)
-        if known is None or known.owner != owner:
-            self.forget_idle(idle_s)
-            known = self._sessions[session_id] = HandshakeSession(owner, session)
-            while len(self._sessions) > limit:
-                self._sessions.pop(next(iter(self._sessions)))
-        known.session = session
-        return known
-
-    # A record holds its session's objects, so it must go when the SDK ends the session: on a DELETE,
-    # or once no request of it has been in flight (no POST, no open GET stream) for the idle timeout.
-
-    def request_started(self, session_id: str) -> None:
-        self._in_flight[session_id] = self._in_flight.get(session_id, 0) + 1
-
-    def request_ended(self, session_id: str, *, deleted: bool) -> None:
-        left = self._in_flight.pop(session_id, 1) - 1
-        if left > 0:
-            self._in_flight[session_id] = left
-        if deleted:
-            self._sessions.pop(session_id, None)
-        elif known := self._sessions.get(session_id):
-            known.last_active = time.monotonic()
-
-    def forget_idle(self, idle_s: float) -> None:
-        """Drop the records of sessions the SDK has closed for idling (looked for at most once a second)."""
-        now = time.monotonic()
-        if now - self._swept < 1:
-            return
-        self._swept = now
-        for session_id, known in list(self._sessions.items()):
-            if session_id not in self._in_flight and now - known.last_active > idle_s and session_id != STDIO_SESSION:
-                del self._sessions[session_id]
-
-    @property
-    def session_count(self) -> int:
-        return len(self._sessions)
-
-    def log_level(self, session_id: str | None) -> str:
-        known = self._sessions.get(session_id or "")
-        return known.log_level if known else LOG_LEVELS[0]
-
-    async def publish(self, event: ServerEvent) -> None:
-        owner = getattr(event, "owner", None)
-        for listener_owner, listener in list(self._listeners.values()):
-            if owner is None or owner == listener_owner:
-                try:
-                    listener(event)
-                except Exception:  # one broken stream must not keep the event from the others
-                    logger.exception("a listen stream failed to take an event")
-        if owner is not None:
-            await self._notify_sessions(owner, event)
-        await anyio.lowlevel.checkpoint()
-
-    async def _notify_sessions(self, owner: str, event: ServerEvent) -> None:
-        for session_id, known in list(self._sessions.items()):
-            if known.owner != owner:
-                continue
-            if isinstance(event, ResourceUpdated):
-                if event.uri not in known.watched:
-                    continue
-                notify = known.session.send_resource_updated(event.uri)
-            else:
-                notify = known.session.send_resource_list_changed()
-            with anyio.move_on_after(LIST_NOTIFY_TIMEOUT_S):
-                try:
-                    await notify
-                    continue
-                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    pass
-            logger.debug("session %s no longer listens; forgetting it", session_id)
-            self._sessions.pop(session_id, None)
-
-
-CHANGES = ChangeBus()
-
-
-async def serve_handshake_sessions(ctx: ServerRequestContext["Runtime", Any], call_next: CallNext) -> HandlerResult:
-    """What 2025-era sessions get beyond the SDK: list-changed and resource-updated notifications
-    on their GET stream, resource subscriptions, and a log level they can set."""
-    if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS or ctx.request_id is None:  # a notification: not ours
-        return await call_next(ctx)
-    settings = runtime().settings
-    # Over stdio the process serves one client: its whole life is one session.
-    session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else STDIO_SESSION
-    known = None
-    if session_id and not settings.stateless:
-        known = CHANGES.session(session_id, current_user().subject, ctx.session, settings.max_sessions,
-                                settings.session_idle_timeout_s)
-    params = ctx.params or {}
-    if ctx.method == "logging/setLevel":
-        if params.get("level") not in LOG_LEVELS:
-            raise MCPError(INVALID_PARAMS, f"level must be one of {', '.join(LOG_LEVELS)}")
-        if known is not None:
-            known.log_level = params["level"]
-        return {}
-    if ctx.method in ("resources/subscribe", "resources/unsubscribe"):
-        uri = params.get("uri")
-        if not isinstance(uri, str) or not uri:
-            raise MCPError(INVALID_PARAMS, "uri must be a non-empty string")
-        if known is not None and ctx.method == "resources/subscribe":
-            known.watched.add(uri)
-        elif known is not None:
-            known.watched.discard(uri)
-        return {}
-    result = await call_next(ctx)
-    if ctx.method == "initialize" and isinstance(result, dict):
-        capabilities = result.setdefault("capabilities", {})
-        capabilities.setdefault("resources", {}).update(listChanged=not settings.stateless,
-                                                        subscribe=not settings.stateless)
-        capabilities["logging"] = {}
-    return result
-
-
-_known_tools: set[str] = set()
-
-
-async def is_known_tool(name: str) -> bool:
-    """Whether `name` is a tool. Listing the tools builds every tool's schema, which cost more than the
-    call itself, so the names are remembered and listed again only for a name not seen before (a tool
-    added while serving is found; a removed one is left to the SDK, which answers it as a tool error)."""
-    if name not in _known_tools:
-        _known_tools.update(tool.name for tool in await mcp.list_tools())
-    return name in _known_tools
-
-
-async def name_unknown_primitives(ctx: ServerRequestContext["Runtime", Any], call_next: CallNext) -> HandlerResult:
-    """Answer an unknown tool or prompt, or a prompt that cannot render, with the spec's -32602
-    (the SDK reports the first as a tool result and the others with error code 0)."""
-    if ctx.method == "tools/call":
-        name = (ctx.params or {}).get("name")
-        if isinstance(name, str) and not await is_known_tool(name):
-            raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
-    if ctx.method != "prompts/get":
-        return await call_next(ctx)
-    try:
-        return await call_next(ctx)
-    except ValueError as exc:
-        raise MCPError(INVALID_PARAMS, str(exc)) from exc
-
-
-mcp: "MCPServer[Runtime]" = MCPServer(
-    SERVER_NAME,
-    title="stream-http",
-    version=VERSION,
-    instructions=(
-        "A personal notebook and a few utilities. Use search_notes before add_note to avoid "
-        "duplicates; notes belong to the signed-in user and nobody else sees them."
-    ),
-    lifespan=runtime_lifespan,
-    subscriptions=CHANGES,
-    middleware=[share_runtime, serve_handshake_sessions, name_unknown_primitives],
-)
-"""What `mcp run server.py` and `mcp dev server.py` load; `build_app` serves it over HTTP."""
-
-
-# === 3. Tools, resources, prompts (edit here) ================================
-#
-# Plain functions: their docstrings and `Field` descriptions are what the model reads.
-
-READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
-                            open_world_hint=False)
-
-
-# --- tools
-#
-# A tool that does no blocking work is `async def`: the SDK runs a plain `def` tool in a worker
-# thread, a hop that costs more than these tools themselves.
-
-
-@mcp.tool(title="Echo", annotations=READ_ONLY)
-async def echo(
-    message: Annotated[str, Field(description="Text to send back.", max_length=10_000)],
-) -> str:
-    """Return the message unchanged. Useful to check that the connection works."""
-    return message
-
-
-@mcp.tool(title="Add two numbers", annotations=READ_ONLY)
-async def add(
-    a: Annotated[float, Field(description="First addend.")],
-    b: Annotated[float, Field(description="Second addend.")],
-) -> float:
-    """Add two numbers and return the sum."""
-    return a + b
-
-
-class Identity(BaseModel):
-    subject: str = Field(description="Stable identifier of the account.")
-    email: str | None = Field(description="Verified email address, when signed in.")
-    name: str | None = Field(description="Display name.")
-    hosted_domain: str | None = Field(description="Google Workspace domain, when there is one.")
-    client_id: str | None = Field(description="The MCP client this request came through.")
-    authenticated: bool = Field(description="False when the server runs without sign-in.")
-
-
-@mcp.tool(title="Who am I", annotations=READ_ONLY)
-async def whoami() -> Identity:
-    """Describe the account this conversation acts for: who owns the notes and which client is
-    connected. Without sign-in, everyone is the same local user."""
-    user = current_user()
-    return Identity(**dataclasses.asdict(user), authenticated=user is not LOCAL_USER)
-
-
-class NoteView(BaseModel):
-    id: str = Field(description="Identifier to pass to delete_note or read as notes://{id}.")
-    title: str
-    body: str
-    tags: list[str]
-    created_at: float = Field(description="Unix time the note was written.")
-
-
-class NoteList(BaseModel):
-    notes: list[NoteView]
-    total: int = Field(description="How many notes matched, before the limit.")
-
-
-Tag = Annotated[str, Field(min_length=1, max_length=NOTE_TAG_MAX_CHARS, pattern=r"^[\w-]+$")]
-
-
-@mcp.tool(title="Add a note", annotations=ToolAnnotations(
-    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=False))
-async def add_note(
-    title: Annotated[str, Field(description="Short title.", min_length=1, max_length=NOTE_TITLE_MAX_CHARS)],
-    body: Annotated[str, Field(description="The note itself (Markdown).", max_length=NOTE_BODY_MAX_CHARS)] = "",
-    tags: Annotated[list[Tag], Field(description="Labels (letters, digits, - and _), "
-                                     "used by search_notes.", max_length=NOTE_TAGS_MAX)] = [],  # noqa: B006
-) -> NoteView:
-    """Save a note in the user's private notebook and return it with its new id."""
-    note = Note.new(title=title.strip(), body=body, tags=normalise_tags(tags))
-    owner = current_user().subject
-    await runtime().store.add_note(owner, note)
-    await runtime().announce_notes_changed(owner, note.id)
-    return note.view()
-
-
-@mcp.tool(title="Search notes", annotations=READ_ONLY)
-async def search_notes(
-    query: Annotated[str, Field(description="Words to look for in titles and bodies; "
-                                "empty matches every note.", max_length=200)] = "",
-    tag: Annotated[str | None, Field(description="Only notes with this tag.", max_length=NOTE_TAG_MAX_CHARS)] = None,
-    limit: Annotated[int, Field(description="Most notes to return.", ge=1, le=SEARCH_LIMIT_MAX)] = 20,
-) -> NoteList:
-    """Find the user's notes by words and tag, newest first."""
-    found, total = await runtime().store.find_notes(
-        current_user().subject, query=query.strip(), tag=tag.lower() if tag else None, limit=limit
-    )
-    return NoteList(notes=[note.view() for note in found], total=total)
-
-
-class DeleteConfirmation(BaseModel):
-    confirm: bool = Field(description="Delete this note for good?")
-
-
-NOT_ASKED = "not asked"
-
-
-async def ask_before_deleting(note_id: str, ctx: Context) -> Elicit[DeleteConfirmation] | str:
-    """Ask the user to confirm, where this connection can carry the question."""
-    note = await runtime().store.get_note(current_user().subject, note_id)
-    if note is None:
-        raise ToolError(f"There is no note {note_id!r}. search_notes lists the ids.")
-    if not can_ask_user(ctx):
-        return NOT_ASKED
-    return Elicit(f"Delete the note {note.title!r} ({note_id})? This cannot be undone.", DeleteConfirmation)
-
-
-class DeleteOutcome(BaseModel):
-    deleted: bool
-    note_id: str
-    confirmation: Literal["confirmed", "declined", "cancelled", "not asked"] = Field(
-        description="What the user said; 'not asked' when the connection cannot ask "
-        "(stateless or JSON-response HTTP, or a client without elicitation).")
-
-
-@mcp.tool(title="Delete a note", annotations=ToolAnnotations(
-    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False))
-async def delete_note(
-    note_id: Annotated[str, Field(description="Id of the note, as search_notes returns it.", max_length=64)],
-    answer: Annotated[ElicitationResult[DeleteConfirmation], Resolve(ask_before_deleting)],
-) -> DeleteOutcome:
-    """Delete one of the user's notes. Where the client supports it, the user is asked to confirm
-    first and nothing is deleted unless they agree. Where the connection cannot ask (stateless or
-    JSON-response HTTP, or a client without elicitation) the note is deleted straight away and the
-    result says 'not asked': rely on the client's own confirmation for destructive tools."""
-    verdict = confirmation_of(answer)
-    if verdict not in ("confirmed", NOT_ASKED):
-        return DeleteOutcome(deleted=False, note_id=note_id, confirmation=verdict)
-    owner = current_user().subject
-    deleted = await runtime().store.delete_note(owner, note_id)
-    if deleted:
-        await runtime().announce_notes_changed(owner, note_id)
-    return DeleteOutcome(deleted=deleted, note_id=note_id, confirmation=verdict)
-
-
-class TaskReport(BaseModel):
-    steps_completed: int
-    seconds: float
-
-
-@mcp.tool(title="Run a long task", annotations=READ_ONLY)
-async def long_task(
-    ctx: Context,
-    steps: Annotated[int, Field(description="How many steps to run.", ge=1, le=LONG_TASK_STEPS_MAX)] = 5,
-    step_seconds: Annotated[float, Field(description="Seconds each step takes.", ge=0, le=5)] = 0.5,
-) -> TaskReport:
-    """Run a task in steps, reporting progress and a log message after each one. A model can use it
-    to see how the client shows long-running work."""
-    started = time.monotonic()
-    for step in range(1, steps + 1):
-        await anyio.sleep(step_seconds)
-        await ctx.report_progress(step, steps, f"step {step} of {steps}")
-        await send_log(ctx, f"long_task finished step {step} of {steps}")
-    return TaskReport(steps_completed=steps, seconds=round(time.monotonic() - started, 3))
-
-
-class GoogleProfile(BaseModel):
-    subject: str = Field(description="The Google account's stable id.")
-    email: str | None
-    email_verified: bool | None
-    name: str | None
-    picture: str | None = Field(description="URL of the profile picture.")
-    hosted_domain: str | None = Field(description="Google Workspace domain, when there is one.")
-    locale: str | None = None
-
-
-@mcp.tool(title="Google profile", annotations=ToolAnnotations(
-    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
-async def google_profile() -> GoogleProfile:
-    """Fetch the signed-in person's profile from Google (name, email, picture, Workspace domain) with
-    their own Google authorization, which this server keeps and refreshes. Shows how a tool reaches a
-    Google API on the user's behalf. Needs the "google" scope; on a server without sign-in it says so."""
-    provider, user = runtime().provider, current_user()
-    if provider is None or user is LOCAL_USER:
-        raise ToolError("This server runs without sign-in, so there is no Google account to ask. "
-                        "Set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET to turn sign-in on.")
-    try:
-        info = await provider.google.userinfo(await provider.google_access_token(user.subject))
-    except GoogleRevoked as exc:
-        await provider.end_access(user.subject, reason=f"Google withdrew the authorization ({exc})")
-        raise ToolError("Google no longer honours your sign-in, so this server has signed you out. "
-                        "Connect again to sign in.") from exc
-    except (GoogleError, httpx2.HTTPError) as exc:
-        raise ToolError(f"Google could not be reached just now: {exc}") from exc
-    return GoogleProfile(subject=str(info.get("sub", user.subject)), email=info.get("email"),
-                         email_verified=info.get("email_verified"), name=info.get("name"),
-                         picture=info.get("picture"), hosted_domain=info.get("hd"), locale=info.get("locale"))
-
-
-# --- resources
-
-
-@mcp.resource("notes://index", name="Notes index", mime_type="application/json")
-async def notes_index() -> str:
-    """Every note of the user: id, title, tags and when it was written, newest first."""
-    found, _ = await runtime().store.find_notes(current_user().subject, limit=SEARCH_LIMIT_MAX)
-    return json.dumps([{"id": n.id, "title": n.title, "tags": list(n.tags), "created_at": n.created_at}
-                       for n in found])
-
-
-@mcp.resource("notes://{note_id}", name="Note", mime_type="text/markdown")
-async def note_text(note_id: str) -> str:
-    """One note of the user, as Markdown."""
-    note = await runtime().store.get_note(current_user().subject, note_id)
-    if note is None:
-        raise ResourceNotFoundError(f"There is no note {note_id!r}")
-    return note.markdown()
-
-
-@mcp.resource("server://info", name="Server info", mime_type="application/json")
-def server_info() -> str:
-    """What this server is and how it runs: version, transport mode, enabled features."""
-    settings = runtime().settings
-    return json.dumps({
-        "name": SERVER_NAME,
-        "version": VERSION,
-        "mcp_endpoint": settings.mcp_url,
-        "mode": settings.mode,
-        "protocol_eras": ["2025-11-25 (initialize handshake)", *MODERN_PROTOCOL_VERSIONS],
-        "features": {
-            "sign_in": settings.auth_enabled,
-            "resumable_streams": not settings.stateless,
-            "store": urlsplit(settings.store_url).scheme,
-        },
-    })
-
-
-# --- prompts
-
-DRAFT_STYLES = ("email", "blog post", "summary", "tweet")
-
-
-@mcp.prompt(title="Summarize notes")
-async def summarize_notes(tag: str | None = None) -> list[UserMessage]:
-    """Ask the model to summarize the user's notes, optionally only those with one tag."""
-    found, _ = await runtime().store.find_notes(current_user().subject, tag=tag, limit=SEARCH_LIMIT_MAX)
-    if not found:
-        return [UserMessage(f"I have no notes{f' tagged {tag!r}' if tag else ''} yet. Say so briefly.")]
-    notes = "\n\n".join(note.markdown() for note in found)
-    return [UserMessage(f"Summarize these notes in a few bullet points:\n\n{notes}")]
-
-
-@mcp.prompt(title="Draft from a note")
-async def draft_from_note(note_id: str, style: str = "email") -> list[UserMessage]:
-    """Ask the model to turn one note into a draft in the given style."""
-    note = await runtime().store.get_note(current_user().subject, note_id)
-    if note is None:
-        raise MCPError(INVALID_PARAMS, f"There is no note {note_id!r}")
-    return [UserMessage(f"Write a {style} based on this note:\n\n{note.markdown()}")]
-
-
-# --- completions
-
-
-@mcp.completion()
-async def complete_argument(
-    ref: PromptReference | ResourceTemplateReference,
-    argument: CompletionArgument,
-    context: CompletionContext | None,
-) -> Completion | None:
-    """Offer note ids, tags and styles to clients that autocomplete arguments."""
-    prefix = argument.value.lower()
-    if argument.name == "note_id":
-        candidates = await runtime().store.note_ids(current_user().subject)
-    elif argument.name == "tag":
-        candidates = await runtime().store.note_tags(current_user().subject)
-    elif argument.name == "style":
-        candidates = list(DRAFT_STYLES)
-    else:
-        return None
-    matches = [value for value in candidates if value.lower().startswith(prefix)]
-    return Completion(values=matches[:100], total=len(matches), has_more=len(matches) > 100)
-
-
-# --- helpers the surface uses
-
-
-def normalise_tags(tags: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(tag.strip().lower() for tag in tags if tag.strip()))
-
-
-def can_ask_user(ctx: Context) -> bool:
-    """Whether this connection can put a question to the user in the middle of a tool call."""
-    if not ctx.session.check_client_capability(ClientCapabilities(elicitation=ElicitationCapability())):
-        return False
-    return ctx.protocol_version in MODERN_PROTOCOL_VERSIONS or ctx.session.can_send_request
-
-
-def confirmation_of(answer: Any) -> Literal["confirmed", "declined", "cancelled", "not asked"]:
-    if getattr(answer, "action", None) == "accept":
-        data = answer.data
-        if data == NOT_ASKED:
-            return NOT_ASKED
-        return "confirmed" if isinstance(data, DeleteConfirmation) and data.confirm else "declined"
-    return "declined" if getattr(answer, "action", None) == "decline" else "cancelled"
-
-
-async def send_log(ctx: Context, message: str, level: str = "info") -> None:
-    """Send a log notification at or above the level the session asked for. Logging is deprecated from
-    protocol 2026-07-28 on, where it only reaches clients that opt in; it still works everywhere, so
-    the SDK's deprecation warning is silenced here."""
-    session_id = ctx.headers.get("mcp-session-id") if ctx.headers else STDIO_SESSION
-    if LOG_LEVELS.index(level) < LOG_LEVELS.index(CHANGES.log_level(session_id)):
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MCPDeprecationWarning)
-        pending = ctx.session.send_log_message(level, message, SERVER_NAME, related_request_id=ctx.request_id)
-    await pending
-
-
-# === 4. Storage ==============================================================
+# One small API for everything the server keeps: typed records, each with a kind, a key, an
+# expiry, and optionally an owner (who lists them, newest first) and a group (ended together).
+# A record type is a dataclass or pydantic model with a `kind` class attribute; values go in and
+# come out typed. The OAuth provider and the notes demo both keep their data this way, and so can
+# your own tools. Every change is atomic: `take` reads and deletes in one step, so a one-time
+# value cannot be used twice, and `swap` is compare-and-swap; the `then` entries either call
+# writes (or, with `Gone`, deletes) are saved in the same step, or not at all.
+
+SERVER_UNAVAILABLE = -32000  # JSON-RPC's implementation-defined server error; over HTTP, 503
+STORE_FAILED = "The server's storage is unavailable right now; retry in a few seconds"
+RETRY_AFTER_S = 2
+PURGE_INTERVAL_S = 600
 
 
 class StorageError(MCPError):
@@ -1098,110 +911,125 @@ class StoreUnavailable(StorageError):
     """The store cannot be reached; requests get 503 until it is back."""
 
 
-@dataclass(frozen=True)
-class Note:
-    id: str
-    title: str
-    body: str
-    tags: tuple[str, ...]
-    created_at: float
+class StoredRecord(Protocol):
+    """What a record type has: the kind its records are stored under."""
 
-    @classmethod
-    def new(cls, *, title: str, body: str, tags: tuple[str, ...]) -> "Note":
-        # A letter first, so an id never reads as a number (1e100, 12345678) to clients that guess types.
-        note_id = "n" + secrets.token_hex(4)
-        return cls(id=note_id, title=title, body=body, tags=tags, created_at=round(time.time(), 3))
-
-    def view(self) -> NoteView:
-        return NoteView(id=self.id, title=self.title, body=self.body, tags=list(self.tags),
-                        created_at=self.created_at)
-
-    def markdown(self) -> str:
-        tags = f"\n\nTags: {', '.join(self.tags)}" if self.tags else ""
-        return f"# {self.title}\n\n{self.body}{tags}"
-
-    def matches(self, words: Sequence[str], tag: str | None) -> bool:
-        """Every word in the title or body (case-insensitive), and the tag if one is given."""
-        text = f"{self.title}\n{self.body}".casefold()
-        return all(word.casefold() in text for word in words) and (tag is None or tag in self.tags)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "tags": list(self.tags)}
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> "Note":
-        return cls(**{**value, "tags": tuple(value["tags"])})
+    kind: ClassVar[str]
 
 
-class Record(NamedTuple):
-    """One stored value: `kind:key`, expiring after `ttl_s`, indexed by grant and by person."""
+R = TypeVar("R", bound=StoredRecord)
 
-    kind: str
+
+class Entry(NamedTuple):
+    """A record to save: `value` under `key`, living `ttl_s` (None: until deleted). With an `owner`,
+    `find(type, owner)` lists it, highest `order` first; with a `group`, `delete_group` ends it."""
+
     key: str
-    value: dict[str, Any]
+    value: Any
     ttl_s: float | None = None
-    grant_id: str | None = None
-    subject: str | None = None
+    owner: str | None = None
+    group: str | None = None
+    order: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return type(self.value).kind
+
+
+class Gone(NamedTuple):
+    """A record to delete as part of a `take` or `swap`."""
+
+    record_type: type[StoredRecord]
+    key: str
+
+    @property
+    def kind(self) -> str:
+        return self.record_type.kind
+
+
+@cache
+def record_adapter(record_type: type[Any]) -> TypeAdapter[Any]:
+    return TypeAdapter(record_type)
+
+
+def to_json(value: Any) -> str:
+    """The one serialisation of stored values; sorted keys so equal values compare equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def encode_record(value: Any) -> str:
+    return to_json(record_adapter(type(value)).dump_python(value, mode="json"))
+
+
+def decode_record(record_type: type[R], text: str | bytes) -> R | None:
+    """A stored value as `record_type`, or None (logged) for one this version cannot read: an unusable
+    record is treated as absent, so a bad token is refused and a bad registration registers again."""
+    try:
+        return record_adapter(record_type).validate_json(text)
+    except ValidationError as exc:
+        logger.error("store error: a stored %s does not read as %s: %s", record_type.kind, record_type.__name__,
+                     exc.errors(include_input=False, include_url=False))
+        return None
+
+
+def decode_records(record_type: type[R], texts: Iterable[str]) -> list[R]:
+    return [record for record in (decode_record(record_type, text) for text in texts) if record is not None]
 
 
 class Store(Protocol):
-    """Where state lives: notes, and expiring records keyed `kind:key` (clients, sign-in transactions,
-    codes, tokens, grants, consents, Google tokens). Every method is atomic: `take_record` reads and
-    deletes in one step so a one-time value cannot be used twice, and the `then` records it and
-    `swap_record` write are saved in the same step, or not at all.
-
-    A store shared by several processes also carries their change announcements (`publish` and
-    `messages`) and their locks; the embedded one does both within its process."""
+    """Where state lives. A store shared by several processes also carries their change
+    announcements (`publish` and `messages`), their locks and their rate counters; the embedded
+    one keeps all three within its process."""
 
     @property
     def available(self) -> bool: ...
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
-    async def put_records(self, records: Sequence[Record]) -> None: ...
-    async def get_record(self, kind: str, key: str) -> dict[str, Any] | None: ...
-    async def take_record(self, kind: str, key: str, then: Sequence[Record] = ()) -> dict[str, Any] | None: ...
-    async def swap_record(self, kind: str, key: str, expected: dict[str, Any], replacement: dict[str, Any],
-                          then: Sequence[Record] = ()) -> bool: ...
-    async def delete_record(self, kind: str, key: str) -> None: ...
-    async def find_records(self, kind: str, subject: str) -> list[dict[str, Any]]: ...
-    async def delete_grant(self, grant_id: str) -> int: ...
+    async def put(self, *entries: Entry) -> None: ...
+    async def get(self, record_type: type[R], key: str) -> R | None: ...
+    async def take(self, record_type: type[R], key: str, then: Sequence[Entry | Gone] = ()) -> R | None: ...
+    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool: ...
+    async def delete(self, record_type: type[StoredRecord], key: str) -> bool: ...
+    async def find(self, record_type: type[R], owner: str) -> list[R]: ...
+    async def delete_group(self, group: str) -> int: ...
     async def purge_expired(self) -> int: ...
-    async def add_note(self, owner: str, note: Note) -> None: ...
-    async def get_note(self, owner: str, note_id: str) -> Note | None: ...
-    async def find_notes(self, owner: str, *, query: str = "", tag: str | None = None,
-                         limit: int = 20) -> tuple[list[Note], int]: ...
-    async def delete_note(self, owner: str, note_id: str) -> bool: ...
-    async def note_ids(self, owner: str) -> list[str]: ...
-    async def note_tags(self, owner: str) -> list[str]: ...
+    async def hit(self, bucket: str, window_s: float) -> tuple[int, float]: ...
     def lock(self, name: str, ttl_s: float) -> AbstractAsyncContextManager[None]: ...
     async def publish(self, message: dict[str, Any]) -> None: ...
     def messages(self) -> AsyncIterator[dict[str, Any]]: ...
     def event_store(self, max_events: int, ttl_s: float) -> EventStore: ...
 
 
+# --- SQLite: the embedded store
+
 SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS notes (
-    owner TEXT NOT NULL,
-    id TEXT NOT NULL,
-    title TEXT NOT NULL,
-    body TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (owner, id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS notes_by_owner_time ON notes (owner, created_at DESC);
 CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL,
     key TEXT NOT NULL,
     value TEXT NOT NULL,
     expires_at REAL,
-    grant_id TEXT,
-    subject TEXT,
+    owner TEXT,
+    grp TEXT,
+    ord REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (kind, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS records_by_grant ON records (grant_id) WHERE grant_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS records_by_subject ON records (kind, subject) WHERE subject IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_by_owner ON records (kind, owner, ord DESC) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_by_group ON records (grp) WHERE grp IS NOT NULL;
+"""
+# Version 0.1 named the columns after grants and people and kept notes in a table of their own.
+SQLITE_UPGRADE_FROM_0_1 = """
+ALTER TABLE records RENAME COLUMN grant_id TO grp;
+ALTER TABLE records RENAME COLUMN subject TO owner;
+ALTER TABLE records ADD COLUMN ord REAL NOT NULL DEFAULT 0;
+DROP INDEX IF EXISTS records_by_grant;
+DROP INDEX IF EXISTS records_by_subject;
+"""
+SQLITE_NOTES_FROM_0_1 = """
+INSERT OR IGNORE INTO records (kind, key, value, expires_at, owner, grp, ord)
+SELECT 'note', owner || ' ' || id, json_object('id', id, 'title', title, 'body', body, 'tags', json(tags),
+       'created_at', created_at), NULL, owner, NULL, created_at FROM notes;
+DROP TABLE notes;
 """
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
@@ -1220,6 +1048,7 @@ class SQLiteStore:
         self._reader: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._locks: weakref.WeakValueDictionary[str, anyio.Lock] = weakref.WeakValueDictionary()
+        self._hits: dict[str, tuple[float, int]] = {}  # rate counters: this process is the only one
 
     async def _run(self, action: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         def call() -> Any:
@@ -1240,6 +1069,7 @@ class SQLiteStore:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=5000")
+            upgrade_sqlite(db)
             db.executescript(SQLITE_SCHEMA)
             db.isolation_level = ""  # back to implicit transactions, committed by `with db`
             return db
@@ -1262,115 +1092,75 @@ class SQLiteStore:
     async def ping(self) -> None:
         await self._run("ping", lambda db: db.execute("SELECT 1").fetchone())
 
-    async def add_note(self, owner: str, note: Note) -> None:
-        row = (owner, note.id, note.title, note.body, json.dumps(note.tags), note.created_at)
-        await self._run("adding a note", lambda db: db.execute(
-            "INSERT INTO notes VALUES (?, ?, ?, ?, ?, ?)", row))
+    async def put(self, *entries: Entry) -> None:
+        await self._run(f"saving {', '.join(e.kind for e in entries)}", lambda db: _write(db, entries))
 
-    async def get_note(self, owner: str, note_id: str) -> Note | None:
-        row = await self._run("reading a note", lambda db: db.execute(
-            "SELECT id, title, body, tags, created_at FROM notes WHERE owner = ? AND id = ?",
-            (owner, note_id)).fetchone())
-        return _note_from_row(row) if row else None
-
-    async def find_notes(self, owner: str, *, query: str = "", tag: str | None = None,
-                         limit: int = 20) -> tuple[list[Note], int]:
-        where = "owner = ?"
-        args: list[Any] = [owner]
-        for word in query.split():
-            where += " AND (title LIKE ? ESCAPE '\\' OR body LIKE ? ESCAPE '\\')"
-            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
-            args += [pattern, pattern]
-        if tag:
-            where += " AND EXISTS (SELECT 1 FROM json_each(notes.tags) WHERE value = ?)"
-            args.append(tag)
-
-        def search(db: sqlite3.Connection) -> tuple[list[Any], int]:
-            # `where` is assembled from fixed fragments; every value is a bound parameter.
-            total = db.execute(f"SELECT count(*) FROM notes WHERE {where}", args).fetchone()[0]  # noqa: S608
-            rows = db.execute(f"SELECT id, title, body, tags, created_at FROM notes WHERE {where} "  # noqa: S608
-                              "ORDER BY created_at DESC, id LIMIT ?", [*args, limit]).fetchall()
-            return rows, total
-
-        rows, total = await self._run("searching notes", search)
-        return [_note_from_row(row) for row in rows], total
-
-    async def delete_note(self, owner: str, note_id: str) -> bool:
-        cursor = await self._run("deleting a note", lambda db: db.execute(
-            "DELETE FROM notes WHERE owner = ? AND id = ?", (owner, note_id)))
-        return cursor.rowcount > 0
-
-    async def note_ids(self, owner: str) -> list[str]:
-        rows = await self._run("listing note ids", lambda db: db.execute(
-            "SELECT id FROM notes WHERE owner = ? ORDER BY created_at DESC", (owner,)).fetchall())
-        return [row[0] for row in rows]
-
-    async def note_tags(self, owner: str) -> list[str]:
-        rows = await self._run("listing tags", lambda db: db.execute(
-            "SELECT DISTINCT value FROM notes, json_each(notes.tags) WHERE owner = ? ORDER BY value",
-            (owner,)).fetchall())
-        return [row[0] for row in rows]
-
-
-    async def put_records(self, records: Sequence[Record]) -> None:
-        await self._run(f"saving {', '.join(r.kind for r in records)}", lambda db: _insert_records(db, records))
-
-    async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
+    async def get(self, record_type: type[R], key: str) -> R | None:
         if self._reader is None:
-            raise StorageError(f"reading {kind}: the store is not open")
+            raise StorageError(f"reading {record_type.kind}: the store is not open")
         try:
             row = self._reader.execute(f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608
-                                       (kind, key, time.time())).fetchone()
+                                       (record_type.kind, key, time.time())).fetchone()
         except sqlite3.Error as exc:
-            logger.error("store error: reading %s: %s", kind, exc)
-            raise StorageError(f"reading {kind}: {exc}") from exc
-        return json.loads(row[0]) if row else None
+            logger.error("store error: reading %s: %s", record_type.kind, exc)
+            raise StorageError(f"reading {record_type.kind}: {exc}") from exc
+        return decode_record(record_type, row[0]) if row else None
 
-    async def take_record(self, kind: str, key: str, then: Sequence[Record] = ()) -> dict[str, Any] | None:
-        def take(db: sqlite3.Connection) -> Any:
+    async def take(self, record_type: type[R], key: str, then: Sequence[Entry | Gone] = ()) -> R | None:
+        def take(db: sqlite3.Connection) -> str | None:
             row = db.execute("DELETE FROM records WHERE kind = ? AND key = ? RETURNING value, expires_at",
-                             (kind, key)).fetchone()
+                             (record_type.kind, key)).fetchone()
             if row is None or (row[1] is not None and row[1] <= time.time()):
                 return None
-            _insert_records(db, then)
+            _write(db, then)
             return row[0]
 
-        value = await self._run(f"taking {kind}", take)
-        return json.loads(value) if value is not None else None
+        value = await self._run(f"taking {record_type.kind}", take)
+        return decode_record(record_type, value) if value is not None else None
 
-    async def swap_record(self, kind: str, key: str, expected: dict[str, Any], replacement: dict[str, Any],
-                          then: Sequence[Record] = ()) -> bool:
+    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool:
         def swap(db: sqlite3.Connection) -> bool:
             cursor = db.execute(
                 f"UPDATE records SET value = ? WHERE kind = ? AND key = ? AND value = ? AND {LIVE}",  # noqa: S608
-                (to_json(replacement), kind, key, to_json(expected), time.time()))
+                (encode_record(replacement), type(expected).kind, key, encode_record(expected), time.time()))
             if cursor.rowcount != 1:
                 return False
-            _insert_records(db, then)
+            _write(db, then)
             return True
 
-        return await self._run(f"updating {kind}", swap)
+        return await self._run(f"updating {type(expected).kind}", swap)
 
-    async def delete_record(self, kind: str, key: str) -> None:
-        await self._run(f"deleting {kind}", lambda db: db.execute(
-            "DELETE FROM records WHERE kind = ? AND key = ?", (kind, key)))
+    async def delete(self, record_type: type[StoredRecord], key: str) -> bool:
+        cursor = await self._run(f"deleting {record_type.kind}", lambda db: db.execute(
+            "DELETE FROM records WHERE kind = ? AND key = ?", (record_type.kind, key)))
+        return cursor.rowcount > 0
 
-    async def find_records(self, kind: str, subject: str) -> list[dict[str, Any]]:
-        rows = await self._run(f"listing {kind}", lambda db: db.execute(
-            f"SELECT value FROM records WHERE kind = ? AND subject = ? AND {LIVE}",  # noqa: S608 - fixed text
-            (kind, subject, time.time())).fetchall())
-        return [json.loads(row[0]) for row in rows]
+    async def find(self, record_type: type[R], owner: str) -> list[R]:
+        rows = await self._run(f"listing {record_type.kind}", lambda db: db.execute(
+            f"SELECT value FROM records WHERE kind = ? AND owner = ? AND {LIVE} "  # noqa: S608 - fixed text
+            "ORDER BY ord DESC, key DESC", (record_type.kind, owner, time.time())).fetchall())
+        return decode_records(record_type, (row[0] for row in rows))
 
-    async def delete_grant(self, grant_id: str) -> int:
-        cursor = await self._run("revoking a grant", lambda db: db.execute(
-            "DELETE FROM records WHERE grant_id = ?", (grant_id,)))
+    async def delete_group(self, group: str) -> int:
+        cursor = await self._run("ending a group", lambda db: db.execute(
+            "DELETE FROM records WHERE grp = ?", (group,)))
         return cursor.rowcount
 
     async def purge_expired(self) -> int:
         """Drop expired records (Redis expires them by itself)."""
         cursor = await self._run("purging expired records", lambda db: db.execute(
             "DELETE FROM records WHERE expires_at <= ?", (time.time(),)))
+        self._hits = {bucket: hit for bucket, hit in self._hits.items() if hit[0] > time.monotonic()}
         return cursor.rowcount
+
+    async def hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        """Count one more hit on `bucket` in its current window: the count, and seconds to the window's end."""
+        now = time.monotonic()
+        ends, hits = self._hits.get(bucket, (0.0, 0))
+        if ends <= now:
+            ends, hits = now + window_s, 0
+        self._hits[bucket] = (ends, hits + 1)
+        return hits + 1, ends - now
 
     @asynccontextmanager
     async def lock(self, name: str, ttl_s: float) -> AsyncIterator[None]:
@@ -1389,55 +1179,71 @@ class SQLiteStore:
         return MemoryEventStore(max_events)
 
 
-def _insert_records(db: sqlite3.Connection, records: Sequence[Record]) -> None:
+def upgrade_sqlite(db: sqlite3.Connection) -> None:
+    """Bring a database written by an earlier version to this one's schema, keeping every record."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
+    if "grant_id" in columns:
+        db.executescript(SQLITE_UPGRADE_FROM_0_1)
+        logger.info("upgraded the store's records table from version 0.1")
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'notes'").fetchone():
+        db.executescript(SQLITE_NOTES_FROM_0_1)
+        logger.info("moved version 0.1's notes table into the store's records")
+
+
+def _write(db: sqlite3.Connection, entries: Sequence[Entry | Gone]) -> None:
     now = time.time()
-    db.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?)", [
-        (r.kind, r.key, to_json(r.value), None if r.ttl_s is None else now + r.ttl_s, r.grant_id, r.subject)
-        for r in records])
+    for entry in entries:
+        if isinstance(entry, Gone):
+            db.execute("DELETE FROM records WHERE kind = ? AND key = ?", (entry.kind, entry.key))
+            continue
+        db.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?)", (
+            entry.kind, entry.key, encode_record(entry.value), None if entry.ttl_s is None else now + entry.ttl_s,
+            entry.owner, entry.group, entry.order))
 
 
-def to_json(value: Any) -> str:
-    """The one serialisation of stored records; sorted keys so equal values compare equal."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
-
-
-def _note_from_row(row: Sequence[Any]) -> Note:
-    note_id, title, body, tags, created_at = row
-    return Note(id=note_id, title=title, body=body, tags=tuple(json.loads(tags)), created_at=created_at)
-
-
-# Redis runs each script atomically. `put` writes records with their TTLs and adds them to their
-# grant's and person's index sets, which live as long as their longest-lived member.
-REDIS_PUT = """
-local function put(records)
-  for _, record in ipairs(records) do
-    local key, value, ttl, indexes = record[1], record[2], record[3], record[4]
-    if ttl > 0 then redis.call('SET', key, value, 'PX', ttl) else redis.call('SET', key, value) end
-    for _, index in ipairs(indexes) do
-      local left = redis.call('PTTL', index)
-      redis.call('SADD', index, key)
-      if ttl == 0 then redis.call('PERSIST', index)
-      elseif left == -2 or (left >= 0 and left < ttl) then redis.call('PEXPIRE', index, ttl) end
+# --- Redis: the store replicas share
+#
+# Redis runs each script atomically. `write` saves records with their TTLs (or deletes them) and
+# adds them to their group's set and their owner's sorted set, which live as long as their
+# longest-lived member.
+REDIS_WRITE = """
+local function extend(index, ttl)
+  local left = redis.call('PTTL', index)
+  if ttl == 0 then redis.call('PERSIST', index)
+  elseif left == -2 or (left >= 0 and left < ttl) then redis.call('PEXPIRE', index, ttl) end
+end
+local function write(entries)
+  for _, e in ipairs(entries) do
+    local key, value, ttl, group, owner, order = e[1], e[2], e[3], e[4], e[5], e[6]
+    if value == cjson.null then redis.call('DEL', key)
+    else
+      if ttl > 0 then redis.call('SET', key, value, 'PX', ttl) else redis.call('SET', key, value) end
+      if group ~= '' then redis.call('SADD', group, key); extend(group, ttl) end
+      if owner ~= '' then redis.call('ZADD', owner, order, key); extend(owner, ttl) end
     end
   end
 end
 """
 REDIS_SCRIPTS = {
-    "put": REDIS_PUT + "put(cjson.decode(ARGV[1]))",
-    "take": REDIS_PUT + """
+    "write": REDIS_WRITE + "write(cjson.decode(ARGV[1]))",
+    "take": REDIS_WRITE + """
 local value = redis.call('GETDEL', KEYS[1])
-if value then put(cjson.decode(ARGV[1])) end
+if value then write(cjson.decode(ARGV[1])) end
 return value""",
-    "swap": REDIS_PUT + """
+    "swap": REDIS_WRITE + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-put(cjson.decode(ARGV[3]))
+write(cjson.decode(ARGV[3]))
 return 1""",
-    "delete_grant": """
+    "delete_group": """
 local removed = 0
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do removed = removed + redis.call('DEL', key) end
 redis.call('DEL', KEYS[1])
 return removed""",
+    "hit": """
+local hits = redis.call('INCR', KEYS[1])
+if hits == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {hits, redis.call('PTTL', KEYS[1])}""",
 }
 REDIS_TIMEOUT_S = 2
 REDIS_RETRY_EVERY_S = 1
@@ -1501,17 +1307,23 @@ class RedisStore:
     def _key(self, kind: str, key: str) -> str:
         return f"{self.prefix}:r:{kind}:{key}"
 
-    def _encode(self, records: Sequence[Record]) -> str:
-        """Records as the `put` script takes them: key, value, TTL in ms (0: none), index sets."""
+    def _owner_index(self, kind: str, owner: str) -> str:
+        return f"{self.prefix}:o:{kind}:{owner}"
+
+    def _encode(self, entries: Sequence[Entry | Gone]) -> str:
+        """Entries as the `write` script takes them: key, value (null: delete), TTL in ms (0: none),
+        group set, owner index, order."""
         return json.dumps([
-            [self._key(r.kind, r.key), to_json(r.value), max(1, int(r.ttl_s * 1000)) if r.ttl_s else 0,
-             [*([f"{self.prefix}:g:{r.grant_id}"] if r.grant_id else []),
-              *([f"{self.prefix}:s:{r.kind}:{r.subject}"] if r.subject else [])]]
-            for r in records])
+            [self._key(e.kind, e.key), None, 0, "", "", 0] if isinstance(e, Gone) else
+            [self._key(e.kind, e.key), encode_record(e.value), max(1, int(e.ttl_s * 1000)) if e.ttl_s else 0,
+             f"{self.prefix}:g:{e.group}" if e.group else "", self._owner_index(e.kind, e.owner) if e.owner else "",
+             e.order]
+            for e in entries])
 
     async def open(self) -> None:
         with suppress(StoreUnavailable):  # a replica may start before Redis: it answers 503 until then
             await self.ping()
+            await self.call("upgrading the store", self._upgrade_from_0_1)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -1519,97 +1331,58 @@ class RedisStore:
     async def ping(self) -> None:
         await self.call("ping", self.client.ping, probe=True)
 
-    async def put_records(self, records: Sequence[Record]) -> None:
-        await self.call(f"saving {', '.join(r.kind for r in records)}",
-                       lambda: self._scripts["put"](args=[self._encode(records)]))
+    async def put(self, *entries: Entry) -> None:
+        await self.call(f"saving {', '.join(e.kind for e in entries)}",
+                        lambda: self._scripts["write"](args=[self._encode(entries)]))
 
-    async def get_record(self, kind: str, key: str) -> dict[str, Any] | None:
-        value = await self.call(f"reading {kind}", lambda: self.client.get(self._key(kind, key)))
-        return json.loads(value) if value is not None else None
+    async def get(self, record_type: type[R], key: str) -> R | None:
+        value = await self.call(f"reading {record_type.kind}",
+                                lambda: self.client.get(self._key(record_type.kind, key)))
+        return decode_record(record_type, value) if value is not None else None
 
-    async def take_record(self, kind: str, key: str, then: Sequence[Record] = ()) -> dict[str, Any] | None:
-        value = await self.call(f"taking {kind}", lambda: self._scripts["take"](
-            keys=[self._key(kind, key)], args=[self._encode(then)]))
-        return json.loads(value) if value is not None else None
+    async def take(self, record_type: type[R], key: str, then: Sequence[Entry | Gone] = ()) -> R | None:
+        value = await self.call(f"taking {record_type.kind}", lambda: self._scripts["take"](
+            keys=[self._key(record_type.kind, key)], args=[self._encode(then)]))
+        return decode_record(record_type, value) if value is not None else None
 
-    async def swap_record(self, kind: str, key: str, expected: dict[str, Any], replacement: dict[str, Any],
-                          then: Sequence[Record] = ()) -> bool:
+    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool:
+        kind = type(expected).kind
         swapped = await self.call(f"updating {kind}", lambda: self._scripts["swap"](
-            keys=[self._key(kind, key)], args=[to_json(expected), to_json(replacement), self._encode(then)]))
+            keys=[self._key(kind, key)], args=[encode_record(expected), encode_record(replacement),
+                                               self._encode(then)]))
         return swapped == 1
 
-    async def delete_record(self, kind: str, key: str) -> None:
-        await self.call(f"deleting {kind}", lambda: self.client.delete(self._key(kind, key)))
+    async def delete(self, record_type: type[StoredRecord], key: str) -> bool:
+        removed = await self.call(f"deleting {record_type.kind}",
+                                  lambda: self.client.delete(self._key(record_type.kind, key)))
+        return removed > 0
 
-    async def find_records(self, kind: str, subject: str) -> list[dict[str, Any]]:
-        index = f"{self.prefix}:s:{kind}:{subject}"
+    async def find(self, record_type: type[R], owner: str) -> list[R]:
+        index = self._owner_index(record_type.kind, owner)
 
-        async def find() -> list[dict[str, Any]]:
-            keys = sorted(await self.client.smembers(index))
+        async def find() -> list[str]:
+            keys = await self.client.zrevrange(index, 0, -1)
             values = await self.client.mget(keys) if keys else []
             if gone := [key for key, value in zip(keys, values, strict=True) if value is None]:
-                await self.client.srem(index, *gone)  # expired or revoked since they were indexed
-            return [json.loads(value) for value in values if value is not None]
+                await self.client.zrem(index, *gone)  # expired or deleted since they were listed
+            return [value for value in values if value is not None]
 
-        return await self.call(f"listing {kind}", find)
+        return decode_records(record_type, await self.call(f"listing {record_type.kind}", find))
 
-    async def delete_grant(self, grant_id: str) -> int:
-        return await self.call("revoking a grant", lambda: self._scripts["delete_grant"](
-            keys=[f"{self.prefix}:g:{grant_id}"]))
+    async def delete_group(self, group: str) -> int:
+        return await self.call("ending a group", lambda: self._scripts["delete_group"](
+            keys=[f"{self.prefix}:g:{group}"]))
 
     async def purge_expired(self) -> int:
         """Nothing to do: Redis expires records by itself."""
         return 0
 
-    def _note_key(self, owner: str, note_id: str) -> str:
-        return f"{self.prefix}:n:{owner}:{note_id}"
-
-    def _notes_key(self, owner: str) -> str:
-        return f"{self.prefix}:notes:{owner}"
-
-    async def add_note(self, owner: str, note: Note) -> None:
-        async def add() -> None:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self._note_key(owner, note.id), to_json(note.to_json()))
-                pipe.zadd(self._notes_key(owner), {note.id: note.created_at})
-                await pipe.execute()
-
-        await self.call("adding a note", add)
-
-    async def get_note(self, owner: str, note_id: str) -> Note | None:
-        value = await self.call("reading a note", lambda: self.client.get(self._note_key(owner, note_id)))
-        return Note.from_json(json.loads(value)) if value is not None else None
-
-    async def _all_notes(self, owner: str) -> list[Note]:
-        """Every note of `owner`, newest first."""
-        async def read() -> list[str | None]:
-            ids = await self.client.zrange(self._notes_key(owner), 0, -1)
-            return await self.client.mget([self._note_key(owner, note_id) for note_id in ids]) if ids else []
-
-        values = await self.call("reading notes", read)
-        notes = [Note.from_json(json.loads(value)) for value in values if value is not None]
-        return sorted(notes, key=lambda note: (-note.created_at, note.id))
-
-    async def find_notes(self, owner: str, *, query: str = "", tag: str | None = None,
-                         limit: int = 20) -> tuple[list[Note], int]:
-        found = [note for note in await self._all_notes(owner) if note.matches(query.split(), tag)]
-        return found[:limit], len(found)
-
-    async def delete_note(self, owner: str, note_id: str) -> bool:
-        async def delete() -> list[Any]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.delete(self._note_key(owner, note_id))
-                pipe.zrem(self._notes_key(owner), note_id)
-                return await pipe.execute()
-
-        deleted, _ = await self.call("deleting a note", delete)
-        return deleted > 0
-
-    async def note_ids(self, owner: str) -> list[str]:
-        return [note.id for note in await self._all_notes(owner)]
-
-    async def note_tags(self, owner: str) -> list[str]:
-        return sorted({tag for note in await self._all_notes(owner) for tag in note.tags})
+    async def hit(self, bucket: str, window_s: float) -> tuple[int, float]:
+        """Count one more hit on `bucket` in its current window, across every replica: the count, and
+        seconds to the window's end."""
+        hits, left_ms = await self.call("counting a request", lambda: self._scripts["hit"](
+            keys=[f"{self.prefix}:c:{bucket}"], args=[max(1, int(window_s * 1000))]))
+        return int(hits), max(0, int(left_ms)) / 1000
 
     @asynccontextmanager
     async def lock(self, name: str, ttl_s: float) -> AsyncIterator[None]:
@@ -1652,6 +1425,37 @@ class RedisStore:
     def event_store(self, max_events: int, ttl_s: float) -> EventStore:
         return RedisEventStore(self, max_events, ttl_s)
 
+    async def _upgrade_from_0_1(self) -> None:
+        """Version 0.1 indexed records per person in plain sets and kept notes under keys of their own:
+        move both into this version's layout, once (the old keys go as they are moved)."""
+        async with self.client.lock(f"{self.prefix}:lock:upgrade", timeout=60, blocking_timeout=61):
+            moved = 0
+            async for index in self.client.scan_iter(f"{self.prefix}:s:*"):
+                kind, owner = index.removeprefix(f"{self.prefix}:s:").split(":", 1)
+                members = await self.client.smembers(index)
+                if members:
+                    await self.client.zadd(self._owner_index(kind, owner), dict.fromkeys(members, 0))
+                await self.client.delete(index)
+                moved += 1
+            async for index in self.client.scan_iter(f"{self.prefix}:notes:*"):
+                moved += await self._move_notes(index.removeprefix(f"{self.prefix}:notes:"), index)
+            if moved:
+                logger.info("upgraded %d of version 0.1's Redis keys to this version's layout", moved)
+
+    async def _move_notes(self, owner: str, index: str) -> int:
+        scored = await self.client.zrange(index, 0, -1, withscores=True)
+        old_keys = [f"{self.prefix}:n:{owner}:{note_id}" for note_id, _ in scored]
+        values = await self.client.mget(old_keys) if old_keys else []
+        async with self.client.pipeline(transaction=True) as pipe:
+            for (note_id, created_at), value in zip(scored, values, strict=True):
+                if value is not None:  # the same JSON as a Note record
+                    key = self._key("note", f"{owner} {note_id}")
+                    pipe.set(key, value)
+                    pipe.zadd(self._owner_index("note", owner), {key: created_at})
+            pipe.delete(index, *old_keys)
+            await pipe.execute()
+        return len(scored) + 1
+
 
 STORE_BACKENDS: dict[str, Callable[[str], Store]] = {
     "sqlite": lambda url: SQLiteStore(Path(url.removeprefix("sqlite:///"))),
@@ -1665,982 +1469,13 @@ def open_store(settings: Settings) -> Store:
     return STORE_BACKENDS[urlsplit(settings.store_url).scheme](settings.store_url)
 
 
-# === 5. Google sign-in =======================================================
-#
-# The only code that talks to Google. Authlib fetches Google's discovery document, builds the
-# authorization URL (PKCE and nonce), exchanges the code and verifies the id_token (signature by
-# `kid`, issuer, audience, nonce, expiry). The browser's trip through Google is bound to a
-# server-side transaction through `state`, not to a cookie: embedded webviews and proxies drop those.
-
-
-class GoogleError(Exception):
-    """Google refused, failed, or answered with something that does not verify."""
-
-
-@dataclass(frozen=True)
-class GoogleIdentity:
-    """Who Google says signed in, from the verified id_token."""
-
-    subject: str
-    email: str
-    email_verified: bool
-    name: str | None = None
-    hosted_domain: str | None = None
-    picture: str | None = None
-
-    @classmethod
-    def from_claims(cls, claims: Mapping[str, Any]) -> "GoogleIdentity":
-        return cls(subject=str(claims["sub"]), email=str(claims.get("email") or "").lower(),
-                   email_verified=claims.get("email_verified") in (True, "true"), name=claims.get("name"),
-                   hosted_domain=claims.get("hd"), picture=claims.get("picture"))
-
-    def claims(self) -> dict[str, Any]:
-        """What tokens carry about the person (never Google's tokens themselves)."""
-        return {"email": self.email, "name": self.name, "hd": self.hosted_domain, "picture": self.picture}
-
-
-def refusal_reason(email: str, email_verified: bool, hosted_domain: str | None, settings: Settings) -> str | None:
-    """Why this person may not sign in, or None. Checked on verified claims, never on URL hints."""
-    if not email_verified:
-        return f"Google has not verified the address {email or '(none)'}."
-    if not settings.allowed_emails and not settings.allowed_domains:
-        return None
-    if email.lower() in settings.allowed_emails:
-        return None
-    if hosted_domain and hosted_domain.lower() in settings.allowed_domains:
-        return None
-    return f"{email} is not among the people allowed to use this server."
-
-
-@cache
-def tls_context() -> ssl.SSLContext:
-    """The one TLS context of every outbound connection. Building one loads the system's CA certificates
-    (milliseconds of CPU), and Authlib builds a new HTTP client for each call to Google: without a shared
-    context that was two thirds of the CPU a sign-in costs (bench/rates.py)."""
-    return httpx2.create_ssl_context()
-
-
-class GoogleLogin:
-    """Google as the identity provider: sign-in, token refresh, userinfo and revocation."""
-
-    def __init__(self, settings: Settings, http: httpx2.AsyncClient) -> None:
-        secret = settings.google_client_secret.value if settings.google_client_secret else ""
-        self.client = OAuth().register(
-            "google", client_id=settings.google_client_id, client_secret=secret,
-            server_metadata_url=settings.google_discovery_url,
-            client_kwargs={"scope": "openid email profile", "code_challenge_method": "S256",
-                           "timeout": GOOGLE_TIMEOUT_S, "verify": tls_context()},
-        )
-        self.credentials = (settings.google_client_id, secret)
-        self.redirect_uri = settings.public_url + GOOGLE_CALLBACK_PATH
-        # Google's account chooser then offers only that domain: right only when nobody else may sign in.
-        only_domain = len(settings.allowed_domains) == 1 and not settings.allowed_emails
-        self.domain_hint = next(iter(settings.allowed_domains)) if only_domain else None
-        self.http = http
-
-    async def authorization_url(self, state: str, *, login_hint: str | None, ask_consent: bool) -> tuple[str, str, str]:
-        """The URL to send the browser to, and the nonce and PKCE verifier to check Google's answer with.
-        `ask_consent` makes Google issue a refresh token again (it does so only on consent)."""
-        extra = {"access_type": "offline", "include_granted_scopes": "true"}
-        if ask_consent:
-            extra["prompt"] = "consent"
-        if login_hint:
-            extra["login_hint"] = login_hint
-        if self.domain_hint:
-            extra["hd"] = self.domain_hint  # a hint for Google's account chooser; enforced on the hd claim
-        try:
-            created = await self.client.create_authorization_url(self.redirect_uri, state=state, **extra)
-        except (httpx2.HTTPError, ValueError, KeyError) as exc:
-            raise GoogleError(f"Google's discovery document is unavailable: {exc}") from exc
-        return created["url"], created["nonce"], created["code_verifier"]
-
-    async def finish(self, code: str, *, nonce: str, verifier: str) -> tuple[GoogleIdentity, dict[str, Any]]:
-        """Exchange Google's code and verify its id_token."""
-        try:
-            token = await self.client.fetch_access_token(redirect_uri=self.redirect_uri, code=code,
-                                                         code_verifier=verifier)
-            claims = await self.client.parse_id_token(token, nonce=nonce)
-        except OAuthError as exc:
-            raise GoogleError(f"Google refused the sign-in: {exc.error}") from exc
-        except (JoseError, KeyError, ValueError, TypeError) as exc:
-            raise GoogleError(f"Google's id_token did not verify: {exc}") from exc
-        except httpx2.HTTPError as exc:
-            raise GoogleError(f"Google could not be reached: {exc}") from exc
-        if claims is None:
-            raise GoogleError("Google sent no id_token")
-        return GoogleIdentity.from_claims(claims), dict(token)
-
-    async def refresh(self, refresh_token: str) -> dict[str, Any]:
-        """A fresh Google access token. Raises GoogleError with `revoked=True` on invalid_grant."""
-        try:
-            return dict(await self.client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token))
-        except OAuthError as exc:
-            raise GoogleRevoked(exc.error) if exc.error == "invalid_grant" else GoogleError(str(exc.error)) from exc
-        except httpx2.HTTPError as exc:
-            raise GoogleError(f"Google could not be reached: {exc}") from exc
-
-    async def userinfo(self, access_token: str) -> dict[str, Any]:
-        metadata = await self.client.load_server_metadata()
-        response = await self.http.get(metadata["userinfo_endpoint"], timeout=GOOGLE_TIMEOUT_S,
-                                       headers={"Authorization": f"Bearer {access_token}"})
-        if response.status_code == 401:
-            raise GoogleRevoked("the Google access token was refused")
-        response.raise_for_status()
-        return dict(response.json())
-
-    async def revoke(self, token: str) -> None:
-        """Revoke a Google token (a refresh token revokes the whole authorization)."""
-        metadata = await self.client.load_server_metadata()
-        endpoint = metadata.get("revocation_endpoint")
-        if not endpoint:
-            raise GoogleError("Google's discovery document names no revocation endpoint")
-        response = await self.http.post(endpoint, data={"token": token}, auth=self.credentials,
-                                        timeout=GOOGLE_TIMEOUT_S)
-        if response.status_code >= 400:
-            raise GoogleError(f"Google's revocation endpoint answered {response.status_code}")
-
-
-class GoogleRevoked(GoogleError):
-    """Google no longer honours this person's authorization (invalid_grant)."""
-
-
-class TokenCipher:
-    """Encrypts Google tokens at rest with a key derived from SECRET_KEY (AES-256-GCM). The owner's
-    subject is authenticated with each token, so one person's ciphertext cannot be swapped in for another's."""
-
-    def __init__(self, secret_key: Secret) -> None:
-        self.aead = AESGCM(derive_key(secret_key, b"stream-http/google-tokens"))
-
-    def encrypt(self, subject: str, tokens: Mapping[str, Any]) -> str:
-        nonce = os.urandom(12)
-        sealed = self.aead.encrypt(nonce, to_json(tokens).encode(), subject.encode())
-        return base64.urlsafe_b64encode(nonce + sealed).decode()
-
-    def decrypt(self, subject: str, blob: str) -> dict[str, Any]:
-        raw = base64.urlsafe_b64decode(blob)
-        return json.loads(self.aead.decrypt(raw[:12], raw[12:], subject.encode()))
-
-
-def derive_key(secret_key: Secret, purpose: bytes) -> bytes:
-    """A 32-byte key for one purpose, so SECRET_KEY itself is never used directly."""
-    return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(secret_key.value.encode())
-
-
-# === 6. OAuth provider =======================================================
-#
-# The server is the OAuth 2.1 authorization server MCP clients talk to: Google cannot register
-# them. One authorization runs /authorize → consent page → Google → /oauth/google/callback → code →
-# /token, and each step is a single-use record in the store. Tokens are random strings stored only
-# as SHA-256 hashes; each belongs to a grant (one person, one client), and revocation ends a grant
-# as a whole. The SDK's handlers do client authentication, PKCE and registration parsing; this
-# section decides.
-
-SCOPES = {
-    "mcp": "Use this server's tools, notes and prompts as you",
-    "google": "Read your Google profile (name, email, picture) through the google_profile tool",
-}
-REQUIRED_SCOPE = "mcp"  # every MCP request needs it
-TOOL_SCOPES = {"google_profile": "google"}  # tools that need more, and what
-AUTH_CODE_TTL_S = 300
-TRANSACTION_TTL_S = 600
-REFRESH_RACE_GRACE_S = 2  # the same refresh token used twice this close together is a race, not theft
-CLIENT_DOCUMENT_TTL_S = 3600
-CLIENT_DOCUMENT_MAX_BYTES = 10_240
-CLIENT_DOCUMENT_TIMEOUT_S = 5
-PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
-audit_log = logging.getLogger("stream_http.audit")
-
-
-def audit(event: str, **fields: Any) -> None:
-    """One structured log line per security event. Never pass a token, code or secret."""
-    if address := _client_address.get():
-        fields["ip"] = address
-    audit_log.info("%s", json.dumps({"event": event, **fields}, sort_keys=True, default=str))
-
-
-def new_id() -> str:
-    return secrets.token_urlsafe(24)
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def canonical_url(url: str) -> str:
-    """One spelling per URL: lower-case scheme and host, no default port, no trailing slash."""
-    parts = urlsplit(url.strip())
-    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
-    host = f"[{host}]" if ":" in host else host
-    port = parts.port
-    netloc = host if port in (None, {"http": 80, "https": 443}.get(scheme)) else f"{host}:{port}"
-    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, ""))
-
-
-def redirect_uri_problem(uri: str, patterns: Sequence[str]) -> str | None:
-    """Why `uri` may not be a client's redirect URI, or None: https or loopback http, no fragment,
-    and one of REDIRECT_URI_PATTERNS when that is set (which may also admit an app scheme)."""
-    try:
-        parts = urlsplit(uri)
-        _ = parts.port
-    except ValueError:
-        return f"{uri!r} is not a valid URI"
-    if "#" in uri:
-        return f"{uri!r} must not contain a fragment"
-    listed = any(fnmatch.fnmatchcase(uri, pattern) for pattern in patterns)
-    web = parts.scheme == "https" and bool(parts.hostname)
-    loopback = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
-    if not (web or loopback):
-        app_scheme = parts.scheme not in ("http", "https", "javascript", "data", "file", "")
-        return None if listed and app_scheme else f"{uri!r} must be https:// or a loopback http:// URI"
-    if patterns and not listed:
-        return f"{uri!r} matches none of REDIRECT_URI_PATTERNS"
-    return None
-
-
-def pick_redirect_uri(registered: Sequence[str], requested: str | None) -> str | None:
-    """The redirect URI to use, or None when `requested` is not registered. A loopback URI may differ
-    from its registration only in port (RFC 8252 §7.3): native apps listen on whatever port is free."""
-    if requested is None:
-        return registered[0] if len(registered) == 1 else None
-    try:
-        wanted = str(AnyUrl(requested))
-    except ValidationError:
-        return None
-    for uri in registered:
-        if wanted == uri or same_loopback_redirect(wanted, uri):
-            return wanted
-    return None
-
-
-def same_loopback_redirect(requested: str, registered: str) -> bool:
-    a, b = urlsplit(requested), urlsplit(registered)
-    return (a.scheme == b.scheme == "http" and is_loopback_host(a.hostname or "")
-            and (a.hostname or "").lower() == (b.hostname or "").lower()
-            and (a.path or "/") == (b.path or "/") and a.query == b.query)
-
-
-def display_name(client: OAuthClientInformationFull) -> str:
-    return (client.client_name or "").strip()[:80] or "An unnamed application"
-
-
-def is_document_client_id(client_id: str) -> bool:
-    return client_id.startswith(("https://", "http://"))
-
-
-@dataclass(frozen=True)
-class PendingAuthorization:
-    """One authorization in progress: what the client asked for, and how far it has got."""
-
-    id: str
-    client_id: str
-    client_name: str
-    redirect_uri: str
-    redirect_uri_explicit: bool
-    state: str | None
-    code_challenge: str
-    scopes: tuple[str, ...]
-    resource: str
-    csrf: str
-    consented: bool = False
-    remembered_for: str | None = None  # whose remembered approval skipped the consent page
-    identity: dict[str, Any] | None = None  # the verified person, once back from Google
-    nonce: str = ""
-    verifier: str = ""
-    purpose: Literal["authorize", "account"] = "authorize"  # "account": a person opening /account
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "PendingAuthorization":
-        return cls(**{**data, "scopes": tuple(data["scopes"])})
-
-    @property
-    def client_domain(self) -> str | None:
-        """The domain that vouches for a metadata-document client."""
-        return urlsplit(self.client_id).hostname if is_document_client_id(self.client_id) else None
-
-    @property
-    def redirect_host(self) -> str:
-        parts = urlsplit(self.redirect_uri)
-        return parts.netloc or f"{parts.scheme}:"
-
-
-class GrantCode(AuthorizationCode):
-    grant_id: str
-    claims: dict[str, Any]
-
-
-class GrantAccessToken(AccessToken):
-    grant_id: str
-
-
-class GrantRefreshToken(RefreshToken):
-    grant_id: str
-    claims: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class LoginOutcome:
-    """Where the browser goes after Google: `redirect`, plus a page to show when the person was refused."""
-
-    redirect: str
-    identity: GoogleIdentity | None = None
-    refused: str | None = None
-
-
-@dataclass(frozen=True)
-class ConnectedApp:
-    """One application a person has allowed, as /account shows it."""
-
-    grant_id: str
-    name: str
-    vouched_by: str | None
-    redirect_host: str
-    scopes: tuple[str, ...]
-    authorised_at: float
-    last_used_at: float
-
-
-class SignInFailed(Exception):
-    """A sign-in step that cannot continue and cannot safely send the browser back to the client."""
-
-
-class ClientDocumentError(Exception):
-    """A Client ID Metadata Document that cannot be used."""
-
-
-class ClientDocuments:
-    """Client ID Metadata Documents: a client whose id is an https URL describes itself at that URL.
-    Fetched without following redirects, size- and time-limited, from public addresses only (the
-    address checked is the one connected to, so DNS cannot be switched between check and fetch),
-    validated, and cached."""
-
-    def __init__(self, settings: Settings, store: Store, http: httpx2.AsyncClient) -> None:
-        self.settings = settings
-        self.store = store
-        self.http = http
-
-    async def client(self, url: str) -> OAuthClientInformationFull:
-        cached = await self.store.get_record("cimd", url)
-        if cached is not None:
-            return OAuthClientInformationFull.model_validate(cached)
-        client = self.validate(url, await self.fetch(url))
-        await self.store.put_records([Record("cimd", url, client.model_dump(mode="json", exclude_none=True),
-                                             ttl_s=CLIENT_DOCUMENT_TTL_S)])
-        return client
-
-    def url_problem(self, url: str) -> str | None:
-        parts = urlsplit(url)
-        schemes = ("https", "http") if self.settings.cimd_allow_local else ("https",)
-        if parts.scheme not in schemes or not parts.hostname:
-            return "a client_id URL must be https://"
-        if parts.fragment or parts.username or parts.password:
-            return "a client_id URL must not carry a fragment or credentials"
-        if parts.path in ("", "/") or any(segment in (".", "..") for segment in parts.path.split("/")):
-            return "a client_id URL needs a path without . or .. segments"
-        return None
-
-    async def fetch(self, url: str) -> dict[str, Any]:
-        if problem := self.url_problem(url):
-            raise ClientDocumentError(problem)
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = await self.public_address(parts.hostname or "", port)
-        target = urlunsplit((parts.scheme, f"[{address}]:{port}" if ":" in address else f"{address}:{port}",
-                             parts.path, parts.query, ""))
-        try:
-            async with self.http.stream("GET", target, headers={"Host": parts.netloc, "Accept": "application/json"},
-                                        extensions={"sni_hostname": parts.hostname},
-                                        timeout=CLIENT_DOCUMENT_TIMEOUT_S, follow_redirects=False) as response:
-                if response.status_code != 200:
-                    raise ClientDocumentError(f"{url} answered HTTP {response.status_code}")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > CLIENT_DOCUMENT_MAX_BYTES:
-                        raise ClientDocumentError(f"{url} is larger than {CLIENT_DOCUMENT_MAX_BYTES} bytes")
-        except httpx2.HTTPError as exc:
-            raise ClientDocumentError(f"{url} could not be fetched: {exc}") from exc
-        try:
-            document = json.loads(body)
-        except ValueError as exc:
-            raise ClientDocumentError(f"{url} is not JSON") from exc
-        if not isinstance(document, dict):
-            raise ClientDocumentError(f"{url} is not a JSON object")
-        return document
-
-    async def public_address(self, host: str, port: int) -> str:
-        try:
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ClientDocumentError(f"{host} does not resolve: {exc}") from exc
-        addresses = sorted({str(info[4][0]) for info in infos})
-        if not self.settings.cimd_allow_local and not all(ipaddress.ip_address(a).is_global for a in addresses):
-            raise ClientDocumentError(f"{host} resolves to a private, loopback or reserved address")
-        return addresses[0]
-
-    def validate(self, url: str, document: dict[str, Any]) -> OAuthClientInformationFull:
-        if document.get("client_id") != url:
-            raise ClientDocumentError("the document's client_id must be its own URL")
-        if document.get("token_endpoint_auth_method", "none") != "none":
-            raise ClientDocumentError("a metadata-document client must be public (token_endpoint_auth_method none)")
-        uris = document.get("redirect_uris")
-        if not isinstance(uris, list) or not uris or not all(isinstance(uri, str) for uri in uris):
-            raise ClientDocumentError("the document needs a list of redirect_uris")
-        for uri in uris:
-            if problem := redirect_uri_problem(uri, self.settings.redirect_uri_patterns):
-                raise ClientDocumentError(problem)
-        try:
-            return OAuthClientInformationFull.model_validate({
-                **{key: document[key] for key in ("client_name", "client_uri", "logo_uri", "grant_types",
-                                                  "response_types", "scope") if key in document},
-                "client_id": url, "redirect_uris": uris, "token_endpoint_auth_method": "none",
-            })
-        except ValidationError as exc:
-            raise ClientDocumentError(f"the document is not valid client metadata: {exc.error_count()} problem(s)"
-                                      ) from exc
-
-
-class OAuthProvider:
-    """The SDK's `OAuthAuthorizationServerProvider` for MCP clients, with Google as the identity provider."""
-
-    def __init__(self, settings: Settings, store: Store, google: GoogleLogin, documents: ClientDocuments,
-                 cipher: TokenCipher) -> None:
-        self.settings = settings
-        self.store = store
-        self.google = google
-        self.documents = documents
-        self.cipher = cipher
-        self.resource = canonical_url(settings.mcp_url)
-
-    def serves_resource(self, resource: str) -> bool:
-        try:
-            return canonical_url(resource) == self.resource
-        except ValueError:
-            return False
-
-    # --- clients
-
-    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
-        if is_document_client_id(client_id):
-            try:
-                return await self.documents.client(client_id)
-            except ClientDocumentError as exc:
-                logger.info("client metadata document %s refused: %s", client_id, exc)
-                return None
-        record = await self.store.get_record("client", client_id)
-        return OAuthClientInformationFull.model_validate(record) if record else None
-
-    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
-        for uri in client_info.redirect_uris or []:
-            if problem := redirect_uri_problem(str(uri), self.settings.redirect_uri_patterns):
-                raise RegistrationError("invalid_redirect_uri", problem)
-        record = client_info.model_dump(mode="json", exclude_none=True)
-        await self.store.put_records([Record("client", client_info.client_id, record)])
-        audit("client_registered", client_id=client_info.client_id, client_name=client_info.client_name,
-              redirect_uris=[str(uri) for uri in client_info.redirect_uris or []])
-
-    # --- authorization: /authorize, consent, Google
-
-    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
-        return await self.begin(client, params, signed_in=None)
-
-    async def begin(self, client: OAuthClientInformationFull, params: AuthorizationParams,
-                    signed_in: Mapping[str, str] | None) -> str:
-        """Start an authorization and return where the browser goes next: the consent page, or
-        straight to Google when the person signed in here has already approved this client."""
-        pending = PendingAuthorization(
-            id=new_id(), client_id=client.client_id, client_name=display_name(client),
-            redirect_uri=str(params.redirect_uri), redirect_uri_explicit=params.redirect_uri_provided_explicitly,
-            state=params.state, code_challenge=params.code_challenge, scopes=tuple(params.scopes or ()),
-            resource=self.resource, csrf=new_id())
-        subject = (signed_in or {}).get("sub")
-        if subject and await self.remembers_consent(subject, client.client_id, pending.scopes):
-            remembered = dataclasses.replace(pending, consented=True, remembered_for=subject)
-            return await self.to_google(remembered, login_hint=(signed_in or {}).get("email"))
-        await self.store.put_records([Record("txn", pending.id, pending.to_json(), ttl_s=TRANSACTION_TTL_S)])
-        return self.consent_url(pending)
-
-    def consent_url(self, pending: PendingAuthorization) -> str:
-        return f"{self.settings.public_url}/consent?{urlencode({'txn': pending.id})}"
-
-    async def pending(self, txn_id: str) -> PendingAuthorization | None:
-        record = await self.store.get_record("txn", txn_id)
-        return PendingAuthorization.from_json(record) if record else None
-
-    async def decide(self, txn_id: str, csrf: str, approve: bool) -> str:
-        """Apply the answer given on the consent page and return where the browser goes next."""
-        pending = await self.pending(txn_id)
-        if pending is None or not hmac.compare_digest(pending.csrf, csrf):
-            raise SignInFailed("This consent page has expired or was already answered. Start again from your app.")
-        if await self.store.take_record("txn", txn_id) is None:
-            raise SignInFailed("This consent page was already answered.")
-        fields = {"client_id": pending.client_id, "scopes": pending.scopes}
-        if not approve:
-            audit("consent_denied", **fields)
-            return self.client_redirect(pending, error="access_denied", error_description="The request was denied")
-        audit("consent_given", subject=(pending.identity or {}).get("sub"), **fields)
-        approved = dataclasses.replace(pending, consented=True)
-        return await self.complete(approved) if approved.identity else await self.to_google(approved)
-
-    async def to_google(self, pending: PendingAuthorization, login_hint: str | None = None) -> str:
-        state = new_id()
-        ask_consent = pending.purpose == "authorize" and not (
-            pending.remembered_for and await self.google_tokens(pending.remembered_for))
-        try:
-            url, nonce, verifier = await self.google.authorization_url(state, login_hint=login_hint,
-                                                                       ask_consent=ask_consent)
-        except GoogleError as exc:
-            logger.error("cannot start a Google sign-in: %s", exc)
-            return self.client_redirect(pending, error="temporarily_unavailable",
-                                        error_description="Google sign-in is unavailable right now")
-        waiting = dataclasses.replace(pending, nonce=nonce, verifier=verifier)
-        await self.store.put_records([Record("login", state, waiting.to_json(), ttl_s=TRANSACTION_TTL_S)])
-        return url
-
-    async def finish_login(self, state: str, code: str | None, error: str | None) -> LoginOutcome:
-        """Google sent the browser back: verify who signed in, apply the access policy, and continue."""
-        record = await self.store.take_record("login", state) if state else None
-        if record is None:
-            raise SignInFailed("This sign-in has expired or was already completed. Start again from your app.")
-        pending = PendingAuthorization.from_json(record)
-        if error or not code:
-            audit("sign_in_refused", client_id=pending.client_id, reason=f"Google answered {error or 'no code'}")
-            return LoginOutcome(self.refusal_redirect(pending, error="access_denied",
-                                                      error_description="Sign-in with Google was cancelled"),
-                                refused="Sign-in with Google was cancelled or refused.")
-        try:
-            identity, google_tokens = await self.google.finish(code, nonce=pending.nonce, verifier=pending.verifier)
-        except GoogleError as exc:
-            audit("sign_in_refused", client_id=pending.client_id, reason=str(exc))
-            return LoginOutcome(self.refusal_redirect(pending, error="server_error",
-                                                      error_description="Google sign-in failed"),
-                                refused=f"Sign-in with Google failed: {exc}")
-        return await self.after_login(pending, identity, google_tokens)
-
-    async def after_login(self, pending: PendingAuthorization, identity: GoogleIdentity,
-                          google_tokens: Mapping[str, Any]) -> LoginOutcome:
-        who = {"subject": identity.subject, "email": identity.email, "client_id": pending.client_id}
-        reason = refusal_reason(identity.email, identity.email_verified, identity.hosted_domain, self.settings)
-        if reason:
-            audit("sign_in_refused", reason=reason, **who)
-            return LoginOutcome(self.refusal_redirect(pending, error="access_denied", error_description=reason),
-                                identity=identity, refused=reason)
-        audit("sign_in_allowed", **who)
-        await self.save_google_tokens(identity.subject, google_tokens)
-        if pending.purpose == "account":
-            return LoginOutcome(pending.redirect_uri, identity=identity)
-        known = dataclasses.replace(pending, identity={**identity.claims(), "sub": identity.subject})
-        if not known.consented or (known.remembered_for and known.remembered_for != identity.subject):
-            # An approval belongs to a person: ask the one who actually signed in.
-            known = dataclasses.replace(known, consented=False, remembered_for=None, csrf=new_id())
-            await self.store.put_records([Record("txn", known.id, known.to_json(), ttl_s=TRANSACTION_TTL_S)])
-            return LoginOutcome(self.consent_url(known), identity=identity)
-        return LoginOutcome(await self.complete(known), identity=identity)
-
-    async def complete(self, pending: PendingAuthorization) -> str:
-        """Issue the authorization code and send the browser back to the client."""
-        identity = pending.identity or {}
-        subject = identity["sub"]
-        code, grant_id = secrets.token_urlsafe(32), new_id()
-        record = GrantCode(
-            code="", scopes=list(pending.scopes), expires_at=time.time() + AUTH_CODE_TTL_S,
-            client_id=pending.client_id, code_challenge=pending.code_challenge,
-            redirect_uri=AnyUrl(pending.redirect_uri), redirect_uri_provided_explicitly=pending.redirect_uri_explicit,
-            resource=pending.resource,
-            subject=subject, grant_id=grant_id, claims={k: v for k, v in identity.items() if k != "sub"})
-        approved = sorted(set(pending.scopes) | set(await self.approved_scopes(subject, pending.client_id)))
-        await self.store.put_records([
-            Record("code", token_hash(code), record.model_dump(mode="json"), ttl_s=AUTH_CODE_TTL_S, grant_id=grant_id),
-            Record("consent", consent_key(subject, pending.client_id), {"scopes": approved}, subject=subject),
-        ])
-        return self.client_redirect(pending, code=code)
-
-    def refusal_redirect(self, pending: PendingAuthorization, **params: str) -> str:
-        """Where a refused sign-in continues: back to the client, or nowhere for /account."""
-        return self.client_redirect(pending, **params) if pending.purpose == "authorize" else ""
-
-    def client_redirect(self, pending: PendingAuthorization, **params: str) -> str:
-        """Back to the client, with `state` and, per RFC 9207, `iss` on every answer."""
-        return construct_redirect_uri(pending.redirect_uri, **params, state=pending.state, iss=self.settings.issuer)
-
-    async def approved_scopes(self, subject: str, client_id: str) -> list[str]:
-        record = await self.store.get_record("consent", consent_key(subject, client_id))
-        return list(record["scopes"]) if record else []
-
-    async def remembers_consent(self, subject: str, client_id: str, scopes: Sequence[str]) -> bool:
-        approved = await self.approved_scopes(subject, client_id)
-        return bool(approved) and set(scopes) <= set(approved)
-
-    # --- tokens: /token and every MCP request
-
-    async def load_authorization_code(self, client: OAuthClientInformationFull,
-                                      authorization_code: str) -> GrantCode | None:
-        """Claim the code: whatever the SDK then finds (wrong client, redirect URI or PKCE verifier),
-        it is never accepted again. Of two requests racing with one code, only one claims it."""
-        key = token_hash(authorization_code)
-        record = await self.store.take_record("code", key)
-        if record is None:
-            used = await self.store.get_record("used_code", key)
-            if used is not None:  # RFC 6749 §4.1.2: a replayed code revokes what it was exchanged for
-                audit("code_replayed", client_id=client.client_id, grant_id=used["grant_id"])
-                await self.revoke_grant(used["grant_id"], reason="authorization code replayed")
-            return None
-        await self.store.put_records([Record("claimed_code", key, record, ttl_s=AUTH_CODE_TTL_S,
-                                             grant_id=record["grant_id"])])
-        return GrantCode.model_validate({**record, "code": authorization_code})
-
-    async def exchange_authorization_code(self, client: OAuthClientInformationFull,
-                                          authorization_code: GrantCode) -> OAuthToken:
-        """Turn the claimed code into a grant and its tokens, all saved in one step."""
-        grant = {"id": authorization_code.grant_id, "client_id": client.client_id, "client_name": display_name(client),
-                 "subject": authorization_code.subject, "scopes": authorization_code.scopes,
-                 "resource": authorization_code.resource, "claims": authorization_code.claims,
-                 "created_at": time.time()}
-        tokens, records = self.new_tokens(grant, authorization_code.scopes)
-        key = token_hash(authorization_code.code)
-        taken = await self.store.take_record("claimed_code", key, then=[
-            Record("used_code", key, {"grant_id": grant["id"]}, ttl_s=AUTH_CODE_TTL_S, grant_id=grant["id"]),
-            Record("grant", grant["id"], grant, ttl_s=self.settings.refresh_token_ttl_s, grant_id=grant["id"],
-                   subject=grant["subject"]),
-            *records])
-        if taken is None:
-            raise TokenError("invalid_grant", "this authorization code was already used")
-        audit("token_issued", client_id=client.client_id, subject=grant["subject"], grant_id=grant["id"],
-              scopes=authorization_code.scopes)
-        return tokens
-
-    def new_tokens(self, grant: Mapping[str, Any], scopes: Sequence[str]) -> tuple[OAuthToken, list["Record"]]:
-        """A fresh access and refresh token for `grant`, and the records that make them valid."""
-        access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        now, settings = time.time(), self.settings
-        base = {"client_id": grant["client_id"], "subject": grant["subject"], "scopes": list(scopes),
-                "resource": grant["resource"], "claims": grant["claims"], "grant_id": grant["id"]}
-        records = [
-            Record("access", token_hash(access), {**base, "expires_at": int(now + settings.access_token_ttl_s)},
-                   ttl_s=settings.access_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
-            Record("refresh", token_hash(refresh), {**base, "expires_at": int(now + settings.refresh_token_ttl_s),
-                                                    "status": "active", "rotated_at": None},
-                   ttl_s=settings.refresh_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
-        ]
-        token = OAuthToken(access_token=access, expires_in=settings.access_token_ttl_s, scope=" ".join(scopes),
-                           refresh_token=refresh)
-        return token, records
-
-    async def load_refresh_token(self, client: OAuthClientInformationFull,
-                                 refresh_token: str) -> GrantRefreshToken | None:
-        record = await self.store.get_record("refresh", token_hash(refresh_token))
-        if record is None:
-            return None
-        if record["status"] != "active":
-            if time.time() - record["rotated_at"] > REFRESH_RACE_GRACE_S:
-                audit("refresh_token_reused", client_id=record["client_id"], subject=record["subject"],
-                      grant_id=record["grant_id"])
-                await self.revoke_grant(record["grant_id"], reason="a rotated refresh token was used again")
-            return None
-        return GrantRefreshToken.model_validate({**record, "token": refresh_token})
-
-    async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: GrantRefreshToken,
-                                     scopes: list[str]) -> OAuthToken:
-        """Rotate: mark the refresh token used and save its successors in one step, so of two requests
-        racing with the same token exactly one gets new tokens, the other `invalid_grant`."""
-        claims = refresh_token.claims
-        if reason := refusal_reason(claims.get("email", ""), True, claims.get("hd"), self.settings):
-            audit("refresh_refused", subject=refresh_token.subject, reason=reason)
-            await self.revoke_grant(refresh_token.grant_id, reason="no longer allowed to sign in")
-            raise TokenError("invalid_grant", reason)
-        key = token_hash(refresh_token.token)
-        current = await self.store.get_record("refresh", key)
-        grant = await self.store.get_record("grant", refresh_token.grant_id)
-        if current is None or current["status"] != "active" or grant is None:
-            raise TokenError("invalid_grant", "this refresh token was already used or revoked")
-        tokens, records = self.new_tokens(grant, scopes)
-        rotated = {**current, "status": "rotated", "rotated_at": time.time()}
-        if not await self.store.swap_record("refresh", key, current, rotated, then=[
-                Record("grant", grant["id"], {**grant, "last_used_at": time.time()},
-                       ttl_s=self.settings.refresh_token_ttl_s, grant_id=grant["id"], subject=grant["subject"]),
-                *records]):
-            raise TokenError("invalid_grant", "this refresh token was already used")
-        audit("token_refreshed", client_id=client.client_id, subject=grant["subject"], grant_id=grant["id"])
-        return tokens
-
-    async def load_access_token(self, token: str) -> GrantAccessToken | None:
-        record = await self.store.get_record("access", token_hash(token))
-        if record is None:
-            return None
-        return GrantAccessToken(token=token, client_id=record["client_id"], scopes=record["scopes"],
-                                expires_at=record["expires_at"], resource=record["resource"],
-                                subject=record["subject"], grant_id=record["grant_id"],
-                                claims={**record["claims"], "iss": self.settings.issuer})
-
-    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
-        grant_id = getattr(token, "grant_id", None)
-        if grant_id:
-            await self.revoke_grant(grant_id, reason="revoked by the client")
-
-    async def revoke_grant(self, grant_id: str, *, reason: str) -> None:
-        """End a grant: every token of it stops working at once. When it was the person's last grant,
-        their Google authorization is revoked too (best effort)."""
-        grant = await self.store.get_record("grant", grant_id)
-        removed = await self.store.delete_grant(grant_id)
-        audit("grant_revoked", grant_id=grant_id, reason=reason, records=removed,
-              subject=grant and grant["subject"], client_id=grant and grant["client_id"])
-        if grant and not await self.store.find_records("grant", grant["subject"]):
-            await self.forget_google(grant["subject"])
-
-    # --- /account: the person's own view of the applications connected to them
-
-    async def start_account_sign_in(self, login_hint: str | None) -> str:
-        """The Google URL that signs a person in to /account (the same access policy, no client)."""
-        pending = PendingAuthorization(
-            id=new_id(), client_id="", client_name="", redirect_uri=f"{self.settings.public_url}/account",
-            redirect_uri_explicit=False, state=None, code_challenge="", scopes=(), resource=self.resource,
-            csrf=new_id(), consented=True, purpose="account")
-        return await self.to_google(pending, login_hint=login_hint)
-
-    async def connected_apps(self, subject: str) -> list[ConnectedApp]:
-        """Every grant `subject` has given, newest first, with what the page shows about its client."""
-        apps = []
-        for grant in await self.store.find_records("grant", subject):
-            client = await self.store.get_record("client", grant["client_id"]) or {}
-            redirect_uris = client.get("redirect_uris") or [""]
-            apps.append(ConnectedApp(
-                grant_id=grant["id"], name=grant.get("client_name") or grant["client_id"],
-                vouched_by=urlsplit(grant["client_id"]).hostname if is_document_client_id(grant["client_id"]) else None,
-                redirect_host=urlsplit(str(redirect_uris[0])).netloc or str(redirect_uris[0]),
-                scopes=tuple(grant["scopes"]), authorised_at=grant["created_at"],
-                last_used_at=grant.get("last_used_at") or grant["created_at"]))
-        return sorted(apps, key=lambda app: app.authorised_at, reverse=True)
-
-    async def disconnect(self, subject: str, which: str) -> int:
-        """End grant `which` of `subject`, or all of them for "all" (never anyone else's); how many ended."""
-        owned = [grant["id"] for grant in await self.store.find_records("grant", subject)]
-        ended = owned if which == "all" else [grant_id for grant_id in owned if grant_id == which]
-        for grant_id in ended:
-            await self.revoke_grant(grant_id, reason="disconnected by its owner on /account")
-        return len(ended)
-
-    # --- Google's tokens for the person: stored encrypted, never handed to a client
-
-    async def google_tokens(self, subject: str) -> dict[str, Any] | None:
-        record = await self.store.get_record("google", subject)
-        return self.cipher.decrypt(subject, record["sealed"]) if record else None
-
-    async def save_google_tokens(self, subject: str, token: Mapping[str, Any]) -> None:
-        held = await self.google_tokens(subject) or {}
-        now = time.time()
-        expires_at = float(token.get("expires_at") or now + float(token.get("expires_in") or 3600))
-        # Renewed a little before it expires: 30 s early, or halfway for a token shorter-lived than a minute.
-        fresh_until = expires_at - min(30.0, max(0.0, expires_at - now) / 2)
-        tokens = {"access_token": token["access_token"], "expires_at": expires_at, "fresh_until": fresh_until,
-                  "refresh_token": token.get("refresh_token") or held.get("refresh_token")}
-        await self.store.put_records([Record("google", subject, {"sealed": self.cipher.encrypt(subject, tokens)},
-                                             subject=subject)])
-
-    async def google_access_token(self, subject: str) -> str:
-        """A valid Google access token for `subject`, refreshed with the stored refresh token when needed.
-        Raises GoogleRevoked when Google no longer honours the authorization."""
-        tokens = await self.google_tokens(subject)
-        if tokens is None:
-            raise GoogleRevoked("no Google authorization is stored for you")
-        if is_fresh(tokens):
-            return tokens["access_token"]
-        # One refresh at a time per person, across replicas too; the others wait and use its result.
-        async with self.store.lock(f"google-refresh:{subject}", ttl_s=GOOGLE_TIMEOUT_S + 5):
-            tokens = await self.google_tokens(subject) or tokens
-            if is_fresh(tokens):
-                return tokens["access_token"]
-            if not tokens.get("refresh_token"):
-                raise GoogleRevoked("Google gave this server no refresh token")
-            fresh = await self.google.refresh(tokens["refresh_token"])
-            await self.save_google_tokens(subject, fresh)
-            return fresh["access_token"]
-
-    async def forget_google(self, subject: str) -> None:
-        record = await self.store.take_record("google", subject)
-        if record is None:
-            return
-        tokens = self.cipher.decrypt(subject, record["sealed"])
-        try:
-            await self.google.revoke(tokens.get("refresh_token") or tokens["access_token"])
-        except (GoogleError, httpx2.HTTPError) as exc:
-            logger.warning("could not revoke the Google token of %s at Google: %s", subject, exc)
-            return
-        audit("google_token_revoked", subject=subject)
-
-    async def end_access(self, subject: str, *, reason: str) -> None:
-        """End every grant of `subject` (when Google has withdrawn their authorization)."""
-        for grant in await self.store.find_records("grant", subject):
-            await self.revoke_grant(grant["id"], reason=reason)
-        await self.store.delete_record("google", subject)
-
-
-def is_fresh(google_tokens: Mapping[str, Any]) -> bool:
-    """Whether Google's access token can still be used without a refresh first."""
-    return time.time() < google_tokens.get("fresh_until", google_tokens["expires_at"] - 30)
-
-
-def consent_key(subject: str, client_id: str) -> str:
-    return f"{subject} {client_id}"
-
-
-# === 7. HTML pages ===========================================================
-#
-# Plain, self-contained pages: no script, no external asset, one stylesheet allowed by its hash.
-# `render_page` escapes every value; a ready-made fragment is passed under a name ending in `_html`
-# and is built by a function here that escapes its own parts.
-
-PAGE_CSS = """
-:root{color-scheme:light dark;--fg:#1b1f24;--bg:#f6f7f9;--card:#fff;--muted:#57606a;--accent:#1a5fd0;--line:#d0d7de}
-@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--bg:#0d1117;--card:#161b22;--muted:#9da7b3;
---accent:#6ea8fe;--line:#30363d}}
-*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
-color:var(--fg);background:var(--bg)}main{max-width:32rem;margin:2rem auto;padding:1.5rem;background:var(--card);
-border:1px solid var(--line);border-radius:12px}h1{font-size:1.35rem;margin:.2rem 0 1rem}
-.brand{color:var(--muted);font-size:.9rem;margin:0;display:flex;align-items:center;gap:.5rem}
-dl{display:grid;grid-template-columns:auto 1fr;gap:.3rem 1rem}
-dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}ul{padding-left:1.2rem}.note{color:var(--muted);font-size:.9rem}
-.actions{display:flex;gap:.75rem;flex-wrap:wrap;margin-top:1.5rem}
-button,.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid var(--line);background:var(--card);
-color:var(--fg);cursor:pointer;text-decoration:none;display:inline-block}
-button.primary,.button.primary{background:var(--accent);border-color:var(--accent);color:#fff}
-button:focus-visible,.button:focus-visible{outline:3px solid var(--accent);outline-offset:2px}
-section{border-top:1px solid var(--line);margin-top:1rem}h2{font-size:1.1rem;margin:.75rem 0 .5rem}
-@media (max-width:30rem){main{margin:0;border-radius:0;border-width:0 0 1px}.actions>*{flex:1;text-align:center}}
-"""
-PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).decode()
-
-PAGE = string.Template("""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">$head_html<title>$title · $server</title><style>$css_html</style></head>
-<body><main><p class="brand">$icon_html$server</p><h1>$title</h1>
-$body_html
-</main></body></html>
-""")
-
-CONSENT_BODY = string.Template("""<p><strong>$client_name</strong> asks to use $server on your behalf.</p>
-<dl><dt>Sends you back to</dt><dd>$redirect_host</dd>$details_html</dl>
-<p>If you allow it, it will be able to:</p><ul>$scopes_html</ul>
-<p class="note">$next_step</p>
-<form method="post" action="$action">
-<input type="hidden" name="txn" value="$txn"><input type="hidden" name="csrf" value="$csrf">
-<div class="actions"><button type="submit" name="decision" value="approve" class="primary">Allow</button>
-<button type="submit" name="decision" value="deny">Deny</button></div></form>""")
-
-MESSAGE_BODY = string.Template("""<p>$message</p>$action_html""")
-
-ACCOUNT_BODY = string.Template("""<p>Signed in as <strong>$email</strong>. These applications can use $server
-on your behalf. Disconnecting one ends its access at once; it must ask you again to come back.</p>
-$notice_html$apps_html""")
-
-ACCOUNT_APP = string.Template("""<section aria-labelledby="app-$grant_id"><h2 id="app-$grant_id">$name</h2>
-<dl>$details_html</dl>
-<form method="post" action="$action"><input type="hidden" name="csrf_token" value="$csrf">
-<button type="submit" name="grant" value="$grant_id" aria-label="Disconnect $name">Disconnect</button></form>
-</section>""")
-
-ACCOUNT_ALL = string.Template("""<form method="post" action="$action"><input type="hidden" name="csrf_token"
-value="$csrf"><div class="actions"><button type="submit" name="grant" value="all" class="primary">Disconnect all
-$count</button></div></form>""")
-
-
-def when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
-
-
-def account_page(email: str, apps: Sequence[ConnectedApp], *, csrf: str, action: str,
-                 removed: int | None = None) -> HTMLResponse:
-    """The connected-apps page: each application with what it may do, and a way to disconnect it."""
-    notice_html = ""
-    if removed is not None:
-        notice_html = f'<p role="status" class="note">Disconnected {removed} application{"s" * (removed != 1)}.</p>'
-    sections = []
-    for app in apps:
-        details = [("Domain" if app.vouched_by else "Sends you back to", app.vouched_by or app.redirect_host),
-                   ("Can", ", ".join(SCOPES.get(scope, scope) for scope in app.scopes)),
-                   ("Authorised", when(app.authorised_at)), ("Last signed in", when(app.last_used_at))]
-        sections.append(ACCOUNT_APP.substitute(
-            grant_id=html.escape(app.grant_id, quote=True), name=html.escape(app.name), action=action, csrf=csrf,
-            details_html="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in details)))
-    if sections:
-        sections.append(ACCOUNT_ALL.substitute(action=action, csrf=csrf, count=f"({len(apps)})"))
-    apps_html = "".join(sections) or "<p>No applications are connected to your account.</p>"
-    return render_page("Connected applications", ACCOUNT_BODY, email=email, notice_html=notice_html,
-                       apps_html=apps_html, form_targets=[action])
-
-
-# The pages are drawn outside any one request's settings; build_app sets the icon (one server per process).
-PAGE_ICON = {"html": ""}
-
-
-def show_icon(data_uri: str) -> None:
-    PAGE_ICON["html"] = f'<img src="{html.escape(data_uri, quote=True)}" alt="" width="28" height="28">' \
-        if data_uri else ""
-
-
-def render_page(title: str, body: string.Template, *, status: int = 200, head_html: str = "",
-                form_targets: Sequence[str] = (), **values: str) -> HTMLResponse:
-    """A full page; every value is HTML-escaped except those named `*_html`."""
-    escaped = {name: value if name.endswith("_html") else html.escape(value, quote=True)
-               for name, value in values.items()}
-    server = html.escape(SERVER_NAME)
-    page = PAGE.substitute(title=html.escape(title), server=server, head_html=head_html, css_html=PAGE_CSS,
-                           icon_html=PAGE_ICON["html"],
-                           body_html=body.substitute(server=server, **escaped))
-    return HTMLResponse(page, status_code=status, headers=page_headers(form_targets))
-
-
-def page_headers(form_targets: Sequence[str]) -> dict[str, str]:
-    """No framing, no script, no foreign assets, forms only to here (and the redirects they lead to)."""
-    targets = " ".join(dict.fromkeys(origin_of(target) for target in form_targets))
-    policy = (f"default-src 'none'; style-src 'sha256-{PAGE_CSS_HASH}'; img-src data:; base-uri 'none'; "
-              f"form-action 'self' {targets}; frame-ancestors 'none'")
-    return {"Content-Security-Policy": " ".join(policy.split()), "X-Frame-Options": "DENY",
-            "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
-
-
-def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") else f"{parts.scheme}:"
-
-
-def consent_page(pending: PendingAuthorization, settings: Settings, google_origin: str) -> HTMLResponse:
-    details = [("Vouched for by", pending.client_domain)] if pending.client_domain else []
-    identity = pending.identity or {}
-    if identity:
-        details.append(("Signed in as", identity.get("email") or identity["sub"]))
-    next_step = ("Allowing sends you back to the application now." if identity else
-                 "Next you sign in with Google. Your Google password and tokens are never shown to the application.")
-    return render_page(
-        "Allow access?", CONSENT_BODY, client_name=pending.client_name, redirect_host=pending.redirect_host,
-        details_html="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in details),
-        scopes_html="".join(f"<li>{html.escape(SCOPES.get(scope, scope))}</li>" for scope in pending.scopes),
-        next_step=next_step, action=f"{settings.public_url}/consent", txn=pending.id, csrf=pending.csrf,
-        form_targets=[settings.public_url, google_origin, pending.redirect_uri])
-
-
-def message_page(title: str, message: str, *, status: int, continue_to: str | None = None,
-                 continue_label: str = "Return to the application") -> HTMLResponse:
-    """A page that explains; with `continue_to` it also leads on (after 10 seconds on its own)."""
-    action_html = head_html = ""
-    if continue_to:
-        link = html.escape(continue_to, quote=True)
-        action_html = (f'<div class="actions"><a class="button primary" href="{link}">'
-                       f"{html.escape(continue_label)}</a></div>")
-        head_html = f'<meta http-equiv="refresh" content="10;url={link}">'
-    return render_page(title, MESSAGE_BODY, status=status, head_html=head_html, message=message,
-                       action_html=action_html)
-
-
-# === 8. Resumable streams ====================================================
+# --- stream events, for clients that resume with Last-Event-ID
 #
 # In stateful mode every SSE event gets an id; a client that loses its connection reconnects with
 # `Last-Event-ID` and receives what it missed. The SDK ships only the `EventStore` interface, and
 # one store serves every session, so events are tagged with the session that produced them
 # (`StreamScope`, carried in a context variable from the request that opened the session) and a
 # replay is only served to that same session.
-
 
 @dataclass(eq=False)
 class StreamScope:
@@ -2781,31 +1616,87 @@ class RedisEventStore(EventStore):
         return await self.store.call("replaying a stream", read)
 
 
-# === 9. Runtime ==============================================================
 
+# === 4. Serving MCP ==========================================================
+#
+# Handlers reach the running server through `current_user()` (who is calling) and `runtime()`
+# (settings, store, provider, change bus). The SDK hands every message to `handle_message`, the
+# one middleware, which makes the runtime reachable and adds what the SDK leaves out.
+
+LIST_NOTIFY_TIMEOUT_S = 1.0
+OUTBOUND_TIMEOUT_S = 10
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+STDIO_SESSION = "stdio"
+
+
+@dataclass(frozen=True)
+class User:
+    """The person behind the current request."""
+
+    subject: str
+    email: str | None = None
+    name: str | None = None
+    hosted_domain: str | None = None
+    client_id: str | None = None
+
+
+LOCAL_USER = User(subject="local", name="Local user")
+
+
+def current_user() -> User:
+    """Who sent the message being handled: the signed-in account, or the local user."""
+    token = get_access_token()
+    if token is None:
+        return LOCAL_USER
+    claims = token.claims or {}
+    return User(
+        subject=token.subject or token.client_id,
+        email=claims.get("email"),
+        name=claims.get("name"),
+        hosted_domain=claims.get("hd"),
+        client_id=token.client_id,
+    )
+
+
+# The runtime of the message being handled; the SDK hands it to the middleware as its lifespan
+# context, and static resources and completions, which get no Context, read it from here.
+_current_runtime: "ContextVar[Runtime]" = ContextVar("stream_http_runtime")
+# The HTTP app's runtime, which the MCP lifespan (run inside the app's lifespan) serves.
+_serving_runtime: "ContextVar[Runtime]" = ContextVar("stream_http_serving_runtime")
+
+
+def runtime() -> "Runtime":
+    """The running server's shared state (settings, store, provider) for the message being handled."""
+    return _current_runtime.get()
+
+
+@asynccontextmanager
+async def serving_runtime() -> "AsyncIterator[Runtime]":
+    """The HTTP app's runtime, or under `mcp run` (stdio) one opened from the environment."""
+    serving = _serving_runtime.get(None)
+    if serving is not None:
+        yield serving
+        return
+    async with Runtime(load_settings()) as opened:
+        yield opened
 
 
 class Runtime:
-    """What tools and routes share while the server runs: settings, the store, the event store, and
-    with sign-in on, the OAuth provider. Built without I/O; `async with runtime:` opens the store,
-    starts housekeeping, and closes everything again."""
+    """What tools and routes share while the server runs: settings, the store, the event store, the
+    change bus and, with sign-in on, the OAuth provider. Built without I/O; `async with runtime:` opens
+    the store, starts housekeeping, and closes everything again."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = open_store(settings)
         self.events = None if settings.stateless else self.store.event_store(settings.event_store_max_events,
                                                                                settings.session_idle_timeout_s)
+        self.changes = ChangeBus()
         self.replica = new_id()  # tells this process's change announcements from other replicas'
         self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False, verify=tls_context())
-        self.provider = self.build_provider() if settings.auth_enabled else None
+        self.provider = build_provider(settings, self.store, self.http) if settings.auth_enabled else None
+        self.known_tools: set[str] = set()
         self._exit = AsyncExitStack()
-
-    def build_provider(self) -> OAuthProvider:
-        if self.settings.secret_key is None:
-            raise ConfigError("sign-in needs a SECRET_KEY: set it, or pass the settings through with_secret_key()")
-        documents = ClientDocuments(self.settings, self.store, self.http)
-        return OAuthProvider(self.settings, self.store, GoogleLogin(self.settings, self.http), documents,
-                             TokenCipher(self.settings.secret_key))
 
     async def __aenter__(self) -> "Runtime":
         await self._exit.__aenter__()
@@ -2813,6 +1704,8 @@ class Runtime:
             await self.store.open()
             self._exit.push_async_callback(self.store.close)
             self._exit.push_async_callback(self.http.aclose)
+            if self.settings.secret_key is not None:
+                RequestStateSeal.use_key(derive_key(self.settings.secret_key, b"stream-http/request-state"))
             tasks = await self._exit.enter_async_context(anyio.create_task_group())
             self._exit.callback(tasks.cancel_scope.cancel)
             tasks.start_soon(self.purge_expired_records)
@@ -2844,29 +1737,1644 @@ class Runtime:
                 with suppress(StorageError):
                     await self.store.ping()
 
-    async def announce_notes_changed(self, owner: str, note_id: str) -> None:
-        """Tell `owner`'s listening connections that their notes changed, here and on other replicas."""
-        await publish_notes_changed(owner, note_id)
+    async def announce_resources_changed(self, owner: str, uris: Sequence[str]) -> None:
+        """Tell `owner`'s listening connections, here and on other replicas, that their resource list
+        and the resources at `uris` changed."""
+        await self.changes.announce(owner, uris)
         try:
-            await self.store.publish({"owner": owner, "note_id": note_id, "from": self.replica})
+            await self.store.publish({"owner": owner, "uris": list(uris), "from": self.replica})
         except StorageError as exc:
-            logger.warning("other replicas were not told about a note change: %s", exc)
+            logger.warning("other replicas were not told about a resource change: %s", exc)
 
     async def relay_changes(self) -> None:
         """Pass on what other replicas announce to the connections listening here."""
         async for message in self.store.messages():
-            owner, note_id = message.get("owner"), message.get("note_id")
-            if message.get("from") != self.replica and isinstance(owner, str) and isinstance(note_id, str):
-                await publish_notes_changed(owner, note_id)
+            owner, uris = message.get("owner"), message.get("uris")
+            if message.get("from") != self.replica and isinstance(owner, str) and isinstance(uris, list):
+                await self.changes.announce(owner, [uri for uri in uris if isinstance(uri, str)])
 
 
-async def publish_notes_changed(owner: str, note_id: str) -> None:
-    for event in (NotesChanged(owner=owner), NoteUpdated(uri="notes://index", owner=owner),
-                  NoteUpdated(uri=f"notes://{note_id}", owner=owner)):
-        await CHANGES.publish(event)
+@dataclass
+class HandshakeSession:
+    """A stateful 2025-era session: who owns it, its log level, the resources it subscribed to."""
+
+    owner: str
+    session: ServerSession  # the latest request's proxy; its connection channel outlives the request
+    log_level: str = "debug"
+    watched: set[str] = field(default_factory=set)
+    last_active: float = field(default_factory=time.monotonic)  # when its last HTTP request ended
 
 
-# === 10. HTTP app ============================================================
+class ChangeBus:
+    """Delivers change events to the connections they concern, in both protocol eras.
+
+    It feeds the SDK's `subscriptions/listen` streams (2026-07-28, through `ChangeFeed`), and it
+    keeps the handshake-era sessions whose GET stream receives `notifications/resources/list_changed`
+    and `notifications/resources/updated`. A change announced for an owner reaches only that user.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[object, tuple[str, Callable[[ServerEvent], None]]] = {}
+        self._sessions: dict[str, HandshakeSession] = {}
+        self._in_flight: dict[str, int] = {}  # HTTP requests being served, per session (GET streams included)
+        self._swept = time.monotonic()
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        """Register a listen stream for the user who opened it."""
+        token = object()
+        self._listeners[token] = (current_user().subject, listener)
+
+        def unsubscribe() -> None:
+            self._listeners.pop(token, None)
+
+        return unsubscribe
+
+    def session(self, session_id: str, owner: str, session: ServerSession, limit: int,
+                idle_s: float) -> HandshakeSession:
+        """The record of a handshake-era session, made on its first request (oldest dropped past `limit`)."""
+        known = self._sessions.get(session_id)
+        if known is None or known.owner != owner:
+            self.forget_idle(idle_s)
+            known = self._sessions[session_id] = HandshakeSession(owner, session)
+            while len(self._sessions) > limit:
+                self._sessions.pop(next(iter(self._sessions)))
+        known.session = session
+        return known
+
+    # A record holds its session's objects, so it must go when the SDK ends the session: on a DELETE,
+    # or once no request of it has been in flight (no POST, no open GET stream) for the idle timeout.
+
+    def request_started(self, session_id: str) -> None:
+        self._in_flight[session_id] = self._in_flight.get(session_id, 0) + 1
+
+    def request_ended(self, session_id: str, *, deleted: bool) -> None:
+        left = self._in_flight.pop(session_id, 1) - 1
+        if left > 0:
+            self._in_flight[session_id] = left
+        if deleted:
+            self._sessions.pop(session_id, None)
+        elif known := self._sessions.get(session_id):
+            known.last_active = time.monotonic()
+
+    def forget_idle(self, idle_s: float) -> None:
+        """Drop the records of sessions the SDK has closed for idling (looked for at most once a second)."""
+        now = time.monotonic()
+        if now - self._swept < 1:
+            return
+        self._swept = now
+        for session_id, known in list(self._sessions.items()):
+            if session_id not in self._in_flight and now - known.last_active > idle_s and session_id != STDIO_SESSION:
+                del self._sessions[session_id]
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def log_level(self, session_id: str | None) -> str:
+        known = self._sessions.get(session_id or "")
+        return known.log_level if known else LOG_LEVELS[0]
+
+    async def publish(self, event: ServerEvent) -> None:
+        """An event for every listen stream (what the SDK publishes)."""
+        self._deliver(None, event)
+        await anyio.lowlevel.checkpoint()
+
+    async def announce(self, owner: str, uris: Sequence[str]) -> None:
+        """`owner`'s resource list changed, and the resources at `uris`: tell that user's connections."""
+        for event in (ResourcesListChanged(), *(ResourceUpdated(uri=uri) for uri in uris)):
+            self._deliver(owner, event)
+            await self._notify_sessions(owner, event)
+        await anyio.lowlevel.checkpoint()
+
+    def _deliver(self, owner: str | None, event: ServerEvent) -> None:
+        for listener_owner, listener in list(self._listeners.values()):
+            if owner is None or owner == listener_owner:
+                try:
+                    listener(event)
+                except Exception:  # one broken stream must not keep the event from the others
+                    logger.exception("a listen stream failed to take an event")
+
+    async def _notify_sessions(self, owner: str, event: ServerEvent) -> None:
+        for session_id, known in list(self._sessions.items()):
+            if known.owner != owner:
+                continue
+            if isinstance(event, ResourceUpdated):
+                if event.uri not in known.watched:
+                    continue
+                notify = known.session.send_resource_updated(event.uri)
+            else:
+                notify = known.session.send_resource_list_changed()
+            with anyio.move_on_after(LIST_NOTIFY_TIMEOUT_S):
+                try:
+                    await notify
+                    continue
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass
+            logger.debug("session %s no longer listens; forgetting it", session_id)
+            self._sessions.pop(session_id, None)
+
+
+async def handle_message(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    """The one MCP middleware. It makes the runtime reachable from every handler (static resources and
+    completions get no Context), answers what 2025-era sessions need beyond the SDK (resource
+    subscriptions, a log level), and names an unknown tool or prompt as the spec says."""
+    token = _current_runtime.set(ctx.lifespan_context)
+    try:
+        if ctx.request_id is None:  # a notification: nothing of ours to add
+            return await call_next(ctx)
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            return await serve_handshake_request(ctx, call_next)
+        return await serve_request(ctx, call_next)
+    finally:
+        _current_runtime.reset(token)
+
+
+async def serve_handshake_request(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    """What 2025-era sessions get beyond the SDK: list-changed and resource-updated notifications on
+    their GET stream, resource subscriptions, and a log level they can set."""
+    settings = ctx.lifespan_context.settings
+    # Over stdio the process serves one client: its whole life is one session.
+    session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else STDIO_SESSION
+    known = None
+    if session_id and not settings.stateless:
+        known = ctx.lifespan_context.changes.session(session_id, current_user().subject, ctx.session,
+                                                     settings.max_sessions, settings.session_idle_timeout_s)
+    params = ctx.params or {}
+    if ctx.method == "logging/setLevel":
+        if params.get("level") not in LOG_LEVELS:
+            raise MCPError(INVALID_PARAMS, f"level must be one of {', '.join(LOG_LEVELS)}")
+        if known is not None:
+            known.log_level = params["level"]
+        return {}
+    if ctx.method in ("resources/subscribe", "resources/unsubscribe"):
+        uri = params.get("uri")
+        if not isinstance(uri, str) or not uri:
+            raise MCPError(INVALID_PARAMS, "uri must be a non-empty string")
+        if known is not None and ctx.method == "resources/subscribe":
+            known.watched.add(uri)
+        elif known is not None:
+            known.watched.discard(uri)
+        return {}
+    result = await serve_request(ctx, call_next)
+    if ctx.method == "initialize" and isinstance(result, dict):
+        capabilities = result.setdefault("capabilities", {})
+        capabilities.setdefault("resources", {}).update(listChanged=not settings.stateless,
+                                                        subscribe=not settings.stateless)
+        capabilities["logging"] = {}
+    return result
+
+
+async def serve_request(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    """Answer an unknown tool or prompt, or a prompt that cannot render, with the spec's -32602
+    (the SDK reports the first as a tool result and the others with error code 0)."""
+    if ctx.method == "tools/call":
+        name = (ctx.params or {}).get("name")
+        if isinstance(name, str) and not await is_known_tool(ctx.lifespan_context, name):
+            raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
+    if ctx.method != "prompts/get":
+        return await call_next(ctx)
+    try:
+        return await call_next(ctx)
+    except ValueError as exc:
+        raise MCPError(INVALID_PARAMS, str(exc)) from exc
+
+
+async def is_known_tool(running: Runtime, name: str) -> bool:
+    """Whether `name` is a tool. Listing the tools builds every tool's schema, which cost more than the
+    call itself, so the names are remembered and listed again only for a name not seen before (a tool
+    added while serving is found; a removed one is left to the SDK, which answers it as a tool error)."""
+    if name not in running.known_tools:
+        running.known_tools.update(tool.name for tool in await mcp.list_tools())
+    return name in running.known_tools
+
+
+def can_ask_user(ctx: Context) -> bool:
+    """Whether this connection can put a question to the user in the middle of a tool call."""
+    if not ctx.session.check_client_capability(ClientCapabilities(elicitation=ElicitationCapability())):
+        return False
+    return ctx.protocol_version in MODERN_PROTOCOL_VERSIONS or ctx.session.can_send_request
+
+
+async def send_log(ctx: Context, message: str, level: str = "info") -> None:
+    """Send a log notification at or above the level the session asked for. Logging is deprecated from
+    protocol 2026-07-28 on, where it only reaches clients that opt in; it still works everywhere, so
+    the SDK's deprecation warning is silenced here."""
+    session_id = ctx.headers.get("mcp-session-id") if ctx.headers else STDIO_SESSION
+    if LOG_LEVELS.index(level) < LOG_LEVELS.index(runtime().changes.log_level(session_id)):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        pending = ctx.session.send_log_message(level, message, SERVER_NAME, related_request_id=ctx.request_id)
+    await pending
+
+
+# === 5. Google ===============================================================
+#
+# The only code that talks to Google. Authlib fetches Google's discovery document, builds the
+# authorization URL (PKCE and nonce), exchanges the code and verifies the id_token (signature by
+# `kid`, issuer, audience, nonce, expiry). The browser's trip through Google is bound to a
+# server-side transaction through `state`, not to a cookie: embedded webviews and proxies drop those.
+# Each person's Google tokens are kept encrypted in the store, refreshed when needed and revoked
+# when no grant needs them any more; they never reach an MCP client.
+
+GOOGLE_TIMEOUT_S = 10
+GOOGLE_CALLBACK_PATH = "/oauth/google/callback"
+T = TypeVar("T")
+
+
+class GoogleError(Exception):
+    """Google refused, failed, or answered with something that does not verify."""
+
+
+class GoogleRevoked(GoogleError):
+    """Google no longer honours this person's authorization (invalid_grant)."""
+
+
+@dataclass(frozen=True)
+class GoogleIdentity:
+    """Who Google says signed in, from the verified id_token."""
+
+    subject: str
+    email: str
+    email_verified: bool
+    name: str | None = None
+    hosted_domain: str | None = None
+    picture: str | None = None
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> "GoogleIdentity":
+        return cls(subject=str(claims["sub"]), email=str(claims.get("email") or "").lower(),
+                   email_verified=claims.get("email_verified") in (True, "true"), name=claims.get("name"),
+                   hosted_domain=claims.get("hd"), picture=claims.get("picture"))
+
+    def claims(self) -> dict[str, Any]:
+        """What tokens carry about the person (never Google's tokens themselves)."""
+        return {"email": self.email, "name": self.name, "hd": self.hosted_domain, "picture": self.picture}
+
+
+@cache
+def tls_context() -> ssl.SSLContext:
+    """The one TLS context of every outbound connection. Building one loads the system's CA certificates
+    (milliseconds of CPU), and Authlib builds a new HTTP client for each call to Google: without a shared
+    context that was two thirds of the CPU a sign-in costs (bench/rates.py)."""
+    return httpx2.create_ssl_context()
+
+
+class GoogleLogin:
+    """Google as the identity provider: sign-in, token refresh, userinfo and revocation."""
+
+    def __init__(self, settings: Settings, http: httpx2.AsyncClient) -> None:
+        secret = settings.google_client_secret.value if settings.google_client_secret else ""
+        self.client = OAuth().register(
+            "google", client_id=settings.google_client_id, client_secret=secret,
+            server_metadata_url=settings.google_discovery_url,
+            client_kwargs={"scope": "openid email profile", "code_challenge_method": "S256",
+                           "timeout": GOOGLE_TIMEOUT_S, "verify": tls_context()},
+        )
+        self.credentials = (settings.google_client_id, secret)
+        self.redirect_uri = settings.public_url + GOOGLE_CALLBACK_PATH
+        # Google's account chooser then offers only that domain: right only when nobody else may sign in.
+        only_domain = len(settings.allowed_domains) == 1 and not settings.allowed_emails
+        self.domain_hint = next(iter(settings.allowed_domains)) if only_domain else None
+        self.http = http
+
+    async def authorization_url(self, state: str, *, login_hint: str | None, ask_consent: bool) -> tuple[str, str, str]:
+        """The URL to send the browser to, and the nonce and PKCE verifier to check Google's answer with.
+        `ask_consent` makes Google issue a refresh token again (it does so only on consent)."""
+        extra = {"access_type": "offline", "include_granted_scopes": "true"}
+        if ask_consent:
+            extra["prompt"] = "consent"
+        if login_hint:
+            extra["login_hint"] = login_hint
+        if self.domain_hint:
+            extra["hd"] = self.domain_hint  # a hint for Google's account chooser; enforced on the hd claim
+        try:
+            created = await self.client.create_authorization_url(self.redirect_uri, state=state, **extra)
+        except (httpx2.HTTPError, ValueError, KeyError) as exc:
+            raise GoogleError(f"Google's discovery document is unavailable: {exc}") from exc
+        return created["url"], created["nonce"], created["code_verifier"]
+
+    async def authorization_endpoint(self) -> str | None:
+        """Where Google's sign-in pages live, or None while its discovery document is unavailable."""
+        try:
+            metadata = await self.client.load_server_metadata()
+        except (httpx2.HTTPError, ValueError) as exc:
+            logger.warning("Google's discovery document is unavailable: %s", exc)
+            return None
+        return metadata.get("authorization_endpoint")
+
+    async def finish(self, code: str, *, nonce: str, verifier: str) -> tuple[GoogleIdentity, dict[str, Any]]:
+        """Exchange Google's code and verify its id_token."""
+        try:
+            token = await self.client.fetch_access_token(redirect_uri=self.redirect_uri, code=code,
+                                                         code_verifier=verifier)
+            claims = await self.client.parse_id_token(token, nonce=nonce)
+        except OAuthError as exc:
+            raise GoogleError(f"Google refused the sign-in: {exc.error}") from exc
+        except (JoseError, KeyError, ValueError, TypeError) as exc:
+            raise GoogleError(f"Google's id_token did not verify: {exc}") from exc
+        except httpx2.HTTPError as exc:
+            raise GoogleError(f"Google could not be reached: {exc}") from exc
+        if claims is None:
+            raise GoogleError("Google sent no id_token")
+        return GoogleIdentity.from_claims(claims), dict(token)
+
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """A fresh Google access token. Raises GoogleRevoked on invalid_grant."""
+        try:
+            return dict(await self.client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token))
+        except OAuthError as exc:
+            raise GoogleRevoked(exc.error) if exc.error == "invalid_grant" else GoogleError(str(exc.error)) from exc
+        except httpx2.HTTPError as exc:
+            raise GoogleError(f"Google could not be reached: {exc}") from exc
+
+    async def userinfo(self, access_token: str) -> dict[str, Any]:
+        metadata = await self.client.load_server_metadata()
+        response = await self.http.get(metadata["userinfo_endpoint"], timeout=GOOGLE_TIMEOUT_S,
+                                       headers={"Authorization": f"Bearer {access_token}"})
+        if response.status_code == 401:
+            raise GoogleRevoked("the Google access token was refused")
+        response.raise_for_status()
+        return dict(response.json())
+
+    async def revoke(self, token: str) -> None:
+        """Revoke a Google token (a refresh token revokes the whole authorization)."""
+        metadata = await self.client.load_server_metadata()
+        endpoint = metadata.get("revocation_endpoint")
+        if not endpoint:
+            raise GoogleError("Google's discovery document names no revocation endpoint")
+        response = await self.http.post(endpoint, data={"token": token}, auth=self.credentials,
+                                        timeout=GOOGLE_TIMEOUT_S)
+        if response.status_code >= 400:
+            raise GoogleError(f"Google's revocation endpoint answered {response.status_code}")
+
+
+@dataclass(frozen=True)
+class GoogleTokens:
+    """A person's tokens from Google, as kept (encrypted) by this server."""
+
+    access_token: str
+    expires_at: float
+    fresh_until: float | None = None  # renewed a little before it expires
+    refresh_token: str | None = None
+
+    @classmethod
+    def from_response(cls, token: Mapping[str, Any], held: "GoogleTokens | None") -> "GoogleTokens":
+        """Google's token response, keeping the refresh token already held when it sends none."""
+        now = time.time()
+        expires_at = float(token.get("expires_at") or now + float(token.get("expires_in") or 3600))
+        # 30 s early, or halfway for a token shorter-lived than a minute.
+        fresh_until = expires_at - min(30.0, max(0.0, expires_at - now) / 2)
+        return cls(access_token=token["access_token"], expires_at=expires_at, fresh_until=fresh_until,
+                   refresh_token=token.get("refresh_token") or (held.refresh_token if held else None))
+
+    @property
+    def is_fresh(self) -> bool:
+        """Whether the access token can still be used without a refresh first."""
+        return time.time() < (self.fresh_until if self.fresh_until is not None else self.expires_at - 30)
+
+
+@dataclass(frozen=True)
+class SealedGoogleTokens:
+    kind: ClassVar[str] = "google"
+
+    sealed: str
+
+
+class TokenCipher:
+    """Encrypts Google tokens at rest with a key derived from SECRET_KEY (AES-256-GCM). The owner's
+    subject is authenticated with each token, so one person's ciphertext cannot be swapped in for another's."""
+
+    def __init__(self, secret_key: Secret) -> None:
+        self.aead = AESGCM(derive_key(secret_key, b"stream-http/google-tokens"))
+
+    def seal(self, subject: str, tokens: GoogleTokens) -> SealedGoogleTokens:
+        nonce = os.urandom(12)
+        sealed = self.aead.encrypt(nonce, encode_record(tokens).encode(), subject.encode())
+        return SealedGoogleTokens(base64.urlsafe_b64encode(nonce + sealed).decode())
+
+    def open(self, subject: str, record: SealedGoogleTokens) -> GoogleTokens:
+        raw = base64.urlsafe_b64decode(record.sealed)
+        return record_adapter(GoogleTokens).validate_json(self.aead.decrypt(raw[:12], raw[12:], subject.encode()))
+
+
+class GoogleGrants:
+    """Each person's authorization at Google: their tokens, kept encrypted and refreshed on demand."""
+
+    def __init__(self, login: GoogleLogin, store: Store, cipher: TokenCipher) -> None:
+        self.login = login
+        self.store = store
+        self.cipher = cipher
+
+    async def tokens(self, subject: str) -> GoogleTokens | None:
+        record = await self.store.get(SealedGoogleTokens, subject)
+        return self.cipher.open(subject, record) if record else None
+
+    async def save(self, subject: str, token_response: Mapping[str, Any]) -> None:
+        tokens = GoogleTokens.from_response(token_response, await self.tokens(subject))
+        await self.store.put(Entry(subject, self.cipher.seal(subject, tokens), owner=subject))
+
+    async def access_token(self, subject: str) -> str:
+        """A valid Google access token for `subject`, refreshed with the stored refresh token when needed.
+        Raises GoogleRevoked when Google no longer honours the authorization."""
+        tokens = await self.tokens(subject)
+        if tokens is None:
+            raise GoogleRevoked("no Google authorization is stored for you")
+        if tokens.is_fresh:
+            return tokens.access_token
+        # One refresh at a time per person, across replicas too; the others wait and use its result.
+        async with self.store.lock(f"google-refresh:{subject}", ttl_s=GOOGLE_TIMEOUT_S + 5):
+            tokens = await self.tokens(subject) or tokens
+            if tokens.is_fresh:
+                return tokens.access_token
+            if not tokens.refresh_token:
+                raise GoogleRevoked("Google gave this server no refresh token")
+            fresh = await self.login.refresh(tokens.refresh_token)
+            await self.save(subject, fresh)
+            return str(fresh["access_token"])
+
+    async def revoke(self, subject: str) -> None:
+        """Forget the person's Google tokens and revoke them at Google (best effort)."""
+        record = await self.store.take(SealedGoogleTokens, subject)
+        if record is None:
+            return
+        tokens = self.cipher.open(subject, record)
+        try:
+            await self.login.revoke(tokens.refresh_token or tokens.access_token)
+        except (GoogleError, httpx2.HTTPError) as exc:
+            logger.warning("could not revoke the Google token of %s at Google: %s", subject, exc)
+            return
+        audit("google_token_revoked", subject=subject)
+
+    async def forget(self, subject: str) -> None:
+        """Forget the person's Google tokens without asking Google (which has already withdrawn them)."""
+        await self.store.delete(SealedGoogleTokens, subject)
+
+
+async def call_google(request: Callable[[GoogleLogin, str], Awaitable[T]]) -> T:
+    """Run `request` with the calling person's Google access token, for tools that act on their Google
+    account. When Google has withdrawn the person's authorization, they are signed out of this server
+    too; every failure becomes a tool error the model can read."""
+    provider, user = runtime().provider, current_user()
+    if provider is None or user is LOCAL_USER:
+        raise ToolError("This server runs without sign-in, so there is no Google account to ask. "
+                        "Set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET to turn sign-in on.")
+    try:
+        return await request(provider.google.login, await provider.google.access_token(user.subject))
+    except GoogleRevoked as exc:
+        await provider.end_access(user.subject, reason=f"Google withdrew the authorization ({exc})")
+        raise ToolError("Google no longer honours your sign-in, so this server has signed you out. "
+                        "Connect again to sign in.") from exc
+    except (GoogleError, httpx2.HTTPError) as exc:
+        raise ToolError(f"Google could not be reached just now: {exc}") from exc
+
+
+# === 6. OAuth provider =======================================================
+#
+# The server is the OAuth 2.1 authorization server MCP clients talk to: Google cannot register
+# them. One authorization runs /authorize → consent page → Google → /oauth/google/callback → code →
+# /token, and each step is a single-use record in the store. Tokens are random strings stored only
+# as SHA-256 hashes; each belongs to a grant (one person, one client), and revocation ends a grant
+# as a whole. The SDK's handlers do client authentication, PKCE and registration parsing; the pure
+# functions first in this section decide, the provider keeps the records, and `SignInRoutes` at the
+# end are the HTTP handlers.
+
+SCOPES = {
+    "mcp": "Use this server's tools, notes and prompts as you",
+    "google": "Read your Google profile (name, email, picture) through the google_profile tool",
+}
+REQUIRED_SCOPE = "mcp"  # every MCP request needs it
+TOOL_SCOPES = {"google_profile": "google"}  # tools that need more, and what
+AUTH_CODE_TTL_S = 300
+TRANSACTION_TTL_S = 600
+REFRESH_RACE_GRACE_S = 2  # the same refresh token used twice this close together is a race, not theft
+CLIENT_DOCUMENT_TTL_S = 3600
+CLIENT_DOCUMENT_MAX_BYTES = 10_240
+CLIENT_DOCUMENT_TIMEOUT_S = 5
+PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+OAUTH_BODY_MAX_BYTES = 65_536
+SESSION_COOKIE = "stream_http_session"
+SESSION_MAX_AGE_S = 30 * 24 * 3600
+ACCOUNT_SIGN_IN_MAX_AGE_S = 3600  # /account asks Google again after this, so the access policy is fresh
+audit_log = logging.getLogger("stream_http.audit")
+
+
+def audit(event: str, **fields: Any) -> None:
+    """One structured log line per security event. Never pass a token, code or secret."""
+    if address := _client_address.get():
+        fields["ip"] = address
+    audit_log.info("%s", json.dumps({"event": event, **fields}, sort_keys=True, default=str))
+
+
+# --- decisions: pure functions of what was asked and what is allowed
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def canonical_url(url: str) -> str:
+    """One spelling per URL: lower-case scheme and host, no default port, no trailing slash."""
+    parts = urlsplit(url.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port
+    netloc = host if port in (None, {"http": 80, "https": 443}.get(scheme)) else f"{host}:{port}"
+    return urlunsplit((scheme, netloc, parts.path.rstrip("/"), parts.query, ""))
+
+
+def redirect_uri_problem(uri: str, patterns: Sequence[str]) -> str | None:
+    """Why `uri` may not be a client's redirect URI, or None: https or loopback http, no fragment,
+    and one of REDIRECT_URI_PATTERNS when that is set (which may also admit an app scheme)."""
+    try:
+        parts = urlsplit(uri)
+        _ = parts.port
+    except ValueError:
+        return f"{uri!r} is not a valid URI"
+    if "#" in uri:
+        return f"{uri!r} must not contain a fragment"
+    listed = any(fnmatch.fnmatchcase(uri, pattern) for pattern in patterns)
+    web = parts.scheme == "https" and bool(parts.hostname)
+    loopback = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
+    if not (web or loopback):
+        app_scheme = parts.scheme not in ("http", "https", "javascript", "data", "file", "")
+        return None if listed and app_scheme else f"{uri!r} must be https:// or a loopback http:// URI"
+    if patterns and not listed:
+        return f"{uri!r} matches none of REDIRECT_URI_PATTERNS"
+    return None
+
+
+def pick_redirect_uri(registered: Sequence[str], requested: str | None) -> str | None:
+    """The redirect URI to use, or None when `requested` is not registered. A loopback URI may differ
+    from its registration only in port (RFC 8252 §7.3): native apps listen on whatever port is free."""
+    if requested is None:
+        return registered[0] if len(registered) == 1 else None
+    try:
+        wanted = str(AnyUrl(requested))
+    except ValidationError:
+        return None
+    for uri in registered:
+        if wanted == uri or same_loopback_redirect(wanted, uri):
+            return wanted
+    return None
+
+
+def same_loopback_redirect(requested: str, registered: str) -> bool:
+    a, b = urlsplit(requested), urlsplit(registered)
+    return (a.scheme == b.scheme == "http" and is_loopback_host(a.hostname or "")
+            and (a.hostname or "").lower() == (b.hostname or "").lower()
+            and (a.path or "/") == (b.path or "/") and a.query == b.query)
+
+
+def display_name(client: OAuthClientInformationFull) -> str:
+    return (client.client_name or "").strip()[:80] or "An unnamed application"
+
+
+def is_document_client_id(client_id: str) -> bool:
+    return client_id.startswith(("https://", "http://"))
+
+
+def refusal_reason(email: str, email_verified: bool, hosted_domain: str | None, settings: Settings) -> str | None:
+    """Why this person may not sign in, or None. Checked on verified claims, never on URL hints."""
+    if not email_verified:
+        return f"Google has not verified the address {email or '(none)'}."
+    if not settings.allowed_emails and not settings.allowed_domains:
+        return None
+    if email.lower() in settings.allowed_emails:
+        return None
+    if hosted_domain and hosted_domain.lower() in settings.allowed_domains:
+        return None
+    return f"{email} is not among the people allowed to use this server."
+
+
+def check_authorization_request(params: Mapping[str, Any], redirect_uri: str,
+                                resource: str) -> AuthorizationParams | tuple[str, str]:
+    """The authorization request as SDK parameters, or the (error, description) to send back."""
+    if params.get("response_type") != "code":
+        return "unsupported_response_type", "response_type must be code"
+    challenge = params.get("code_challenge")
+    if not isinstance(challenge, str) or not PKCE_CHALLENGE.fullmatch(challenge):
+        return "invalid_request", "a PKCE code_challenge is required"
+    if params.get("code_challenge_method") != "S256":
+        return "invalid_request", "code_challenge_method must be S256"
+    # Any client may ask for any scope this server has (the scope it registered with is no limit, so it
+    # can step up later); the person decides on the consent page.
+    requested = str(params.get("scope") or "").split() or list(SCOPES)
+    if unknown := [scope for scope in requested if scope not in SCOPES]:
+        return "invalid_scope", f"unknown scope {' '.join(unknown)}; this server offers {' '.join(SCOPES)}"
+    asked_for = params.get("resource")
+    if asked_for is not None and not serves_resource(str(asked_for), resource):
+        return "invalid_target", f"this server issues tokens only for {resource}"
+    state = params.get("state")
+    return AuthorizationParams(state=state if isinstance(state, str) else None, scopes=requested,
+                               code_challenge=challenge, redirect_uri=AnyUrl(redirect_uri),
+                               redirect_uri_provided_explicitly="redirect_uri" in params, resource=resource)
+
+
+def serves_resource(asked_for: str, resource: str) -> bool:
+    """Whether a client's RFC 8707 `resource` names this server (a trailing slash or case aside)."""
+    try:
+        return canonical_url(asked_for) == resource
+    except ValueError:
+        return False
+
+
+def authorization_response(redirect_uri: str, *, issuer: str, state: str | None, **params: str) -> str:
+    """An answer to an authorization request: `state` back, and `iss` per RFC 9207."""
+    return construct_redirect_uri(redirect_uri, **params, state=state, iss=issuer)
+
+
+def consent_key(subject: str, client_id: str) -> str:
+    return f"{subject} {client_id}"
+
+
+# --- what the provider keeps
+
+
+class RegisteredClient(OAuthClientInformationFull):
+    """A client that registered itself (RFC 7591)."""
+
+    kind: ClassVar[str] = "client"
+
+
+class ClientDocument(OAuthClientInformationFull):
+    """A client that describes itself at its https `client_id` (a Client ID Metadata Document), cached."""
+
+    kind: ClassVar[str] = "cimd"
+
+
+@dataclass(frozen=True)
+class PendingAuthorization:
+    """One authorization in progress: what the client asked for, and how far it has got."""
+
+    kind: ClassVar[str] = "txn"
+
+    id: str
+    client_id: str
+    client_name: str
+    redirect_uri: str
+    redirect_uri_explicit: bool
+    state: str | None
+    code_challenge: str
+    scopes: tuple[str, ...]
+    resource: str
+    csrf: str
+    consented: bool = False
+    remembered_for: str | None = None  # whose remembered approval skipped the consent page
+    identity: GoogleIdentity | None = None  # the verified person, once back from Google
+    purpose: Literal["authorize", "account"] = "authorize"  # "account": a person opening /account
+
+    @property
+    def client_domain(self) -> str | None:
+        """The domain that vouches for a metadata-document client."""
+        return urlsplit(self.client_id).hostname if is_document_client_id(self.client_id) else None
+
+    @property
+    def redirect_host(self) -> str:
+        parts = urlsplit(self.redirect_uri)
+        return parts.netloc or f"{parts.scheme}:"
+
+
+@dataclass(frozen=True)
+class GoogleSignIn:
+    """An authorization while the person is at Google, with what checks Google's answer."""
+
+    kind: ClassVar[str] = "login"
+
+    pending: PendingAuthorization
+    nonce: str
+    verifier: str
+
+
+class GrantCode(AuthorizationCode):
+    """An authorization code: what the SDK checks at /token, and what the grant will be."""
+
+    kind: ClassVar[str] = "code"
+    grant_id: str
+    claims: dict[str, Any]
+
+
+class ClaimedCode(GrantCode):
+    """A code being exchanged: claimed, so that it is never accepted again, whatever happens next."""
+
+    kind: ClassVar[str] = "claimed_code"
+
+
+@dataclass(frozen=True)
+class UsedCode:
+    """A code already exchanged, remembered while it would live, to spot a replay."""
+
+    kind: ClassVar[str] = "used_code"
+
+    grant_id: str
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One person's permission for one client: every token belongs to one, and ends with it."""
+
+    kind: ClassVar[str] = "grant"
+
+    id: str
+    client_id: str
+    client_name: str
+    subject: str
+    scopes: tuple[str, ...]
+    resource: str
+    claims: dict[str, Any]
+    created_at: float
+    last_used_at: float | None = None
+
+    def entry(self, ttl_s: float) -> Entry:
+        return Entry(self.id, self, ttl_s=ttl_s, owner=self.subject, group=self.id, order=self.created_at)
+
+
+@dataclass(frozen=True)
+class IssuedAccessToken:
+    """An access token, stored under its hash."""
+
+    kind: ClassVar[str] = "access"
+
+    client_id: str
+    subject: str
+    scopes: tuple[str, ...]
+    resource: str
+    claims: dict[str, Any]
+    grant_id: str
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class IssuedRefreshToken(IssuedAccessToken):
+    """A refresh token, stored under its hash: what the access tokens it buys carry, and where it stands
+    in its rotation (it rotates on every use)."""
+
+    kind: ClassVar[str] = "refresh"
+
+    status: Literal["active", "rotated"] = "active"
+    rotated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Consent:
+    """The scopes a person has approved for a client, so the consent page need not ask again."""
+
+    kind: ClassVar[str] = "consent"
+
+    scopes: tuple[str, ...]
+
+
+class GrantAccessToken(AccessToken):
+    grant_id: str
+
+
+class GrantRefreshToken(RefreshToken):
+    grant_id: str
+    claims: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    """Where the browser goes after Google: `redirect`, plus a page to show when the person was refused."""
+
+    redirect: str
+    identity: GoogleIdentity | None = None
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnectedApp:
+    """One application a person has allowed, as /account shows it."""
+
+    grant_id: str
+    name: str
+    vouched_by: str | None
+    redirect_host: str
+    scopes: tuple[str, ...]
+    authorised_at: float
+    last_used_at: float
+
+
+class SignInFailed(Exception):
+    """A sign-in step that cannot continue and cannot safely send the browser back to the client."""
+
+
+class ClientDocumentError(Exception):
+    """A Client ID Metadata Document that cannot be used."""
+
+
+class ClientDocuments:
+    """Client ID Metadata Documents: a client whose id is an https URL describes itself at that URL.
+    Fetched without following redirects, size- and time-limited, from public addresses only (the
+    address checked is the one connected to, so DNS cannot be switched between check and fetch),
+    validated, and cached."""
+
+    def __init__(self, settings: Settings, store: Store, http: httpx2.AsyncClient) -> None:
+        self.settings = settings
+        self.store = store
+        self.http = http
+
+    async def client(self, url: str) -> ClientDocument:
+        cached = await self.store.get(ClientDocument, url)
+        if cached is not None:
+            return cached
+        client = self.validate(url, await self.fetch(url))
+        await self.store.put(Entry(url, client, ttl_s=CLIENT_DOCUMENT_TTL_S))
+        return client
+
+    def url_problem(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        schemes = ("https", "http") if self.settings.cimd_allow_local else ("https",)
+        if parts.scheme not in schemes or not parts.hostname:
+            return "a client_id URL must be https://"
+        if parts.fragment or parts.username or parts.password:
+            return "a client_id URL must not carry a fragment or credentials"
+        if parts.path in ("", "/") or any(segment in (".", "..") for segment in parts.path.split("/")):
+            return "a client_id URL needs a path without . or .. segments"
+        return None
+
+    async def fetch(self, url: str) -> dict[str, Any]:
+        if problem := self.url_problem(url):
+            raise ClientDocumentError(problem)
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = await self.public_address(parts.hostname or "", port)
+        target = urlunsplit((parts.scheme, f"[{address}]:{port}" if ":" in address else f"{address}:{port}",
+                             parts.path, parts.query, ""))
+        try:
+            async with self.http.stream("GET", target, headers={"Host": parts.netloc, "Accept": "application/json"},
+                                        extensions={"sni_hostname": parts.hostname},
+                                        timeout=CLIENT_DOCUMENT_TIMEOUT_S, follow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise ClientDocumentError(f"{url} answered HTTP {response.status_code}")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > CLIENT_DOCUMENT_MAX_BYTES:
+                        raise ClientDocumentError(f"{url} is larger than {CLIENT_DOCUMENT_MAX_BYTES} bytes")
+        except httpx2.HTTPError as exc:
+            raise ClientDocumentError(f"{url} could not be fetched: {exc}") from exc
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise ClientDocumentError(f"{url} is not JSON") from exc
+        if not isinstance(document, dict):
+            raise ClientDocumentError(f"{url} is not a JSON object")
+        return document
+
+    async def public_address(self, host: str, port: int) -> str:
+        try:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ClientDocumentError(f"{host} does not resolve: {exc}") from exc
+        addresses = sorted({str(info[4][0]) for info in infos})
+        if not self.settings.cimd_allow_local and not all(ipaddress.ip_address(a).is_global for a in addresses):
+            raise ClientDocumentError(f"{host} resolves to a private, loopback or reserved address")
+        return addresses[0]
+
+    def validate(self, url: str, document: dict[str, Any]) -> ClientDocument:
+        if document.get("client_id") != url:
+            raise ClientDocumentError("the document's client_id must be its own URL")
+        if document.get("token_endpoint_auth_method", "none") != "none":
+            raise ClientDocumentError("a metadata-document client must be public (token_endpoint_auth_method none)")
+        uris = document.get("redirect_uris")
+        if not isinstance(uris, list) or not uris or not all(isinstance(uri, str) for uri in uris):
+            raise ClientDocumentError("the document needs a list of redirect_uris")
+        for uri in uris:
+            if problem := redirect_uri_problem(uri, self.settings.redirect_uri_patterns):
+                raise ClientDocumentError(problem)
+        try:
+            return ClientDocument.model_validate({
+                **{key: document[key] for key in ("client_name", "client_uri", "logo_uri", "grant_types",
+                                                  "response_types", "scope") if key in document},
+                "client_id": url, "redirect_uris": uris, "token_endpoint_auth_method": "none",
+            })
+        except ValidationError as exc:
+            raise ClientDocumentError(f"the document is not valid client metadata: {exc.error_count()} problem(s)"
+                                      ) from exc
+
+
+def build_provider(settings: Settings, store: Store, http: httpx2.AsyncClient) -> "OAuthProvider":
+    if settings.secret_key is None:
+        raise ConfigError("sign-in needs a SECRET_KEY: set it, or pass the settings through with_secret_key()")
+    google = GoogleGrants(GoogleLogin(settings, http), store, TokenCipher(settings.secret_key))
+    return OAuthProvider(settings, store, google, ClientDocuments(settings, store, http), settings.secret_key)
+
+
+class OAuthProvider:
+    """The SDK's `OAuthAuthorizationServerProvider` for MCP clients, with Google as the identity provider."""
+
+    def __init__(self, settings: Settings, store: Store, google: GoogleGrants, documents: ClientDocuments,
+                 secret_key: Secret) -> None:
+        self.settings = settings
+        self.secret_key = secret_key
+        self.store = store
+        self.google = google
+        self.documents = documents
+        self.resource = canonical_url(settings.mcp_url)
+
+    # --- clients
+
+    async def find_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        """The client with this id, from its registration or its metadata document (which raises
+        ClientDocumentError when it cannot be used)."""
+        if is_document_client_id(client_id):
+            return await self.documents.client(client_id)
+        return await self.store.get(RegisteredClient, client_id)
+
+    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        try:
+            return await self.find_client(client_id)
+        except ClientDocumentError as exc:
+            logger.info("client metadata document %s refused: %s", client_id, exc)
+            return None
+
+    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
+        for uri in client_info.redirect_uris or []:
+            if problem := redirect_uri_problem(str(uri), self.settings.redirect_uri_patterns):
+                raise RegistrationError("invalid_redirect_uri", problem)
+        registered = RegisteredClient.model_validate(client_info.model_dump())
+        await self.store.put(Entry(client_info.client_id, registered))
+        audit("client_registered", client_id=client_info.client_id, client_name=client_info.client_name,
+              redirect_uris=[str(uri) for uri in client_info.redirect_uris or []])
+
+    # --- authorization: /authorize, consent, Google, and back to the client
+
+    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
+        return await self.start_authorization(client, params, signed_in=None)
+
+    async def start_authorization(self, client: OAuthClientInformationFull, params: AuthorizationParams,
+                                  signed_in: Mapping[str, str] | None) -> str:
+        """Start an authorization and return where the browser goes next: the consent page, or
+        straight to Google when the person signed in here has already approved this client."""
+        pending = PendingAuthorization(
+            id=new_id(), client_id=client.client_id, client_name=display_name(client),
+            redirect_uri=str(params.redirect_uri), redirect_uri_explicit=params.redirect_uri_provided_explicitly,
+            state=params.state, code_challenge=params.code_challenge, scopes=tuple(params.scopes or ()),
+            resource=self.resource, csrf=new_id())
+        subject = (signed_in or {}).get("sub")
+        if subject and await self.remembers_consent(subject, client.client_id, pending.scopes):
+            remembered = dataclasses.replace(pending, consented=True, remembered_for=subject)
+            return await self.send_to_google(remembered, login_hint=(signed_in or {}).get("email"))
+        await self.store.put(Entry(pending.id, pending, ttl_s=TRANSACTION_TTL_S))
+        return self.consent_url(pending)
+
+    def consent_url(self, pending: PendingAuthorization) -> str:
+        return f"{self.settings.public_url}/consent?{urlencode({'txn': pending.id})}"
+
+    async def pending_consent(self, txn_id: str) -> PendingAuthorization | None:
+        return await self.store.get(PendingAuthorization, txn_id)
+
+    async def answer_consent(self, txn_id: str, csrf: str, approve: bool) -> str:
+        """Apply the answer given on the consent page and return where the browser goes next."""
+        pending = await self.pending_consent(txn_id)
+        if pending is None or not hmac.compare_digest(pending.csrf, csrf):
+            raise SignInFailed("This consent page has expired or was already answered. Start again from your app.")
+        if await self.store.take(PendingAuthorization, txn_id) is None:
+            raise SignInFailed("This consent page was already answered.")
+        fields = {"client_id": pending.client_id, "scopes": pending.scopes}
+        if not approve:
+            audit("consent_denied", **fields)
+            return self.back_to_client(pending, error="access_denied", error_description="The request was denied")
+        audit("consent_given", subject=pending.identity and pending.identity.subject, **fields)
+        approved = dataclasses.replace(pending, consented=True)
+        return await self.issue_code(approved) if approved.identity else await self.send_to_google(approved)
+
+    async def send_to_google(self, pending: PendingAuthorization, login_hint: str | None = None) -> str:
+        state = new_id()
+        ask_consent = pending.purpose == "authorize" and not (
+            pending.remembered_for and await self.google.tokens(pending.remembered_for))
+        try:
+            url, nonce, verifier = await self.google.login.authorization_url(state, login_hint=login_hint,
+                                                                             ask_consent=ask_consent)
+        except GoogleError as exc:
+            logger.error("cannot start a Google sign-in: %s", exc)
+            return self.back_to_client(pending, error="temporarily_unavailable",
+                                       error_description="Google sign-in is unavailable right now")
+        await self.store.put(Entry(state, GoogleSignIn(pending, nonce, verifier), ttl_s=TRANSACTION_TTL_S))
+        return url
+
+    async def return_from_google(self, state: str, code: str | None, error: str | None) -> LoginOutcome:
+        """Google sent the browser back: verify who signed in, apply the access policy, and continue."""
+        at_google = await self.store.take(GoogleSignIn, state) if state else None
+        if at_google is None:
+            raise SignInFailed("This sign-in has expired or was already completed. Start again from your app.")
+        pending = at_google.pending
+        if error or not code:
+            audit("sign_in_refused", client_id=pending.client_id, reason=f"Google answered {error or 'no code'}")
+            return LoginOutcome(self.refusal_target(pending, error="access_denied",
+                                                    error_description="Sign-in with Google was cancelled"),
+                                refused="Sign-in with Google was cancelled or refused.")
+        try:
+            identity, google_tokens = await self.google.login.finish(code, nonce=at_google.nonce,
+                                                                     verifier=at_google.verifier)
+        except GoogleError as exc:
+            audit("sign_in_refused", client_id=pending.client_id, reason=str(exc))
+            return LoginOutcome(self.refusal_target(pending, error="server_error",
+                                                    error_description="Google sign-in failed"),
+                                refused=f"Sign-in with Google failed: {exc}")
+        return await self.admit(pending, identity, google_tokens)
+
+    async def admit(self, pending: PendingAuthorization, identity: GoogleIdentity,
+                    google_tokens: Mapping[str, Any]) -> LoginOutcome:
+        """Apply the access policy to the person Google vouched for, then continue where they were going."""
+        who = {"subject": identity.subject, "email": identity.email, "client_id": pending.client_id}
+        reason = refusal_reason(identity.email, identity.email_verified, identity.hosted_domain, self.settings)
+        if reason:
+            audit("sign_in_refused", reason=reason, **who)
+            return LoginOutcome(self.refusal_target(pending, error="access_denied", error_description=reason),
+                                identity=identity, refused=reason)
+        audit("sign_in_allowed", **who)
+        await self.google.save(identity.subject, google_tokens)
+        if pending.purpose == "account":
+            return LoginOutcome(pending.redirect_uri, identity=identity)
+        known = dataclasses.replace(pending, identity=identity)
+        if not known.consented or (known.remembered_for and known.remembered_for != identity.subject):
+            # An approval belongs to a person: ask the one who actually signed in.
+            known = dataclasses.replace(known, consented=False, remembered_for=None, csrf=new_id())
+            await self.store.put(Entry(known.id, known, ttl_s=TRANSACTION_TTL_S))
+            return LoginOutcome(self.consent_url(known), identity=identity)
+        return LoginOutcome(await self.issue_code(known), identity=identity)
+
+    async def issue_code(self, pending: PendingAuthorization) -> str:
+        """Issue the authorization code and send the browser back to the client with it."""
+        if pending.identity is None:
+            raise SignInFailed("This sign-in lost track of who signed in. Start again from your app.")
+        subject = pending.identity.subject
+        code, grant_id = secrets.token_urlsafe(32), new_id()
+        record = GrantCode(
+            code="", scopes=list(pending.scopes), expires_at=time.time() + AUTH_CODE_TTL_S,
+            client_id=pending.client_id, code_challenge=pending.code_challenge,
+            redirect_uri=AnyUrl(pending.redirect_uri), redirect_uri_provided_explicitly=pending.redirect_uri_explicit,
+            resource=pending.resource,
+            subject=subject, grant_id=grant_id, claims=pending.identity.claims())
+        approved = sorted(set(pending.scopes) | set(await self.approved_scopes(subject, pending.client_id)))
+        await self.store.put(Entry(token_hash(code), record, ttl_s=AUTH_CODE_TTL_S, group=grant_id),
+                             Entry(consent_key(subject, pending.client_id), Consent(tuple(approved)), owner=subject))
+        return self.back_to_client(pending, code=code)
+
+    def refusal_target(self, pending: PendingAuthorization, **params: str) -> str:
+        """Where a refused sign-in continues: back to the client, or nowhere for /account."""
+        return self.back_to_client(pending, **params) if pending.purpose == "authorize" else ""
+
+    def back_to_client(self, pending: PendingAuthorization, **params: str) -> str:
+        return authorization_response(pending.redirect_uri, issuer=self.settings.issuer, state=pending.state, **params)
+
+    async def approved_scopes(self, subject: str, client_id: str) -> list[str]:
+        consent = await self.store.get(Consent, consent_key(subject, client_id))
+        return list(consent.scopes) if consent else []
+
+    async def remembers_consent(self, subject: str, client_id: str, scopes: Sequence[str]) -> bool:
+        approved = await self.approved_scopes(subject, client_id)
+        return bool(approved) and set(scopes) <= set(approved)
+
+    # --- tokens: /token and every MCP request
+
+    async def load_authorization_code(self, client: OAuthClientInformationFull,
+                                      authorization_code: str) -> GrantCode | None:
+        """Claim the code: whatever the SDK then finds (wrong client, redirect URI or PKCE verifier),
+        it is never accepted again. Of two requests racing with one code, only one claims it."""
+        key = token_hash(authorization_code)
+        record = await self.store.take(GrantCode, key)
+        if record is None:
+            used = await self.store.get(UsedCode, key)
+            if used is not None:  # RFC 6749 §4.1.2: a replayed code revokes what it was exchanged for
+                audit("code_replayed", client_id=client.client_id, grant_id=used.grant_id)
+                await self.revoke_grant(used.grant_id, reason="authorization code replayed")
+            return None
+        claimed = ClaimedCode.model_validate({**record.model_dump(), "code": authorization_code})
+        await self.store.put(Entry(key, claimed.model_copy(update={"code": ""}), ttl_s=AUTH_CODE_TTL_S,
+                                   group=record.grant_id))
+        return claimed
+
+    async def exchange_authorization_code(self, client: OAuthClientInformationFull,
+                                          authorization_code: GrantCode) -> OAuthToken:
+        """Turn the claimed code into a grant and its tokens, all saved in one step."""
+        grant = Grant(id=authorization_code.grant_id, client_id=client.client_id, client_name=display_name(client),
+                      subject=authorization_code.subject or "", scopes=tuple(authorization_code.scopes),
+                      resource=authorization_code.resource or self.resource, claims=authorization_code.claims,
+                      created_at=time.time())
+        tokens, entries = self.issue_tokens(grant, authorization_code.scopes)
+        key = token_hash(authorization_code.code)
+        taken = await self.store.take(ClaimedCode, key, then=[
+            Entry(key, UsedCode(grant.id), ttl_s=AUTH_CODE_TTL_S, group=grant.id),
+            grant.entry(self.settings.refresh_token_ttl_s), *entries])
+        if taken is None:
+            raise TokenError("invalid_grant", "this authorization code was already used")
+        audit("token_issued", client_id=client.client_id, subject=grant.subject, grant_id=grant.id,
+              scopes=authorization_code.scopes)
+        return tokens
+
+    def issue_tokens(self, grant: Grant, scopes: Sequence[str]) -> tuple[OAuthToken, list[Entry]]:
+        """A fresh access and refresh token for `grant`, and the records that make them valid."""
+        access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now, settings = time.time(), self.settings
+        access_record = IssuedAccessToken(
+            client_id=grant.client_id, subject=grant.subject, scopes=tuple(scopes), resource=grant.resource,
+            claims=grant.claims, grant_id=grant.id, expires_at=int(now + settings.access_token_ttl_s))
+        refresh_record = IssuedRefreshToken(**{**dataclasses.asdict(access_record),
+                                               "expires_at": int(now + settings.refresh_token_ttl_s)})
+        entries = [
+            Entry(token_hash(access), access_record, ttl_s=settings.access_token_ttl_s, group=grant.id),
+            Entry(token_hash(refresh), refresh_record, ttl_s=settings.refresh_token_ttl_s, group=grant.id),
+        ]
+        token = OAuthToken(access_token=access, expires_in=settings.access_token_ttl_s, scope=" ".join(scopes),
+                           refresh_token=refresh)
+        return token, entries
+
+    async def load_refresh_token(self, client: OAuthClientInformationFull,
+                                 refresh_token: str) -> GrantRefreshToken | None:
+        record = await self.store.get(IssuedRefreshToken, token_hash(refresh_token))
+        if record is None:
+            return None
+        if record.status != "active":
+            if time.time() - (record.rotated_at or 0) > REFRESH_RACE_GRACE_S:
+                audit("refresh_token_reused", client_id=record.client_id, subject=record.subject,
+                      grant_id=record.grant_id)
+                await self.revoke_grant(record.grant_id, reason="a rotated refresh token was used again")
+            return None
+        return GrantRefreshToken(token=refresh_token, client_id=record.client_id, scopes=list(record.scopes),
+                                 expires_at=record.expires_at, subject=record.subject, grant_id=record.grant_id,
+                                 claims=record.claims)
+
+    async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: GrantRefreshToken,
+                                     scopes: list[str]) -> OAuthToken:
+        """Rotate: mark the refresh token used and save its successors in one step, so of two requests
+        racing with the same token exactly one gets new tokens, the other `invalid_grant`."""
+        claims = refresh_token.claims
+        if reason := refusal_reason(claims.get("email", ""), True, claims.get("hd"), self.settings):
+            audit("refresh_refused", subject=refresh_token.subject, reason=reason)
+            await self.revoke_grant(refresh_token.grant_id, reason="no longer allowed to sign in")
+            raise TokenError("invalid_grant", reason)
+        key = token_hash(refresh_token.token)
+        current = await self.store.get(IssuedRefreshToken, key)
+        grant = await self.store.get(Grant, refresh_token.grant_id)
+        if current is None or current.status != "active" or grant is None:
+            raise TokenError("invalid_grant", "this refresh token was already used or revoked")
+        tokens, entries = self.issue_tokens(grant, scopes)
+        rotated = dataclasses.replace(current, status="rotated", rotated_at=time.time())
+        used = dataclasses.replace(grant, last_used_at=time.time())
+        if not await self.store.swap(key, current, rotated, then=[
+                used.entry(self.settings.refresh_token_ttl_s), *entries]):
+            raise TokenError("invalid_grant", "this refresh token was already used")
+        audit("token_refreshed", client_id=client.client_id, subject=grant.subject, grant_id=grant.id)
+        return tokens
+
+    async def load_access_token(self, token: str) -> GrantAccessToken | None:
+        record = await self.store.get(IssuedAccessToken, token_hash(token))
+        if record is None:
+            return None
+        return GrantAccessToken(token=token, client_id=record.client_id, scopes=list(record.scopes),
+                                expires_at=record.expires_at, resource=record.resource,
+                                subject=record.subject, grant_id=record.grant_id,
+                                claims={**record.claims, "iss": self.settings.issuer})
+
+    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
+        grant_id = getattr(token, "grant_id", None)
+        if grant_id:
+            await self.revoke_grant(grant_id, reason="revoked by the client")
+
+    async def revoke_grant(self, grant_id: str, *, reason: str) -> None:
+        """End a grant: every token of it stops working at once. When it was the person's last grant,
+        their Google authorization is revoked too (best effort)."""
+        grant = await self.store.get(Grant, grant_id)
+        removed = await self.store.delete_group(grant_id)
+        audit("grant_revoked", grant_id=grant_id, reason=reason, records=removed,
+              subject=grant and grant.subject, client_id=grant and grant.client_id)
+        if grant and not await self.store.find(Grant, grant.subject):
+            await self.google.revoke(grant.subject)
+
+    async def end_access(self, subject: str, *, reason: str) -> None:
+        """End every grant of `subject` (when Google has withdrawn their authorization)."""
+        for grant in await self.store.find(Grant, subject):
+            await self.revoke_grant(grant.id, reason=reason)
+        await self.google.forget(subject)
+
+    # --- /account: the person's own view of the applications connected to them
+
+    async def start_account_sign_in(self, login_hint: str | None) -> str:
+        """The Google URL that signs a person in to /account (the same access policy, no client)."""
+        pending = PendingAuthorization(
+            id=new_id(), client_id="", client_name="", redirect_uri=f"{self.settings.public_url}/account",
+            redirect_uri_explicit=False, state=None, code_challenge="", scopes=(), resource=self.resource,
+            csrf=new_id(), consented=True, purpose="account")
+        return await self.send_to_google(pending, login_hint=login_hint)
+
+    async def connected_apps(self, subject: str) -> list[ConnectedApp]:
+        """Every grant `subject` has given, newest first, with what the page shows about its client."""
+        apps = []
+        for grant in await self.store.find(Grant, subject):
+            client = await self.store.get(RegisteredClient, grant.client_id)
+            redirect_uri = str((client.redirect_uris or [""])[0]) if client else ""
+            apps.append(ConnectedApp(
+                grant_id=grant.id, name=grant.client_name or grant.client_id,
+                vouched_by=urlsplit(grant.client_id).hostname if is_document_client_id(grant.client_id) else None,
+                redirect_host=urlsplit(redirect_uri).netloc or redirect_uri,
+                scopes=grant.scopes, authorised_at=grant.created_at,
+                last_used_at=grant.last_used_at or grant.created_at))
+        return sorted(apps, key=lambda app: app.authorised_at, reverse=True)
+
+    async def disconnect(self, subject: str, which: str) -> int:
+        """End grant `which` of `subject`, or all of them for "all" (never anyone else's); how many ended."""
+        owned = [grant.id for grant in await self.store.find(Grant, subject)]
+        ended = owned if which == "all" else [grant_id for grant_id in owned if grant_id == which]
+        for grant_id in ended:
+            await self.revoke_grant(grant_id, reason="disconnected by its owner on /account")
+        return len(ended)
+
+
+# --- the provider's HTTP side: discovery documents, the OAuth endpoints, the sign-in pages
+
+
+def authorization_server_metadata(settings: Settings) -> OAuthMetadata:
+    """RFC 8414, with what the SDK leaves out: public clients, `iss` in responses, metadata documents."""
+    metadata = build_metadata(AnyHttpUrl(settings.issuer), None, ClientRegistrationOptions(
+        enabled=True, valid_scopes=list(SCOPES)), RevocationOptions(enabled=True))
+    methods = ["none", "client_secret_post", "client_secret_basic"]
+    return OAuthMetadata.model_validate({  # from strings, so the issuer keeps its exact spelling (RFC 8414 §3.3)
+        **metadata.model_dump(mode="json", exclude_none=True), "issuer": settings.issuer,
+        "token_endpoint_auth_methods_supported": methods, "revocation_endpoint_auth_methods_supported": methods,
+        "authorization_response_iss_parameter_supported": True, "client_id_metadata_document_supported": True})
+
+
+def protected_resource_metadata(settings: Settings) -> ProtectedResourceMetadata:
+    """RFC 9728: the canonical resource (no trailing slash) and who issues tokens for it."""
+    return ProtectedResourceMetadata.model_validate({
+        "resource": canonical_url(settings.mcp_url), "authorization_servers": [settings.issuer],
+        "scopes_supported": list(SCOPES), "resource_name": SERVER_NAME})
+
+
+def resource_metadata_url(settings: Settings) -> str:
+    """Where RFC 9728 puts the metadata of PUBLIC_URL/mcp: /.well-known/oauth-protected-resource inserted
+    between the origin and the path."""
+    public = urlsplit(settings.public_url)
+    return f"{public.scheme}://{public.netloc}/.well-known/oauth-protected-resource{public.path}{MCP_PATH}"
+
+
+def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
+    """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
+    limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
+    return RememberClient(CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
+                                        allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"]))
+
+
+def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Route]:
+    """The RFC 8414 and RFC 9728 documents: the protected resource at the path-aware URL, at the root
+    for older clients, and with a trailing slash for clients that add one. With `at_origin`, for a parent
+    app that mounts this server under PUBLIC_URL's path: both RFCs put the well-known segment before
+    that path, so the documents live at the origin's root."""
+    prefix = urlsplit(settings.public_url).path if at_origin else ""
+    metadata = for_clients(MetadataHandler(authorization_server_metadata(settings)).handle, "GET")
+    resource = for_clients(ProtectedResourceMetadataHandler(protected_resource_metadata(settings)).handle, "GET")
+    resource_path = "/.well-known/oauth-protected-resource"
+    resource_paths = [resource_path + prefix + MCP_PATH, resource_path + prefix + MCP_PATH + "/"]
+    if not prefix:
+        resource_paths.append(resource_path)
+    return [Route("/.well-known/oauth-authorization-server" + prefix, metadata, methods=["GET", "OPTIONS"]),
+            *[Route(path, resource, methods=["GET", "OPTIONS"]) for path in resource_paths]]
+
+
+def well_known_routes(settings: Settings) -> list[Route]:
+    """What a parent app that mounts this server under a path adds at its own root, with sign-in on."""
+    return discovery_routes(settings, at_origin=True)
+
+
+def redirect_to(url: str, status: int = 302) -> Response:
+    return RedirectResponse(url, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def from_this_site(request: Request, settings: Settings) -> bool:
+    """Whether a form post came from this server's own page (browsers say so; other clients don't try).
+    Fetch metadata decides where the browser sends it: our pages' no-referrer policy makes Chromium
+    send `Origin: null` even for a same-origin form."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site == "same-origin"
+    origin = request.headers.get("origin")
+    return origin is None or origin == origin_of(settings.public_url)
+
+
+def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An OAuth error response (RFC 6749 §5.2, RFC 6750 §3)."""
+    return JSONResponse({"error": error, "error_description": description}, status_code=status,
+                        headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+class SignInRoutes:
+    """The OAuth endpoints MCP clients call, and the pages a person sees while signing in.
+
+    The SDK's handlers parse registrations and token requests, authenticate clients and check PKCE;
+    what they cannot do (loopback ports, metadata-document clients, `iss` on every answer, consent
+    pages, public-client revocation, the `resource` check at /token) is done here and in the provider.
+    """
+
+    def __init__(self, provider: OAuthProvider, settings: Settings, pages: "Pages") -> None:
+        self.provider = provider
+        self.settings = settings
+        self.pages = pages
+        self.authenticator = ClientAuthenticator(provider)
+        self.tokens = TokenHandler(provider, self.authenticator)
+        self.registration = RegistrationHandler(provider, options=ClientRegistrationOptions(
+            enabled=True, valid_scopes=list(SCOPES), default_scopes=list(SCOPES)))
+        self.cookie_key = derive_key(provider.secret_key, b"stream-http/cookies").hex()
+
+    def routes(self) -> list[Route]:
+        api = for_clients
+        return [
+            *discovery_routes(self.settings),
+            Route("/register", api(self.registration.handle, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/token", api(self.token, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/revoke", api(self.revoke, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/authorize", self.for_browsers(self.authorize), methods=["GET", "POST"]),
+            Route("/consent", self.for_browsers(self.consent), methods=["GET", "POST"]),
+            Route(GOOGLE_CALLBACK_PATH, self.for_browsers(self.google_callback), methods=["GET"]),
+            Route("/account", self.for_browsers(self.account), methods=["GET", "POST"]),
+        ]
+
+    def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+        """Pages a person visits: they get the signed session cookie that remembers who signed in."""
+        limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
+        return RememberClient(SessionMiddleware(
+            limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
+            same_site="lax", https_only=self.settings.public_url.startswith("https://")))
+
+    async def authorize(self, request: Request) -> Response:
+        """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
+        person; after that they go back to the client with `state` and `iss`."""
+        params = request.query_params if request.method == "GET" else await request.form()
+        client_id = params.get("client_id")
+        if not isinstance(client_id, str) or not client_id:
+            return self.pages.message("Incomplete sign-in link", "The application did not say who it is "
+                                      "(client_id is missing).", status=400)
+        try:
+            client = await self.provider.find_client(client_id)
+        except ClientDocumentError as exc:
+            return self.pages.message("Unknown application", f"The application's metadata document at "
+                                      f"{client_id} cannot be used: {exc}", status=400)
+        if client is None:
+            return self.pages.message("Unknown application", "This application is not registered here. "
+                                      "Connect it again from the application so that it can register.", status=400)
+        redirect_uri = pick_redirect_uri([str(uri) for uri in client.redirect_uris or []],
+                                         str(params["redirect_uri"]) if "redirect_uri" in params else None)
+        if redirect_uri is None:
+            return self.pages.message("Unexpected return address", f"{display_name(client)} asked to return to "
+                                      "an address it did not register, so this sign-in stops here.", status=400)
+        checked = check_authorization_request(params, redirect_uri, self.provider.resource)
+        if isinstance(checked, tuple):
+            error, description = checked
+            state = params.get("state")
+            return redirect_to(authorization_response(redirect_uri, issuer=self.settings.issuer, error=error,
+                                                      error_description=description,
+                                                      state=state if isinstance(state, str) else None))
+        return redirect_to(await self.provider.start_authorization(client, checked,
+                                                                   signed_in=request.session.get("user")))
+
+    async def consent(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.answer_consent(request)
+        pending = await self.provider.pending_consent(request.query_params.get("txn", ""))
+        if pending is None:
+            return self.pages.message("This page has expired", "This consent page has expired or was already "
+                                      "answered. Start again from your application.", status=400)
+        google = await self.provider.google.login.authorization_endpoint() or self.settings.google_discovery_url
+        return self.pages.consent(pending, google_origin=google)
+
+    async def answer_consent(self, request: Request) -> Response:
+        if not from_this_site(request, self.settings):
+            return self.pages.message("Request refused", "This answer did not come from this server's own "
+                                      "consent page, so it was ignored.", status=403)
+        form = await request.form()
+        try:
+            next_url = await self.provider.answer_consent(str(form.get("txn", "")), str(form.get("csrf", "")),
+                                                          approve=form.get("decision") == "approve")
+        except SignInFailed as exc:
+            return self.pages.message("This page has expired", str(exc), status=400)
+        return redirect_to(next_url, status=303)
+
+    async def google_callback(self, request: Request) -> Response:
+        query = request.query_params
+        try:
+            outcome = await self.provider.return_from_google(query.get("state", ""), query.get("code"),
+                                                             query.get("error"))
+        except SignInFailed as exc:
+            return self.pages.message("Sign-in could not finish", str(exc), status=400)
+        if outcome.refused:
+            return self.pages.message("Access refused", outcome.refused, status=403,
+                                      continue_to=outcome.redirect or None)
+        if outcome.identity is not None:
+            request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email,
+                                       "at": int(time.time())}
+        return redirect_to(outcome.redirect)
+
+    async def account(self, request: Request) -> Response:
+        """/account: the signed-in person's connected applications (GET), or disconnecting some (POST)."""
+        user = request.session.get("user") or {}
+        if time.time() - user.get("at", 0) > ACCOUNT_SIGN_IN_MAX_AGE_S:  # sign in (again) with Google first
+            return redirect_to(await self.provider.start_account_sign_in(login_hint=user.get("email")), status=303)
+        action = f"{self.settings.public_url}/account"
+        csrf = request.session.setdefault("account_csrf", new_id())
+        if request.method == "POST":
+            return await self.disconnect(request, user["sub"], csrf=csrf, action=action)
+        shown = request.query_params.get("removed", "")
+        apps = await self.provider.connected_apps(user["sub"])
+        return self.pages.account(user.get("email") or user["sub"], apps, csrf=csrf, action=action,
+                                  removed=int(shown) if shown.isdigit() else None)
+
+    async def disconnect(self, request: Request, subject: str, *, csrf: str, action: str) -> Response:
+        form = await request.form()
+        if not from_this_site(request, self.settings) or not hmac.compare_digest(str(form.get("csrf_token", "")),
+                                                                                  csrf):
+            return self.pages.message("Request refused", "This did not come from your own account page, so "
+                                      "nothing was changed.", status=403, continue_to=action,
+                                      continue_label="Back to your account")
+        chosen = str(form.get("grant", ""))
+        removed = await self.provider.disconnect(subject, chosen)
+        if chosen != "all" and not removed:
+            return self.pages.message("Not found", "That application is not connected to your account (it may "
+                                      "have been disconnected already).", status=404, continue_to=action,
+                                      continue_label="Back to your account")
+        audit("apps_disconnected", subject=subject, count=removed)
+        return redirect_to(f"{action}?removed={removed}", status=303)
+
+    async def token(self, request: Request) -> Response:
+        """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not)."""
+        resource = (await request.form()).get("resource")
+        if isinstance(resource, str) and not serves_resource(resource, self.provider.resource):
+            return oauth_error(400, "invalid_target", f"This server issues tokens only for {self.provider.resource}")
+        return await self.tokens.handle(request)
+
+    async def revoke(self, request: Request) -> Response:
+        """RFC 7009 for every client, public ones included (the SDK's requires a client_secret field)."""
+        try:
+            client = await self.authenticator.authenticate_request(request)
+        except AuthenticationError as exc:
+            return oauth_error(401, "invalid_client", exc.message)
+        token = (await request.form()).get("token")
+        if not isinstance(token, str) or not token:
+            return oauth_error(400, "invalid_request", "token is required")
+        found = await self.provider.load_access_token(token) or await self.provider.load_refresh_token(client, token)
+        if found is not None and found.client_id == client.client_id:
+            await self.provider.revoke_token(found)
+        return Response(status_code=200, headers={"Cache-Control": "no-store"})
+
+
+# === 7. Pages ================================================================
+#
+# Plain, self-contained pages: no script, no external asset, one stylesheet allowed by its hash.
+# `Pages.render` escapes every value; a ready-made fragment is passed under a name ending in `_html`
+# and is built by a method here that escapes its own parts.
+
+PAGE_CSS = """
+:root{color-scheme:light dark;--fg:#1b1f24;--bg:#f6f7f9;--card:#fff;--muted:#57606a;--accent:#1a5fd0;--line:#d0d7de}
+@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--bg:#0d1117;--card:#161b22;--muted:#9da7b3;
+--accent:#6ea8fe;--line:#30363d}}
+*{box-sizing:border-box}body{margin:0;font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+color:var(--fg);background:var(--bg)}main{max-width:32rem;margin:2rem auto;padding:1.5rem;background:var(--card);
+border:1px solid var(--line);border-radius:12px}h1{font-size:1.35rem;margin:.2rem 0 1rem}
+.brand{color:var(--muted);font-size:.9rem;margin:0;display:flex;align-items:center;gap:.5rem}
+dl{display:grid;grid-template-columns:auto 1fr;gap:.3rem 1rem}
+dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}ul{padding-left:1.2rem}.note{color:var(--muted);font-size:.9rem}
+.actions{display:flex;gap:.75rem;flex-wrap:wrap;margin-top:1.5rem}
+button,.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid var(--line);background:var(--card);
+color:var(--fg);cursor:pointer;text-decoration:none;display:inline-block}
+button.primary,.button.primary{background:var(--accent);border-color:var(--accent);color:#fff}
+button:focus-visible,.button:focus-visible{outline:3px solid var(--accent);outline-offset:2px}
+section{border-top:1px solid var(--line);margin-top:1rem}h2{font-size:1.1rem;margin:.75rem 0 .5rem}
+@media (max-width:30rem){main{margin:0;border-radius:0;border-width:0 0 1px}.actions>*{flex:1;text-align:center}}
+"""
+PAGE_CSS_HASH = base64.b64encode(hashlib.sha256(PAGE_CSS.encode()).digest()).decode()
+
+PAGE = string.Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">$head_html<title>$title · $server</title><style>$css_html</style></head>
+<body><main><p class="brand">$icon_html$server</p><h1>$title</h1>
+$body_html
+</main></body></html>
+""")
+
+CONSENT_BODY = string.Template("""<p><strong>$client_name</strong> asks to use $server on your behalf.</p>
+<dl><dt>Sends you back to</dt><dd>$redirect_host</dd>$details_html</dl>
+<p>If you allow it, it will be able to:</p><ul>$scopes_html</ul>
+<p class="note">$next_step</p>
+<form method="post" action="$action">
+<input type="hidden" name="txn" value="$txn"><input type="hidden" name="csrf" value="$csrf">
+<div class="actions"><button type="submit" name="decision" value="approve" class="primary">Allow</button>
+<button type="submit" name="decision" value="deny">Deny</button></div></form>""")
+
+MESSAGE_BODY = string.Template("""<p>$message</p>$action_html""")
+
+ACCOUNT_BODY = string.Template("""<p>Signed in as <strong>$email</strong>. These applications can use $server
+on your behalf. Disconnecting one ends its access at once; it must ask you again to come back.</p>
+$notice_html$apps_html""")
+
+ACCOUNT_APP = string.Template("""<section aria-labelledby="app-$grant_id"><h2 id="app-$grant_id">$name</h2>
+<dl>$details_html</dl>
+<form method="post" action="$action"><input type="hidden" name="csrf_token" value="$csrf">
+<button type="submit" name="grant" value="$grant_id" aria-label="Disconnect $name">Disconnect</button></form>
+</section>""")
+
+ACCOUNT_ALL = string.Template("""<form method="post" action="$action"><input type="hidden" name="csrf_token"
+value="$csrf"><div class="actions"><button type="submit" name="grant" value="all" class="primary">Disconnect all
+$count</button></div></form>""")
+
+
+def when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
+
+
+def page_headers(form_targets: Sequence[str]) -> dict[str, str]:
+    """No framing, no script, no foreign assets, forms only to here (and the redirects they lead to)."""
+    targets = " ".join(dict.fromkeys(origin_of(target) for target in form_targets))
+    policy = (f"default-src 'none'; style-src 'sha256-{PAGE_CSS_HASH}'; img-src data:; base-uri 'none'; "
+              f"form-action 'self' {targets}; frame-ancestors 'none'")
+    return {"Content-Security-Policy": " ".join(policy.split()), "X-Frame-Options": "DENY",
+            "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") else f"{parts.scheme}:"
+
+
+def definition_list(rows: Iterable[tuple[str, str]]) -> str:
+    return "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in rows)
+
+
+class Pages:
+    """Every page a person sees, drawn with this server's name and icon (SERVER_ICON)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        icon = settings.server_icon
+        self.icon_html = f'<img src="{html.escape(icon, quote=True)}" alt="" width="28" height="28">' if icon else ""
+
+    def render(self, title: str, body: string.Template, *, status: int = 200, head_html: str = "",
+               form_targets: Sequence[str] = (), **values: str) -> HTMLResponse:
+        """A full page; every value is HTML-escaped except those named `*_html`."""
+        escaped = {name: value if name.endswith("_html") else html.escape(value, quote=True)
+                   for name, value in values.items()}
+        server = html.escape(SERVER_NAME)
+        page = PAGE.substitute(title=html.escape(title), server=server, head_html=head_html, css_html=PAGE_CSS,
+                               icon_html=self.icon_html, body_html=body.substitute(server=server, **escaped))
+        return HTMLResponse(page, status_code=status, headers=page_headers(form_targets))
+
+    def message(self, title: str, message: str, *, status: int, continue_to: str | None = None,
+                continue_label: str = "Return to the application") -> HTMLResponse:
+        """A page that explains; with `continue_to` it also leads on (after 10 seconds on its own)."""
+        action_html = head_html = ""
+        if continue_to:
+            link = html.escape(continue_to, quote=True)
+            action_html = (f'<div class="actions"><a class="button primary" href="{link}">'
+                           f"{html.escape(continue_label)}</a></div>")
+            head_html = f'<meta http-equiv="refresh" content="10;url={link}">'
+        return self.render(title, MESSAGE_BODY, status=status, head_html=head_html, message=message,
+                           action_html=action_html)
+
+    def consent(self, pending: PendingAuthorization, *, google_origin: str) -> HTMLResponse:
+        details = [("Vouched for by", pending.client_domain)] if pending.client_domain else []
+        if pending.identity:
+            details.append(("Signed in as", pending.identity.email or pending.identity.subject))
+        next_step = ("Allowing sends you back to the application now." if pending.identity else
+                     "Next you sign in with Google. Your Google password and tokens are never shown to the "
+                     "application.")
+        public_url = self.settings.public_url
+        return self.render(
+            "Allow access?", CONSENT_BODY, client_name=pending.client_name, redirect_host=pending.redirect_host,
+            details_html=definition_list(details),
+            scopes_html="".join(f"<li>{html.escape(SCOPES.get(scope, scope))}</li>" for scope in pending.scopes),
+            next_step=next_step, action=f"{public_url}/consent", txn=pending.id, csrf=pending.csrf,
+            form_targets=[public_url, google_origin, pending.redirect_uri])
+
+    def account(self, email: str, apps: Sequence[ConnectedApp], *, csrf: str, action: str,
+                removed: int | None = None) -> HTMLResponse:
+        """The connected-apps page: each application with what it may do, and a way to disconnect it."""
+        notice_html = ""
+        if removed is not None:
+            notice_html = f'<p role="status" class="note">Disconnected {removed} application{"s" * (removed != 1)}.</p>'
+        sections = []
+        for app in apps:
+            details = [("Domain" if app.vouched_by else "Sends you back to", app.vouched_by or app.redirect_host),
+                       ("Can", ", ".join(SCOPES.get(scope, scope) for scope in app.scopes)),
+                       ("Authorised", when(app.authorised_at)), ("Last signed in", when(app.last_used_at))]
+            sections.append(ACCOUNT_APP.substitute(
+                grant_id=html.escape(app.grant_id, quote=True), name=html.escape(app.name), action=action, csrf=csrf,
+                details_html=definition_list(details)))
+        if sections:
+            sections.append(ACCOUNT_ALL.substitute(action=action, csrf=csrf, count=f"({len(apps)})"))
+        apps_html = "".join(sections) or "<p>No applications are connected to your account.</p>"
+        return self.render("Connected applications", ACCOUNT_BODY, email=email, notice_html=notice_html,
+                           apps_html=apps_html, form_targets=[action])
+
+
+# === 8. HTTP app =============================================================
+#
+# Everything a request meets before the SDK: the request gate on the MCP endpoint (Host, Origin,
+# token, Content-Type, Accept, body), CORS for browser clients, and `build_app`, which assembles
+# the MCP endpoint, the sign-in routes and the health check into one Starlette app.
 
 
 def json_rpc_error(status: int, code: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -2874,8 +3382,6 @@ def json_rpc_error(status: int, code: int, message: str, headers: Mapping[str, s
     body = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
-
-PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 
 
 @dataclass(frozen=True)
@@ -2961,27 +3467,21 @@ class BearerPolicy:
         return oauth_error(403, "insufficient_scope", description, headers={"WWW-Authenticate": challenge})
 
 
-def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
-    """An OAuth error response (RFC 6749 §5.2, RFC 6750 §3)."""
-    return JSONResponse({"error": error, "error_description": description}, status_code=status,
-                        headers={"Cache-Control": "no-store", **(headers or {})})
-
-
 class RequestGate:
     """Checks every request to the MCP endpoint before the SDK sees it, answering bad ones with the
     right status and error: a foreign Host or Origin, a missing or insufficient token, a wrong
     Content-Type or Accept, an oversized or malformed body. It also marks which session a request
     belongs to, for the event store."""
 
-    def __init__(self, app: ASGIApp, *, policy: HostPolicy, bearer: BearerPolicy | None, max_body_bytes: int,
-                 json_response: bool, stateless: bool, store: Store) -> None:
+    def __init__(self, app: ASGIApp, *, running: Runtime, policy: HostPolicy, bearer: BearerPolicy | None) -> None:
         self.app = app
-        self.store = store
+        self.store = running.store
+        self.changes = running.changes
         self.policy = policy
         self.bearer = bearer
-        self.max_body_bytes = max_body_bytes
-        self.json_response = json_response
-        self.stateless = stateless
+        self.max_body_bytes = running.settings.max_request_bytes
+        self.json_response = running.settings.json_response
+        self.stateless = running.settings.stateless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -3007,13 +3507,14 @@ class RequestGate:
         stream_scope = StreamScope(session_id=session_id)
         token = _stream_scope.set(stream_scope)
         if session_id:
-            CHANGES.request_started(session_id)
+            self.changes.request_started(session_id)
         try:
             await self.app(scope, receive, _learn_session_id(stream_scope, send))
         finally:
             _stream_scope.reset(token)
             if session_id:
-                CHANGES.request_ended(session_id, deleted=request.method == "DELETE" and stream_scope.status == 200)
+                deleted = request.method == "DELETE" and stream_scope.status == 200
+                self.changes.request_ended(session_id, deleted=deleted)
 
     def check_origin(self, request: Request) -> Response | None:
         host = request.headers.get("host")
@@ -3120,7 +3621,7 @@ def _learn_session_id(stream_scope: StreamScope, send: Send) -> Send:
     return watch
 
 
-def store_failure_handler(policy: HostPolicy) -> Callable[[Request, Exception], Awaitable[Response]]:
+def store_failure_handler(policy: HostPolicy, pages: Pages) -> Callable[[Request, Exception], Awaitable[Response]]:
     """Starlette's handler for a store failure during any request: 503 and Retry-After, in the form the
     caller reads. Nothing is half-written (every change the store makes is atomic), so a retry is safe."""
 
@@ -3133,7 +3634,7 @@ def store_failure_handler(policy: HostPolicy) -> Callable[[Request, Exception], 
                 headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin"})
             return json_rpc_error(503, SERVER_UNAVAILABLE, message, headers)
         if "text/html" in request.headers.get("accept", ""):
-            page = message_page("Try again in a moment", message + ".", status=503)
+            page = pages.message("Try again in a moment", message + ".", status=503)
             page.headers.update(headers)
             return page
         if origin:
@@ -3143,6 +3644,7 @@ def store_failure_handler(policy: HostPolicy) -> Callable[[Request, Exception], 
     return answer
 
 
+# The caller's address, for `audit`: a context variable, since audit lines are written deep in the provider.
 _client_address: ContextVar[str | None] = ContextVar("stream_http_client_address", default=None)
 
 
@@ -3173,288 +3675,19 @@ def with_cors(app: ASGIApp, policy: HostPolicy, methods: Sequence[str]) -> ASGIA
                           max_age=600)
 
 
-class SignInRoutes:
-    """The OAuth endpoints MCP clients call, and the pages a person sees while signing in.
-
-    The SDK's handlers parse registrations and token requests, authenticate clients and check PKCE;
-    what they cannot do (loopback ports, metadata-document clients, `iss` on every answer, consent
-    pages, public-client revocation, the `resource` check at /token) is done here and in the provider.
-    """
-
-    def __init__(self, provider: OAuthProvider, settings: Settings, secret_key: Secret) -> None:
-        self.provider = provider
-        self.settings = settings
-        self.authenticator = ClientAuthenticator(provider)
-        self.tokens = TokenHandler(provider, self.authenticator)
-        self.registration = RegistrationHandler(provider, options=ClientRegistrationOptions(
-            enabled=True, valid_scopes=list(SCOPES), default_scopes=list(SCOPES)))
-        self.cookie_key = derive_key(secret_key, b"stream-http/cookies").hex()
-
-    def routes(self) -> list[Route]:
-        api = for_clients
-        return [
-            *discovery_routes(self.settings),
-            Route("/register", api(self.registration.handle, "POST"), methods=["POST", "OPTIONS"]),
-            Route("/token", api(self.token, "POST"), methods=["POST", "OPTIONS"]),
-            Route("/revoke", api(self.revoke, "POST"), methods=["POST", "OPTIONS"]),
-            Route("/authorize", self.for_browsers(self.authorize), methods=["GET", "POST"]),
-            Route("/consent", self.for_browsers(self.consent), methods=["GET", "POST"]),
-            Route(GOOGLE_CALLBACK_PATH, self.for_browsers(self.google_callback), methods=["GET"]),
-            Route("/account", self.for_browsers(self.account), methods=["GET", "POST"]),
-        ]
-
-    def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
-        """Pages a person visits: they get the signed session cookie that remembers who signed in."""
-        limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
-        return RememberClient(SessionMiddleware(
-            limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
-            same_site="lax", https_only=self.settings.public_url.startswith("https://")))
-
-    async def authorize(self, request: Request) -> Response:
-        """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
-        person; after that they go back to the client with `state` and `iss`."""
-        params = request.query_params if request.method == "GET" else await request.form()
-        client_id = params.get("client_id")
-        if not isinstance(client_id, str) or not client_id:
-            return message_page("Incomplete sign-in link", "The application did not say who it is "
-                                "(client_id is missing).", status=400)
-        try:
-            client = await self.find_client(client_id)
-        except ClientDocumentError as exc:
-            return message_page("Unknown application", f"The application's metadata document at {client_id} "
-                                f"cannot be used: {exc}", status=400)
-        if client is None:
-            return message_page("Unknown application", "This application is not registered here. Connect it "
-                                "again from the application so that it can register.", status=400)
-        redirect_uri = pick_redirect_uri([str(uri) for uri in client.redirect_uris or []],
-                                         str(params["redirect_uri"]) if "redirect_uri" in params else None)
-        if redirect_uri is None:
-            return message_page("Unexpected return address", f"{display_name(client)} asked to return to an "
-                                "address it did not register, so this sign-in stops here.", status=400)
-        checked = check_authorization_request(params, client, redirect_uri, self.provider)
-        if isinstance(checked, tuple):
-            error, description = checked
-            state = params.get("state")
-            return redirect_to(authorization_response(redirect_uri, issuer=self.settings.issuer, error=error,
-                                                      error_description=description,
-                                                      state=state if isinstance(state, str) else None))
-        return redirect_to(await self.provider.begin(client, checked, signed_in=request.session.get("user")))
-
-    async def find_client(self, client_id: str) -> OAuthClientInformationFull | None:
-        if is_document_client_id(client_id):
-            return await self.provider.documents.client(client_id)
-        return await self.provider.get_client(client_id)
-
-    async def consent(self, request: Request) -> Response:
-        if request.method == "POST":
-            return await self.answer_consent(request)
-        pending = await self.provider.pending(request.query_params.get("txn", ""))
-        if pending is None:
-            return message_page("This page has expired", "This consent page has expired or was already "
-                                "answered. Start again from your application.", status=400)
-        return consent_page(pending, self.settings, await self.google_origin())
-
-    async def answer_consent(self, request: Request) -> Response:
-        if not from_this_site(request, self.settings):
-            return message_page("Request refused", "This answer did not come from this server's own consent "
-                                "page, so it was ignored.", status=403)
-        form = await request.form()
-        try:
-            next_url = await self.provider.decide(str(form.get("txn", "")), str(form.get("csrf", "")),
-                                                  approve=form.get("decision") == "approve")
-        except SignInFailed as exc:
-            return message_page("This page has expired", str(exc), status=400)
-        return redirect_to(next_url, status=303)
-
-    async def google_callback(self, request: Request) -> Response:
-        query = request.query_params
-        try:
-            outcome = await self.provider.finish_login(query.get("state", ""), query.get("code"), query.get("error"))
-        except SignInFailed as exc:
-            return message_page("Sign-in could not finish", str(exc), status=400)
-        if outcome.refused:
-            return message_page("Access refused", outcome.refused, status=403, continue_to=outcome.redirect or None)
-        if outcome.identity is not None:
-            request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email,
-                                       "at": int(time.time())}
-        return redirect_to(outcome.redirect)
-
-    async def account(self, request: Request) -> Response:
-        """/account: the signed-in person's connected applications (GET), or disconnecting some (POST)."""
-        user = request.session.get("user") or {}
-        if time.time() - user.get("at", 0) > ACCOUNT_SIGN_IN_MAX_AGE_S:  # sign in (again) with Google first
-            return redirect_to(await self.provider.start_account_sign_in(login_hint=user.get("email")), status=303)
-        action = f"{self.settings.public_url}/account"
-        csrf = request.session.setdefault("account_csrf", new_id())
-        if request.method == "POST":
-            form = await request.form()
-            if not from_this_site(request, self.settings) or not hmac.compare_digest(
-                    str(form.get("csrf_token", "")), csrf):
-                return message_page("Request refused", "This did not come from your own account page, so "
-                                    "nothing was changed.", status=403, continue_to=action,
-                                    continue_label="Back to your account")
-            chosen = str(form.get("grant", ""))
-            removed = await self.provider.disconnect(user["sub"], chosen)
-            if chosen != "all" and not removed:
-                return message_page("Not found", "That application is not connected to your account (it may "
-                                    "have been disconnected already).", status=404, continue_to=action,
-                                    continue_label="Back to your account")
-            audit("apps_disconnected", subject=user["sub"], count=removed)
-            return redirect_to(f"{action}?removed={removed}", status=303)
-        shown = request.query_params.get("removed", "")
-        apps = await self.provider.connected_apps(user["sub"])
-        return account_page(user.get("email") or user["sub"], apps, csrf=csrf, action=action,
-                            removed=int(shown) if shown.isdigit() else None)
-
-    async def token(self, request: Request) -> Response:
-        """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not)."""
-        resource = (await request.form()).get("resource")
-        if isinstance(resource, str) and not self.provider.serves_resource(resource):
-            return oauth_error(400, "invalid_target", f"This server issues tokens only for {self.provider.resource}")
-        return await self.tokens.handle(request)
-
-    async def revoke(self, request: Request) -> Response:
-        """RFC 7009 for every client, public ones included (the SDK's requires a client_secret field)."""
-        try:
-            client = await self.authenticator.authenticate_request(request)
-        except AuthenticationError as exc:
-            return oauth_error(401, "invalid_client", exc.message)
-        token = (await request.form()).get("token")
-        if not isinstance(token, str) or not token:
-            return oauth_error(400, "invalid_request", "token is required")
-        found = await self.provider.load_access_token(token) or await self.provider.load_refresh_token(client, token)
-        if found is not None and found.client_id == client.client_id:
-            await self.provider.revoke_token(found)
-        return Response(status_code=200, headers={"Cache-Control": "no-store"})
-
-    async def google_origin(self) -> str:
-        try:
-            metadata = await self.provider.google.client.load_server_metadata()
-        except (httpx2.HTTPError, ValueError) as exc:
-            logger.warning("Google's discovery document is unavailable: %s", exc)
-            return self.settings.google_discovery_url
-        return str(metadata.get("authorization_endpoint") or self.settings.google_discovery_url)
-
-
-def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
-    """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
-    limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
-    return RememberClient(CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
-                                        allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"]))
-
-
-def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Route]:
-    """The RFC 8414 and RFC 9728 documents: the protected resource at the path-aware URL, at the root
-    for older clients, and with a trailing slash for clients that add one. With `at_origin`, for a parent
-    app that mounts this server under PUBLIC_URL's path: both RFCs put the well-known segment before
-    that path, so the documents live at the origin's root."""
-    prefix = urlsplit(settings.public_url).path if at_origin else ""
-    metadata = for_clients(MetadataHandler(authorization_server_metadata(settings)).handle, "GET")
-    resource = for_clients(ProtectedResourceMetadataHandler(protected_resource_metadata(settings)).handle, "GET")
-    resource_path = "/.well-known/oauth-protected-resource"
-    resource_paths = [resource_path + prefix + MCP_PATH, resource_path + prefix + MCP_PATH + "/"]
-    if not prefix:
-        resource_paths.append(resource_path)
-    return [Route("/.well-known/oauth-authorization-server" + prefix, metadata, methods=["GET", "OPTIONS"]),
-            *[Route(path, resource, methods=["GET", "OPTIONS"]) for path in resource_paths]]
-
-
-def well_known_routes(settings: Settings) -> list[Route]:
-    """What a parent app that mounts this server under a path adds at its own root, with sign-in on."""
-    return discovery_routes(settings, at_origin=True)
-
-
-def check_authorization_request(params: Mapping[str, Any], client: OAuthClientInformationFull, redirect_uri: str,
-                                provider: OAuthProvider) -> AuthorizationParams | tuple[str, str]:
-    """The authorization request as SDK parameters, or the (error, description) to send back."""
-    if params.get("response_type") != "code":
-        return "unsupported_response_type", "response_type must be code"
-    challenge = params.get("code_challenge")
-    if not isinstance(challenge, str) or not PKCE_CHALLENGE.fullmatch(challenge):
-        return "invalid_request", "a PKCE code_challenge is required"
-    if params.get("code_challenge_method") != "S256":
-        return "invalid_request", "code_challenge_method must be S256"
-    # Any client may ask for any scope this server has (the scope it registered with is no limit, so it
-    # can step up later); the person decides on the consent page.
-    requested = str(params.get("scope") or "").split() or list(SCOPES)
-    if unknown := [scope for scope in requested if scope not in SCOPES]:
-        return "invalid_scope", f"unknown scope {' '.join(unknown)}; this server offers {' '.join(SCOPES)}"
-    resource = params.get("resource")
-    if resource is not None and not provider.serves_resource(str(resource)):
-        return "invalid_target", f"this server issues tokens only for {provider.resource}"
-    state = params.get("state")
-    return AuthorizationParams(state=state if isinstance(state, str) else None, scopes=requested,
-                               code_challenge=challenge, redirect_uri=AnyUrl(redirect_uri),
-                               redirect_uri_provided_explicitly="redirect_uri" in params, resource=provider.resource)
-
-
-def authorization_response(redirect_uri: str, *, issuer: str, state: str | None, **params: str) -> str:
-    """An answer to an authorization request: `state` back, and `iss` per RFC 9207."""
-    return construct_redirect_uri(redirect_uri, **params, state=state, iss=issuer)
-
-
-def redirect_to(url: str, status: int = 302) -> Response:
-    return RedirectResponse(url, status_code=status, headers={"Cache-Control": "no-store"})
-
-
-def from_this_site(request: Request, settings: Settings) -> bool:
-    """Whether a form post came from this server's own page (browsers say so; other clients don't try).
-    Fetch metadata decides where the browser sends it: our pages' no-referrer policy makes Chromium
-    send `Origin: null` even for a same-origin form."""
-    fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None:
-        return fetch_site == "same-origin"
-    origin = request.headers.get("origin")
-    return origin is None or origin == origin_of(settings.public_url)
-
-
-def authorization_server_metadata(settings: Settings) -> OAuthMetadata:
-    """RFC 8414, with what the SDK leaves out: public clients, `iss` in responses, metadata documents."""
-    metadata = build_metadata(AnyHttpUrl(settings.issuer), None, ClientRegistrationOptions(
-        enabled=True, valid_scopes=list(SCOPES)), RevocationOptions(enabled=True))
-    methods = ["none", "client_secret_post", "client_secret_basic"]
-    return OAuthMetadata.model_validate({  # from strings, so the issuer keeps its exact spelling (RFC 8414 §3.3)
-        **metadata.model_dump(mode="json", exclude_none=True), "issuer": settings.issuer,
-        "token_endpoint_auth_methods_supported": methods, "revocation_endpoint_auth_methods_supported": methods,
-        "authorization_response_iss_parameter_supported": True, "client_id_metadata_document_supported": True})
-
-
-def protected_resource_metadata(settings: Settings) -> ProtectedResourceMetadata:
-    """RFC 9728: the canonical resource (no trailing slash) and who issues tokens for it."""
-    return ProtectedResourceMetadata.model_validate({
-        "resource": canonical_url(settings.mcp_url), "authorization_servers": [settings.issuer],
-        "scopes_supported": list(SCOPES), "resource_name": SERVER_NAME})
-
-
-def resource_metadata_url(settings: Settings) -> str:
-    """Where RFC 9728 puts the metadata of PUBLIC_URL/mcp: /.well-known/oauth-protected-resource inserted
-    between the origin and the path."""
-    public = urlsplit(settings.public_url)
-    return f"{public.scheme}://{public.netloc}/.well-known/oauth-protected-resource{public.path}{MCP_PATH}"
-
-
-def mcp_endpoint(state: Runtime, policy: HostPolicy, session_manager: StreamableHTTPSessionManager) -> ASGIApp:
+def mcp_endpoint(running: Runtime, policy: HostPolicy, session_manager: StreamableHTTPSessionManager) -> ASGIApp:
     """The MCP endpoint: CORS, then (with sign-in) the bearer token, then the request gate, then the SDK."""
-    settings = state.settings
     handler: ASGIApp = session_manager.handle_request
     bearer = None
-    if state.provider is not None:
+    if running.provider is not None:
         handler = AuthContextMiddleware(handler)  # makes the token reachable from tools (get_access_token)
-        bearer = BearerPolicy(resource_metadata_url(settings))
-    gate: ASGIApp = RequestGate(handler, policy=policy, bearer=bearer, max_body_bytes=settings.max_request_bytes,
-                                json_response=settings.json_response, stateless=settings.stateless,
-                                store=state.store)
-    if state.provider is not None:
-        verifier = ProviderTokenVerifier(state.provider)
+        bearer = BearerPolicy(resource_metadata_url(running.settings))
+    gate: ASGIApp = RequestGate(handler, running=running, policy=policy, bearer=bearer)
+    if running.provider is not None:
+        verifier = ProviderTokenVerifier(running.provider)
         gate = AuthenticationMiddleware(gate, backend=BearerAuthBackend(
-            verifier, resource_server_url=AnyHttpUrl(state.provider.resource)))
+            verifier, resource_server_url=AnyHttpUrl(running.provider.resource)))
     return with_cors(gate, policy, ["GET", "POST", "DELETE"])
-
-
-def sign_in_routes(state: Runtime) -> list[Route]:
-    if state.provider is None or state.settings.secret_key is None:
-        return []
-    return SignInRoutes(state.provider, state.settings, state.settings.secret_key).routes()
 
 
 def build_app(settings: Settings) -> Starlette:
@@ -3465,68 +3698,58 @@ def build_app(settings: Settings) -> Starlette:
     in the parent's lifespan; set PUBLIC_URL to include the prefix. With sign-in on, the parent also
     serves `well_known_routes(settings)` at its root.
     """
-    state = Runtime(settings)
+    running = Runtime(settings)
     policy = HostPolicy.from_settings(settings)
-    share_request_state_keys(settings)
-    show_icon(settings.server_icon)
+    pages = Pages(settings)
     sdk_app = mcp.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=settings.stateless,
         json_response=settings.json_response,
-        event_store=state.events,
-        max_request_body_size=settings.max_request_bytes,
+        event_store=running.events,
+        max_request_body_size=settings.max_request_bytes,  # the gate has already refused a larger body
         session_idle_timeout=settings.session_idle_timeout_s,
         max_sessions=settings.max_sessions,
-        transport_security=policy.transport_security(),
+        # The gate checks Host and Origin first, with errors that name the setting to change.
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
-    session_manager = mcp.session_manager
-    endpoint = mcp_endpoint(state, policy, session_manager)
-    routes: list[Route | Mount] = [
+    endpoint = mcp_endpoint(running, policy, mcp.session_manager)
+    sign_in = SignInRoutes(running.provider, settings, pages).routes() if running.provider is not None else []
+    routes: list[BaseRoute] = [
         *[Route(path, endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]) for path in (MCP_PATH, MCP_PATH + "/")],
-        Route("/healthz", health_endpoint(state), methods=["GET"]),
-        *sign_in_routes(state),
-        Mount("/", sdk_app),  # whatever else the SDK serves, e.g. routes added with @mcp.custom_route
+        Route("/healthz", health_endpoint(running), methods=["GET"]),
+        *sign_in,
+        # What else the SDK serves, such as routes added with @mcp.custom_route.
+        *(route for route in sdk_app.routes if getattr(route, "path", None) != MCP_PATH),
     ]
-    return Starlette(routes=routes, lifespan=app_lifespan(state, session_manager),
-                     exception_handlers={StorageError: store_failure_handler(policy)})
+    return Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager),
+                     exception_handlers={StorageError: store_failure_handler(policy, pages)})
 
 
-def share_request_state_keys(settings: Settings) -> None:
-    """Seal the SDK's `requestState` (multi-round tool calls) under a key derived from SECRET_KEY rather
-    than the SDK's per-process one, so a replica can open what another sealed. The audience claim is
-    the server's name, the same on every replica."""
-    if settings.secret_key is None:
-        return
-    security = RequestStateSecurity(keys=[derive_key(settings.secret_key, b"stream-http/request-state")])
-    mcp.middleware[:] = [RequestStateBoundary(security, default_audience=mcp.name)
-                         if isinstance(layer, RequestStateBoundary) else layer for layer in mcp.middleware]
-
-
-def health_endpoint(state: Runtime) -> Callable[[Request], Awaitable[Response]]:
+def health_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Response]]:
     async def healthz(request: Request) -> Response:
         """Liveness and the store's health, for load balancers and `doctor`."""
         try:
-            await state.store.ping()
+            await running.store.ping()
         except StorageError:  # logged by the store, once per outage
             return JSONResponse({"status": "unavailable", "store": "down"}, status_code=503,
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
-        health: dict[str, Any] = {"status": "ok", "store": "ok", "version": VERSION, "mode": state.settings.mode}
-        if not state.settings.stateless:  # handshake-era sessions this process keeps for notifications
-            health["sessions"] = CHANGES.session_count
+        health: dict[str, Any] = {"status": "ok", "store": "ok", "version": VERSION, "mode": running.settings.mode}
+        if not running.settings.stateless:  # handshake-era sessions this process keeps for notifications
+            health["sessions"] = running.changes.session_count
         return JSONResponse(health)
 
     return healthz
 
 
-def app_lifespan(state: Runtime, session_manager: StreamableHTTPSessionManager,
+def app_lifespan(running: Runtime, session_manager: StreamableHTTPSessionManager,
                  ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     """Open the runtime, hand it to the MCP server's lifespan, and run the SDK's session manager."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        settings = state.settings
-        async with state:
-            token = _serving_runtime.set(state)
+        settings = running.settings
+        async with running:
+            token = _serving_runtime.set(running)
             try:
                 async with session_manager.run():
                     gc.collect()
@@ -3540,8 +3763,9 @@ def app_lifespan(state: Runtime, session_manager: StreamableHTTPSessionManager,
     return lifespan
 
 
-# === 11. Command line ========================================================
+# === 9. Command line =========================================================
 
+SHUTDOWN_GRACE_S = 5
 
 def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
     """Command-line flags, as overrides keyed by environment variable name."""

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+import server
 from tests.conftest import ServerProcess, assert_no_traceback, free_port, run_python
 
 
@@ -18,7 +19,7 @@ def client(server: ServerProcess | str, *args: str) -> subprocess.CompletedProce
 def test_without_a_command_it_lists_everything(stateful_server: ServerProcess) -> None:
     result = client(stateful_server)
     assert result.returncode == 0, result.stderr
-    assert "stream-http 0.1.0 (protocol 2026-07-28)" in result.stdout
+    assert f"stream-http {server.VERSION} (protocol 2026-07-28)" in result.stdout
     for line in ("Tools (8)", "Resources (2)", "Resource templates (1)", "Prompts (2)", "notes://{note_id}",
                  "add  Add two numbers and return the sum."):
         assert line in result.stdout

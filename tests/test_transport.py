@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import server as server_module
 from tests.conftest import (
     INITIALIZE,
     REPO,
@@ -197,8 +198,8 @@ def test_healthz_reports_ok(server: ServerProcess) -> None:
     assert health.status_code == 200
     body = health.json()
     sessions = {} if "stateless" in server.env["MODE"] else {"sessions": body.get("sessions")}
-    assert body == {"status": "ok", "store": "ok", "version": "0.1.0", "mode": server.env["MODE"].replace("-", "+"),
-                    **sessions}
+    assert body == {"status": "ok", "store": "ok", "version": server_module.VERSION,
+                    "mode": server.env["MODE"].replace("-", "+"), **sessions}
     assert "stateless" in server.env["MODE"] or isinstance(body["sessions"], int)
 
 

@@ -1,0 +1,249 @@
+"""The store's contract, run over both backends: the embedded SQLite file and a real Redis.
+
+Everything the OAuth provider and the notes demo keep goes through this API, so each backend must
+behave the same: typed values in and out, expiry, atomic take and compare-and-swap (one winner
+under races), per-owner listing newest first, groups ended together, rate counters and locks.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+import redis
+
+import server
+from tests.conftest import RedisServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.store_of_its_own]
+
+
+@dataclass(frozen=True)
+class Card:
+    kind: ClassVar[str] = "card"
+
+    title: str
+    tags: tuple[str, ...] = ()
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Badge:
+    kind: ClassVar[str] = "badge"
+
+    owner: str
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[server.Store]:
+    if request.param == "sqlite":
+        opened: server.Store = server.SQLiteStore(tmp_path / "store.db")
+    else:
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        opened = server.RedisStore(f"{redis_server.url}?prefix=contract-{uuid.uuid4().hex[:8]}")
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_values_come_back_as_the_type_they_went_in_as(backend: server.Store) -> None:
+    card = Card("hello", ("a", "b"), {"n": 1, "nested": {"x": [1, 2]}})
+    await backend.put(server.Entry("k1", card))
+    back = await backend.get(Card, "k1")
+    assert back == card and isinstance(back.tags, tuple)
+    assert await backend.get(Card, "missing") is None
+    assert await backend.get(Badge, "k1") is None, "kinds are separate key spaces"
+
+
+async def test_records_expire(backend: server.Store) -> None:
+    await backend.put(server.Entry("short", Card("brief"), ttl_s=0.3, owner="ann"),
+                    server.Entry("long", Card("lasting"), ttl_s=60, owner="ann"))
+    assert await backend.get(Card, "short") == Card("brief")
+    await anyio.sleep(0.5)
+    assert await backend.get(Card, "short") is None
+    assert await backend.take(Card, "short") is None, "an expired record cannot be taken"
+    assert [card.title for card in await backend.find(Card, "ann")] == ["lasting"]
+
+
+async def test_take_has_exactly_one_winner_and_writes_its_then_entries_only_when_it_wins(backend: server.Store) -> None:
+    await backend.put(server.Entry("code", Card("one-time")))
+    results: list[Card | None] = []
+
+    async def take(number: int) -> None:
+        results.append(await backend.take(Card, "code", then=[server.Entry(f"used-{number}", Badge("x"))]))
+
+    async with anyio.create_task_group() as tasks:
+        for number in range(20):
+            tasks.start_soon(take, number)
+    assert [result for result in results if result is not None] == [Card("one-time")]
+    written = [number for number in range(20) if await backend.get(Badge, f"used-{number}") is not None]
+    assert len(written) == 1, written
+    assert await backend.get(Card, "code") is None
+
+
+async def test_swap_is_compare_and_swap(backend: server.Store) -> None:
+    first, second = Card("v1"), Card("v2")
+    await backend.put(server.Entry("doc", first, ttl_s=60), server.Entry("old", Badge("gone soon")))
+    assert not await backend.swap("doc", Card("not what is stored"), second)
+    assert await backend.get(Card, "doc") == first
+    assert await backend.swap("doc", first, second, then=[server.Entry("side", Badge("b")), server.Gone(Badge, "old")])
+    assert await backend.get(Card, "doc") == second
+    assert await backend.get(Badge, "side") == Badge("b")
+    assert await backend.get(Badge, "old") is None, "a Gone entry deletes in the same step"
+    wins: list[bool] = []
+
+    async def swap(number: int) -> None:
+        wins.append(await backend.swap("doc", second, Card(f"v3-{number}")))
+
+    async with anyio.create_task_group() as tasks:
+        for number in range(10):
+            tasks.start_soon(swap, number)
+    assert wins.count(True) == 1
+
+
+async def test_find_lists_an_owners_records_newest_first(backend: server.Store) -> None:
+    await backend.put(server.Entry("a", Card("middle"), owner="ann", order=2.0),
+                    server.Entry("b", Card("newest"), owner="ann", order=3.5),
+                    server.Entry("c", Card("oldest"), owner="ann", order=1.0),
+                    server.Entry("d", Card("bob's"), owner="bob", order=9.0),
+                    server.Entry("e", Badge("ann"), owner="ann", order=5.0))
+    assert [card.title for card in await backend.find(Card, "ann")] == ["newest", "middle", "oldest"]
+    assert await backend.delete(Card, "a") is True
+    assert await backend.delete(Card, "a") is False
+    assert [card.title for card in await backend.find(Card, "ann")] == ["newest", "oldest"]
+    assert [card.title for card in await backend.find(Card, "bob")] == ["bob's"]
+    assert await backend.find(Card, "nobody") == []
+
+
+async def test_a_group_ends_together(backend: server.Store) -> None:
+    await backend.put(server.Entry("g1", Card("one"), group="grant-1", owner="ann"),
+                    server.Entry("g2", Badge("two"), group="grant-1"),
+                    server.Entry("g3", Card("other grant"), group="grant-2"))
+    assert await backend.delete_group("grant-1") == 2
+    assert await backend.get(Card, "g1") is None and await backend.get(Badge, "g2") is None
+    assert await backend.get(Card, "g3") == Card("other grant")
+    assert await backend.find(Card, "ann") == []
+    assert await backend.delete_group("grant-1") == 0
+
+
+async def test_hits_count_within_a_window(backend: server.Store) -> None:
+    bucket = f"b-{uuid.uuid4().hex}"
+    counts = [(await backend.hit(bucket, 0.5))[0] for _ in range(3)]
+    assert counts == [1, 2, 3]
+    _, left = await backend.hit(bucket, 0.5)
+    assert 0 < left <= 0.5
+    await anyio.sleep(0.6)
+    assert (await backend.hit(bucket, 0.5))[0] == 1, "a new window starts from one"
+
+
+async def test_a_lock_has_one_holder_at_a_time(backend: server.Store) -> None:
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    async def hold(number: int) -> None:
+        async with backend.lock("the-lock", ttl_s=5):
+            if inside:
+                overlaps.append(number)
+            inside.append(number)
+            await anyio.sleep(0.02)
+            inside.remove(number)
+
+    async with anyio.create_task_group() as tasks:
+        for number in range(5):
+            tasks.start_soon(hold, number)
+    assert overlaps == []
+
+
+async def test_redis_replicas_hear_each_others_announcements(redis_server: RedisServer) -> None:
+    """The embedded store has no other process to tell; a shared one carries announcements to all."""
+    prefix = f"contract-{uuid.uuid4().hex[:8]}"
+    speaker, listener = (server.RedisStore(f"{redis_server.url}?prefix={prefix}") for _ in range(2))
+    await speaker.open()
+    await listener.open()
+    heard: list[dict[str, Any]] = []
+
+    async def listen() -> None:
+        async for message in listener.messages():
+            heard.append(message)
+            return
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listen)
+            with anyio.fail_after(5):
+                while not heard:
+                    await speaker.publish({"hello": "replicas"})
+                    await anyio.sleep(0.1)
+        assert heard == [{"hello": "replicas"}]
+    finally:
+        await speaker.close()
+        await listener.close()
+
+
+# --- stores written by version 0.1 open with everything in them
+
+
+def test_a_version_0_1_sqlite_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE notes (owner TEXT NOT NULL, id TEXT NOT NULL, title TEXT NOT NULL, body TEXT NOT NULL,
+                                tags TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (owner, id)) WITHOUT ROWID;
+            CREATE TABLE records (kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, expires_at REAL,
+                                  grant_id TEXT, subject TEXT, PRIMARY KEY (kind, key)) WITHOUT ROWID;
+            CREATE INDEX records_by_grant ON records (grant_id) WHERE grant_id IS NOT NULL;
+            CREATE INDEX records_by_subject ON records (kind, subject) WHERE subject IS NOT NULL;
+        """)
+        db.execute("INSERT INTO notes VALUES ('ann', 'n1', 'Old note', 'body', '[\"home\"]', 100.5)")
+        db.execute("INSERT INTO notes VALUES ('ann', 'n2', 'Newer note', '', '[]', 200.0)")
+        db.execute("INSERT INTO records VALUES ('grant', 'g1', ?, NULL, 'g1', 'ann')", (server.to_json({
+            "id": "g1", "client_id": "c1", "client_name": "App", "subject": "ann", "scopes": ["mcp"],
+            "resource": "http://127.0.0.1:8000/mcp", "claims": {}, "created_at": 1.0}),))
+
+    async def check() -> None:
+        store = server.SQLiteStore(path)
+        await store.open()
+        try:
+            notes = await store.find(server.Note, "ann")
+            assert [(note.id, note.title, note.tags) for note in notes] == [
+                ("n2", "Newer note", ()), ("n1", "Old note", ("home",))]
+            assert [grant.client_id for grant in await store.find(server.Grant, "ann")] == ["c1"]
+            assert await store.delete_group("g1") == 1
+        finally:
+            await store.close()
+
+    anyio.run(check)
+
+
+def test_a_version_0_1_redis_layout_is_upgraded(redis_server: RedisServer) -> None:
+    prefix = f"old-{uuid.uuid4().hex[:8]}"
+    raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    note = {"id": "n1", "title": "Kept", "body": "b", "tags": ["x"], "created_at": 123.25}
+    raw.set(f"{prefix}:n:ann:n1", server.to_json(note))
+    raw.zadd(f"{prefix}:notes:ann", {"n1": 123.25})
+    grant = {"id": "g1", "client_id": "c1", "client_name": "App", "subject": "ann", "scopes": ["mcp"],
+             "resource": "r", "claims": {}, "created_at": 5.0}
+    raw.set(f"{prefix}:r:grant:g1", server.to_json(grant))
+    raw.sadd(f"{prefix}:s:grant:ann", f"{prefix}:r:grant:g1")
+    raw.sadd(f"{prefix}:g:g1", f"{prefix}:r:grant:g1")
+
+    async def check() -> None:
+        store = server.RedisStore(f"{redis_server.url}?prefix={prefix}")
+        await store.open()
+        try:
+            assert [(n.id, n.tags) for n in await store.find(server.Note, "ann")] == [("n1", ("x",))]
+            assert [g.id for g in await store.find(server.Grant, "ann")] == ["g1"]
+        finally:
+            await store.close()
+
+    anyio.run(check)
+    assert not raw.exists(f"{prefix}:s:grant:ann", f"{prefix}:notes:ann", f"{prefix}:n:ann:n1")
+    assert raw.exists(f"{prefix}:o:note:ann")
