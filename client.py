@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="client.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[2:]))
-    parser.add_argument("--url", default=os.environ.get("MCP_URL", DEFAULT_URL),
+    parser.add_argument("--url", default=os.environ.get("MCP_URL") or DEFAULT_URL,
                         help=f"the server's MCP endpoint (default: $MCP_URL or {DEFAULT_URL})")
     era = parser.add_mutually_exclusive_group()
     era.add_argument("--legacy", action="store_true", help="use the initialize handshake (2025-11-25)")

@@ -59,33 +59,26 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
 import anyio
 import httpx2
-import redis
-import redis.asyncio
-import redis.asyncio.retry
-import redis.backoff
 import uvicorn
-from authlib.integrations.starlette_client import OAuth, OAuthError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dotenv import dotenv_values
-from joserfc.errors import JoseError
 from mcp.server import MCPServer, ServerRequestContext
-from mcp.server.auth.handlers.metadata import MetadataHandler, ProtectedResourceMetadataHandler
+from mcp.server.auth.handlers.metadata import MetadataHandler
 from mcp.server.auth.handlers.register import RegistrationHandler
 from mcp.server.auth.handlers.token import TokenHandler
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, get_access_token
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.middleware.client_auth import AuthenticationError, ClientAuthenticator
 from mcp.server.auth.provider import (
     AccessToken,
     AuthorizationCode,
     AuthorizationParams,
-    ProviderTokenVerifier,
     RefreshToken,
     RegistrationError,
     TokenError,
@@ -123,13 +116,18 @@ from mcp_types import (
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend
+from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Authlib, itsdangerous (Starlette's session cookies) and redis are imported where they are used:
+# with sign-in off and the SQLite store, `mcp run server.py` needs nothing but the MCP SDK (`mcp
+# install --name` writes a Claude Desktop entry that installs only that).
 
 logger = logging.getLogger("stream_http")
 
@@ -196,6 +194,10 @@ mcp: "MCPServer[Runtime]" = MCPServer(
         "A personal notebook and a few utilities. Use search_notes before add_note to avoid "
         "duplicates; notes belong to the signed-in user and nobody else sees them."
     ),
+    # What `mcp install` and `mcp dev` install to run this file outside the project: pyproject.toml's
+    # dependencies (a test keeps the two lists equal).
+    dependencies=["mcp[cli]>=2.3,<3", "authlib>=1.9", "starlette>=1.0", "uvicorn[standard]>=0.54",
+                  "python-dotenv>=1.2", "itsdangerous>=2.2", "httpx2>=2.16", "redis>=8.1", "rich>=15"],
     lifespan=lifespan,
     middleware=[middleware],
     subscriptions=ChangeFeed(),
@@ -546,6 +548,7 @@ MCP_PATH = "/mcp"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
+HERE = Path(__file__).resolve().parent  # where server.py is
 
 class ConfigError(Exception):
     """The configuration cannot work; the message names every problem found."""
@@ -568,7 +571,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("PORT", "8000", "TCP port to listen on.", "--port"),
     Option("PUBLIC_URL", "", "The URL clients reach this server at (scheme, host, port, any path "
            "prefix); the MCP endpoint is PUBLIC_URL/mcp. Default: http://HOST:PORT.", "--public-url"),
-    Option("DATA_DIR", "./data", "Directory for the embedded SQLite store.", "--data-dir"),
+    Option("DATA_DIR", "", "Directory for the embedded SQLite store and the generated SECRET_KEY. Default: data/ "
+           "beside server.py, or the per-user data folder where that is not writable.", "--data-dir"),
     Option("STORE_URL", "", "Where state lives: sqlite:///path/to/file.db, or redis://[:password@]host:port/db "
            "(rediss:// for TLS) shared by several replicas, with ?prefix=name to share one Redis between "
            "deployments. Default: a SQLite file in DATA_DIR.", "--store-url"),
@@ -605,7 +609,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("REFRESH_TOKEN_TTL", "2592000", "Seconds a refresh token lives (it rotates on every use)."),
     Option("REDIRECT_URI_PATTERNS", "", "Comma-separated patterns (* wildcards) a client's redirect URI "
            "must match to register, e.g. https://claude.ai/*,http://127.0.0.1:*/*. A pattern may also admit "
-           "an app scheme such as cursor://*. Empty: any https or loopback URI."),
+           "an app scheme such as myapp://*. Empty: any https or loopback URI, and the app callbacks of "
+           "Cursor and Claude's desktop app."),
     Option("CIMD_ALLOW_LOCAL", "false", "Accept client metadata documents from loopback and private "
            "addresses, over http too. For developing a client only."),
     Option("SERVER_ICON", "", "A small image file (PNG, SVG, ICO, JPEG or WebP, up to 32 KB) shown beside "
@@ -657,6 +662,8 @@ class Settings:
     redirect_uri_patterns: tuple[str, ...]
     cimd_allow_local: bool
     server_icon: str = ""  # a data: URI
+    data_dir_is_default: bool = False  # DATA_DIR was not set
+    public_url_is_default: bool = True  # PUBLIC_URL was not set
 
     @property
     def mcp_url(self) -> str:
@@ -676,6 +683,30 @@ class Settings:
     def issuer(self) -> str:
         """This server as an OAuth authorization server (RFC 8414: compared as an exact string)."""
         return self.public_url
+
+    @property
+    def loopback_names(self) -> tuple[str, ...]:
+        """The other names this server answers to as itself: on loopback without PUBLIC_URL, localhost,
+        127.0.0.1 and [::1] are one server (clients connect to whichever their user typed); with an
+        explicit PUBLIC_URL that is the only name."""
+        public = urlsplit(self.public_url)
+        if not self.public_url_is_default or not is_loopback_host(public.hostname or "") or public.path:
+            return ()
+        return tuple(f"{host}:{public.port}" for host in ("localhost", "127.0.0.1", "[::1]"))
+
+    @property
+    def public_urls(self) -> tuple[str, ...]:
+        """Every URL this server is itself at: PUBLIC_URL, then its loopback names."""
+        return (self.public_url, *(f"http://{name}" for name in self.loopback_names if name != self.public_netloc))
+
+    @property
+    def public_netloc(self) -> str:
+        return urlsplit(self.public_url).netloc
+
+    def public_url_for(self, host: str | None) -> str:
+        """The public URL as the client that sent `Host: host` knows this server."""
+        host = (host or "").lower()
+        return f"http://{host}" if host in self.loopback_names else self.public_url
 
     @property
     def mode(self) -> str:
@@ -770,7 +801,7 @@ def load_settings(
     read = _Reader(raw)
     host = read.text("HOST")
     port = read.integer("PORT", minimum=0, maximum=65535)
-    data_dir = Path(read.text("DATA_DIR") or ".")
+    data_dir = Path(read.text("DATA_DIR")) if read.text("DATA_DIR") else default_data_dir()
     settings = Settings(
         host=host,
         port=port,
@@ -799,6 +830,8 @@ def load_settings(
         redirect_uri_patterns=read.items("REDIRECT_URI_PATTERNS"),
         cimd_allow_local=read.boolean("CIMD_ALLOW_LOCAL"),
         server_icon=read.image("SERVER_ICON"),
+        data_dir_is_default=not read.text("DATA_DIR"),
+        public_url_is_default=not read.text("PUBLIC_URL"),
     )
     read.problems += check_settings(settings)
     if read.problems:
@@ -847,6 +880,28 @@ def with_secret_key(settings: Settings) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read or create {path} for SECRET_KEY: {exc}") from exc
     return dataclasses.replace(settings, secret_key=Secret(key))
+
+
+def default_data_dir(here: Path = HERE,
+                     writable: Callable[[Path], bool] = lambda path: os.access(path, os.W_OK)) -> Path:
+    """Where data lives without DATA_DIR: beside server.py, which is the same folder whichever directory the
+    server is started from (Claude Desktop starts `mcp run` elsewhere), or else the per-user data folder."""
+    beside = here / "data"
+    if writable(beside if beside.exists() else here):
+        return beside
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / SERVER_NAME
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / SERVER_NAME
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / SERVER_NAME
+
+
+def data_dir_reason(settings: Settings) -> str:
+    if not settings.data_dir_is_default:
+        return "DATA_DIR"
+    if settings.data_dir == HERE / "data":
+        return "beside server.py; set DATA_DIR to keep it elsewhere"
+    return "the per-user data folder, as the folder beside server.py is not writable; set DATA_DIR to choose"
 
 
 def default_public_url(host: str, port: int) -> str:
@@ -1265,7 +1320,12 @@ class RedisStore:
         query = dict(parse_qsl(parts.query))
         self.prefix = query.pop("prefix", SERVER_NAME)
         self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path}"  # no password
-        self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+        import redis.asyncio.retry
+        import redis.backoff
+
+        self.unreachable = (redis.ConnectionError, redis.TimeoutError)
+        self.failed = redis.RedisError
+        self.client: Any = redis.asyncio.Redis.from_url(
             urlunsplit(parts._replace(query=urlencode(query))), decode_responses=True,
             socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
             retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1))  # one retry: a pooled socket may be stale
@@ -1284,10 +1344,10 @@ class RedisStore:
             raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({self._down})")
         try:
             result = await operation()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except self.unreachable as exc:
             self._went_down(str(exc) or type(exc).__name__)
             raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({exc})") from exc
-        except redis.RedisError as exc:
+        except self.failed as exc:
             logger.error("store error: %s: %s", action, exc)
             raise StorageError(f"{action}: {exc}") from exc
         self._came_back()
@@ -1394,7 +1454,7 @@ class RedisStore:
         try:
             yield
         finally:
-            with suppress(redis.RedisError):  # expired meanwhile, or Redis went away: it ends by its TTL
+            with suppress(self.failed):  # expired meanwhile, or Redis went away: it ends by its TTL
                 await lock.release()
 
     async def publish(self, message: dict[str, Any]) -> None:
@@ -1415,10 +1475,10 @@ class RedisStore:
                             yield json.loads(message["data"])
                         except ValueError:
                             logger.warning("ignored a message on %s that is not JSON", self.channel)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except self.unreachable as exc:
                 self._went_down(str(exc) or type(exc).__name__)
             finally:
-                with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True), suppress(redis.RedisError):
+                with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True), suppress(self.failed):
                     await pubsub.aclose()
             await anyio.sleep(REDIS_RETRY_EVERY_S)
 
@@ -1702,6 +1762,8 @@ class Runtime:
         await self._exit.__aenter__()
         try:
             await self.store.open()
+            if isinstance(self.store, SQLiteStore):
+                logger.info("keeping data in %s (%s)", self.settings.data_dir, data_dir_reason(self.settings))
             self._exit.push_async_callback(self.store.close)
             self._exit.push_async_callback(self.http.aclose)
             if self.settings.secret_key is not None:
@@ -2024,6 +2086,11 @@ class GoogleLogin:
     """Google as the identity provider: sign-in, token refresh, userinfo and revocation."""
 
     def __init__(self, settings: Settings, http: httpx2.AsyncClient) -> None:
+        from authlib.integrations.starlette_client import OAuth, OAuthError
+        from joserfc.errors import JoseError
+
+        self.refused = OAuthError
+        self.unverifiable = (JoseError, KeyError, ValueError, TypeError)
         secret = settings.google_client_secret.value if settings.google_client_secret else ""
         self.client = OAuth().register(
             "google", client_id=settings.google_client_id, client_secret=secret,
@@ -2069,9 +2136,9 @@ class GoogleLogin:
             token = await self.client.fetch_access_token(redirect_uri=self.redirect_uri, code=code,
                                                          code_verifier=verifier)
             claims = await self.client.parse_id_token(token, nonce=nonce)
-        except OAuthError as exc:
+        except self.refused as exc:
             raise GoogleError(f"Google refused the sign-in: {exc.error}") from exc
-        except (JoseError, KeyError, ValueError, TypeError) as exc:
+        except self.unverifiable as exc:
             raise GoogleError(f"Google's id_token did not verify: {exc}") from exc
         except httpx2.HTTPError as exc:
             raise GoogleError(f"Google could not be reached: {exc}") from exc
@@ -2083,7 +2150,7 @@ class GoogleLogin:
         """A fresh Google access token. Raises GoogleRevoked on invalid_grant."""
         try:
             return dict(await self.client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token))
-        except OAuthError as exc:
+        except self.refused as exc:
             raise GoogleRevoked(exc.error) if exc.error == "invalid_grant" else GoogleError(str(exc.error)) from exc
         except httpx2.HTTPError as exc:
             raise GoogleError(f"Google could not be reached: {exc}") from exc
@@ -2251,6 +2318,13 @@ REFRESH_RACE_GRACE_S = 2  # the same refresh token used twice this close togethe
 CLIENT_DOCUMENT_TTL_S = 3600
 CLIENT_DOCUMENT_MAX_BYTES = 10_240
 CLIENT_DOCUMENT_TIMEOUT_S = 5
+# The app-scheme callbacks of well-known MCP clients, allowed while REDIRECT_URI_PATTERNS is empty
+# (any https and loopback URI is, too).
+KNOWN_APP_CALLBACKS = (
+    "cursor://anysphere.cursor-mcp/oauth/callback",  # Cursor's desktop app
+    "claude://claude.ai/mcp-auth-callback/sdk",  # Claude's desktop app, for Claude Code in it
+)
+REFUSALS_LOGGED_MAX = 1000
 PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 OAUTH_BODY_MAX_BYTES = 65_536
 SESSION_COOKIE = "stream_http_session"
@@ -2288,8 +2362,9 @@ def canonical_url(url: str) -> str:
 
 
 def redirect_uri_problem(uri: str, patterns: Sequence[str]) -> str | None:
-    """Why `uri` may not be a client's redirect URI, or None: https or loopback http, no fragment,
-    and one of REDIRECT_URI_PATTERNS when that is set (which may also admit an app scheme)."""
+    """Why `uri` may not be a client's redirect URI, or None: https, loopback http or a well-known MCP
+    client's app callback, no fragment; with REDIRECT_URI_PATTERNS set, one of them (which may also admit
+    an app scheme of your own: private-use schemes are for native apps, RFC 8252 §7.1, and PKCE protects them)."""
     try:
         parts = urlsplit(uri)
         _ = parts.port
@@ -2302,10 +2377,28 @@ def redirect_uri_problem(uri: str, patterns: Sequence[str]) -> str | None:
     loopback = parts.scheme == "http" and is_loopback_host(parts.hostname or "")
     if not (web or loopback):
         app_scheme = parts.scheme not in ("http", "https", "javascript", "data", "file", "")
-        return None if listed and app_scheme else f"{uri!r} must be https:// or a loopback http:// URI"
+        if app_scheme and (listed or (not patterns and uri in KNOWN_APP_CALLBACKS)):
+            return None
+        return (f"{uri!r} must be https://, a loopback http:// URI or a known MCP client's app callback; to allow "
+                "it, add it to REDIRECT_URI_PATTERNS")
     if patterns and not listed:
-        return f"{uri!r} matches none of REDIRECT_URI_PATTERNS"
+        return f"{uri!r} matches none of REDIRECT_URI_PATTERNS; to allow it, add it (or a pattern) there"
     return None
+
+
+class RedirectPolicy:
+    """Which redirect URIs clients may register, logging each one refused once, with the setting to change."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = patterns
+        self._told: set[str] = set()
+
+    def problem(self, uri: str, client: str) -> str | None:
+        problem = redirect_uri_problem(uri, self.patterns)
+        if problem and uri not in self._told and len(self._told) < REFUSALS_LOGGED_MAX:
+            self._told.add(uri)
+            logger.warning("refused the redirect URI %r of %s: %s", uri, client, problem)
+        return problem
 
 
 def pick_redirect_uri(registered: Sequence[str], requested: str | None) -> str | None:
@@ -2375,6 +2468,11 @@ def check_authorization_request(params: Mapping[str, Any], redirect_uri: str,
                                redirect_uri_provided_explicitly="redirect_uri" in params, resource=resource)
 
 
+def resource_of(public_url: str) -> str:
+    """The RFC 8707 resource a public URL's MCP endpoint is: the canonical spelling of PUBLIC_URL/mcp."""
+    return canonical_url(public_url + MCP_PATH)
+
+
 def serves_resource(asked_for: str, resource: str) -> bool:
     """Whether a client's RFC 8707 `resource` names this server (a trailing slash or case aside)."""
     try:
@@ -2427,6 +2525,7 @@ class PendingAuthorization:
     remembered_for: str | None = None  # whose remembered approval skipped the consent page
     identity: GoogleIdentity | None = None  # the verified person, once back from Google
     purpose: Literal["authorize", "account"] = "authorize"  # "account": a person opening /account
+    issuer: str = ""  # this server as the client knows it (PUBLIC_URL, or the loopback name it used)
 
     @property
     def client_domain(self) -> str | None:
@@ -2506,6 +2605,8 @@ class IssuedAccessToken:
     claims: dict[str, Any]
     grant_id: str
     expires_at: int
+    used: bool = False  # the access token was presented: the client has this pair
+    refresh: str | None = None  # the hash of the refresh token issued with it
 
 
 @dataclass(frozen=True)
@@ -2515,8 +2616,10 @@ class IssuedRefreshToken(IssuedAccessToken):
 
     kind: ClassVar[str] = "refresh"
 
-    status: Literal["active", "rotated"] = "active"
+    status: Literal["active", "rotated", "retired"] = "active"  # retired: replaced before it was ever used
     rotated_at: float | None = None
+    successor: str | None = None  # the hash of the refresh token that replaced it
+    access: str | None = None  # the hash of the access token issued with it
 
 
 @dataclass(frozen=True)
@@ -2526,6 +2629,14 @@ class Consent:
     kind: ClassVar[str] = "consent"
 
     scopes: tuple[str, ...]
+
+
+class IssuedTokens(NamedTuple):
+    """A fresh pair for a client, the records that make it valid, and the refresh token's key."""
+
+    token: OAuthToken
+    entries: list[Entry]
+    refresh_key: str
 
 
 class GrantAccessToken(AccessToken):
@@ -2573,10 +2684,11 @@ class ClientDocuments:
     address checked is the one connected to, so DNS cannot be switched between check and fetch),
     validated, and cached."""
 
-    def __init__(self, settings: Settings, store: Store, http: httpx2.AsyncClient) -> None:
+    def __init__(self, settings: Settings, store: Store, http: httpx2.AsyncClient, redirects: RedirectPolicy) -> None:
         self.settings = settings
         self.store = store
         self.http = http
+        self.redirects = redirects
 
     async def client(self, url: str) -> ClientDocument:
         cached = await self.store.get(ClientDocument, url)
@@ -2645,7 +2757,7 @@ class ClientDocuments:
         if not isinstance(uris, list) or not uris or not all(isinstance(uri, str) for uri in uris):
             raise ClientDocumentError("the document needs a list of redirect_uris")
         for uri in uris:
-            if problem := redirect_uri_problem(uri, self.settings.redirect_uri_patterns):
+            if problem := self.redirects.problem(uri, f"the metadata document {url}"):
                 raise ClientDocumentError(problem)
         try:
             return ClientDocument.model_validate({
@@ -2662,20 +2774,25 @@ def build_provider(settings: Settings, store: Store, http: httpx2.AsyncClient) -
     if settings.secret_key is None:
         raise ConfigError("sign-in needs a SECRET_KEY: set it, or pass the settings through with_secret_key()")
     google = GoogleGrants(GoogleLogin(settings, http), store, TokenCipher(settings.secret_key))
-    return OAuthProvider(settings, store, google, ClientDocuments(settings, store, http), settings.secret_key)
+    redirects = RedirectPolicy(settings.redirect_uri_patterns)
+    return OAuthProvider(settings, store, google, ClientDocuments(settings, store, http, redirects), redirects,
+                         settings.secret_key)
 
 
 class OAuthProvider:
     """The SDK's `OAuthAuthorizationServerProvider` for MCP clients, with Google as the identity provider."""
 
     def __init__(self, settings: Settings, store: Store, google: GoogleGrants, documents: ClientDocuments,
-                 secret_key: Secret) -> None:
+                 redirects: RedirectPolicy, secret_key: Secret) -> None:
         self.settings = settings
+        self.redirects = redirects
         self.secret_key = secret_key
         self.store = store
         self.google = google
         self.documents = documents
-        self.resource = canonical_url(settings.mcp_url)
+        self.resource = resource_of(settings.public_url)
+        # The resources its tokens are good for: the public URL's, and its loopback names' (one server).
+        self.resources = frozenset(resource_of(url) for url in settings.public_urls)
 
     # --- clients
 
@@ -2695,7 +2812,7 @@ class OAuthProvider:
 
     async def register_client(self, client_info: OAuthClientInformationFull) -> None:
         for uri in client_info.redirect_uris or []:
-            if problem := redirect_uri_problem(str(uri), self.settings.redirect_uri_patterns):
+            if problem := self.redirects.problem(str(uri), f"the client registering as {client_info.client_name!r}"):
                 raise RegistrationError("invalid_redirect_uri", problem)
         registered = RegisteredClient.model_validate(client_info.model_dump())
         await self.store.put(Entry(client_info.client_id, registered))
@@ -2708,14 +2825,15 @@ class OAuthProvider:
         return await self.start_authorization(client, params, signed_in=None)
 
     async def start_authorization(self, client: OAuthClientInformationFull, params: AuthorizationParams,
-                                  signed_in: Mapping[str, str] | None) -> str:
+                                  signed_in: Mapping[str, str] | None, issuer: str | None = None) -> str:
         """Start an authorization and return where the browser goes next: the consent page, or
         straight to Google when the person signed in here has already approved this client."""
+        issuer = issuer or self.settings.issuer
         pending = PendingAuthorization(
             id=new_id(), client_id=client.client_id, client_name=display_name(client),
             redirect_uri=str(params.redirect_uri), redirect_uri_explicit=params.redirect_uri_provided_explicitly,
             state=params.state, code_challenge=params.code_challenge, scopes=tuple(params.scopes or ()),
-            resource=self.resource, csrf=new_id())
+            resource=resource_of(issuer), csrf=new_id(), issuer=issuer)
         subject = (signed_in or {}).get("sub")
         if subject and await self.remembers_consent(subject, client.client_id, pending.scopes):
             remembered = dataclasses.replace(pending, consented=True, remembered_for=subject)
@@ -2724,7 +2842,7 @@ class OAuthProvider:
         return self.consent_url(pending)
 
     def consent_url(self, pending: PendingAuthorization) -> str:
-        return f"{self.settings.public_url}/consent?{urlencode({'txn': pending.id})}"
+        return f"{pending.issuer or self.settings.public_url}/consent?{urlencode({'txn': pending.id})}"
 
     async def pending_consent(self, txn_id: str) -> PendingAuthorization | None:
         return await self.store.get(PendingAuthorization, txn_id)
@@ -2822,7 +2940,8 @@ class OAuthProvider:
         return self.back_to_client(pending, **params) if pending.purpose == "authorize" else ""
 
     def back_to_client(self, pending: PendingAuthorization, **params: str) -> str:
-        return authorization_response(pending.redirect_uri, issuer=self.settings.issuer, state=pending.state, **params)
+        issuer = pending.issuer or self.settings.issuer
+        return authorization_response(pending.redirect_uri, issuer=issuer, state=pending.state, **params)
 
     async def approved_scopes(self, subject: str, client_id: str) -> list[str]:
         consent = await self.store.get(Consent, consent_key(subject, client_id))
@@ -2858,25 +2977,26 @@ class OAuthProvider:
                       subject=authorization_code.subject or "", scopes=tuple(authorization_code.scopes),
                       resource=authorization_code.resource or self.resource, claims=authorization_code.claims,
                       created_at=time.time())
-        tokens, entries = self.issue_tokens(grant, authorization_code.scopes)
+        issued = self.issue_tokens(grant, authorization_code.scopes)
         key = token_hash(authorization_code.code)
         taken = await self.store.take(ClaimedCode, key, then=[
             Entry(key, UsedCode(grant.id), ttl_s=AUTH_CODE_TTL_S, group=grant.id),
-            grant.entry(self.settings.refresh_token_ttl_s), *entries])
+            grant.entry(self.settings.refresh_token_ttl_s), *issued.entries])
         if taken is None:
             raise TokenError("invalid_grant", "this authorization code was already used")
         audit("token_issued", client_id=client.client_id, subject=grant.subject, grant_id=grant.id,
               scopes=authorization_code.scopes)
-        return tokens
+        return issued.token
 
-    def issue_tokens(self, grant: Grant, scopes: Sequence[str]) -> tuple[OAuthToken, list[Entry]]:
+    def issue_tokens(self, grant: Grant, scopes: Sequence[str]) -> IssuedTokens:
         """A fresh access and refresh token for `grant`, and the records that make them valid."""
         access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now, settings = time.time(), self.settings
         access_record = IssuedAccessToken(
             client_id=grant.client_id, subject=grant.subject, scopes=tuple(scopes), resource=grant.resource,
-            claims=grant.claims, grant_id=grant.id, expires_at=int(now + settings.access_token_ttl_s))
-        refresh_record = IssuedRefreshToken(**{**dataclasses.asdict(access_record),
+            claims=grant.claims, grant_id=grant.id, expires_at=int(now + settings.access_token_ttl_s),
+            refresh=token_hash(refresh))
+        refresh_record = IssuedRefreshToken(**{**dataclasses.asdict(access_record), "access": token_hash(access),
                                                "expires_at": int(now + settings.refresh_token_ttl_s)})
         entries = [
             Entry(token_hash(access), access_record, ttl_s=settings.access_token_ttl_s, group=grant.id),
@@ -2884,15 +3004,18 @@ class OAuthProvider:
         ]
         token = OAuthToken(access_token=access, expires_in=settings.access_token_ttl_s, scope=" ".join(scopes),
                            refresh_token=refresh)
-        return token, entries
+        return IssuedTokens(token, entries, token_hash(refresh))
 
     async def load_refresh_token(self, client: OAuthClientInformationFull,
                                  refresh_token: str) -> GrantRefreshToken | None:
         record = await self.store.get(IssuedRefreshToken, token_hash(refresh_token))
         if record is None:
             return None
-        if record.status != "active":
-            if time.time() - (record.rotated_at or 0) > REFRESH_RACE_GRACE_S:
+        verdict = await self.standing_of(record)
+        if verdict in ("reused", "raced"):
+            # RFC 9700 §4.14.2: a rotated token whose successor was used is a stolen one. (Within the race
+            # window, or beside a retry that has just won, it is a duplicate request, which only loses.)
+            if verdict == "reused" and time.time() - (record.rotated_at or 0) > REFRESH_RACE_GRACE_S:
                 audit("refresh_token_reused", client_id=record.client_id, subject=record.subject,
                       grant_id=record.grant_id)
                 await self.revoke_grant(record.grant_id, reason="a rotated refresh token was used again")
@@ -2901,10 +3024,25 @@ class OAuthProvider:
                                  expires_at=record.expires_at, subject=record.subject, grant_id=record.grant_id,
                                  claims=record.claims)
 
+    async def standing_of(self, record: IssuedRefreshToken) -> Literal["current", "retry", "raced", "reused"]:
+        """Where a presented refresh token stands: the current one; a retry by a client that lost the
+        answer to its last refresh (the pair issued then has never been used, neither its refresh token
+        nor its access token); a duplicate of a retry that just won; or a stale token used again."""
+        if record.status == "active":
+            return "current"
+        successor = await self.store.get(IssuedRefreshToken, record.successor) if record.successor else None
+        if record.status == "retired" or successor is None or successor.status == "rotated":
+            return "reused"
+        if successor.status == "retired":
+            return "raced"
+        return "reused" if successor.used else "retry"
+
     async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: GrantRefreshToken,
                                      scopes: list[str]) -> OAuthToken:
         """Rotate: mark the refresh token used and save its successors in one step, so of two requests
-        racing with the same token exactly one gets new tokens, the other `invalid_grant`."""
+        racing with the same token exactly one gets new tokens, the other `invalid_grant`. A client whose
+        last refresh response was lost retries with the previous token: while its successor has never
+        been used, the client gets a fresh pair and the unused successor is retired, in one step too."""
         claims = refresh_token.claims
         if reason := refusal_reason(claims.get("email", ""), True, claims.get("hd"), self.settings):
             audit("refresh_refused", subject=refresh_token.subject, reason=reason)
@@ -2913,25 +3051,64 @@ class OAuthProvider:
         key = token_hash(refresh_token.token)
         current = await self.store.get(IssuedRefreshToken, key)
         grant = await self.store.get(Grant, refresh_token.grant_id)
-        if current is None or current.status != "active" or grant is None:
+        if current is None or grant is None:
             raise TokenError("invalid_grant", "this refresh token was already used or revoked")
-        tokens, entries = self.issue_tokens(grant, scopes)
-        rotated = dataclasses.replace(current, status="rotated", rotated_at=time.time())
-        used = dataclasses.replace(grant, last_used_at=time.time())
-        if not await self.store.swap(key, current, rotated, then=[
-                used.entry(self.settings.refresh_token_ttl_s), *entries]):
+        issued = self.issue_tokens(grant, scopes)
+        used = dataclasses.replace(grant, last_used_at=time.time()).entry(self.settings.refresh_token_ttl_s)
+        if current.status == "active":
+            rotated = dataclasses.replace(current, status="rotated", rotated_at=time.time(),
+                                          successor=issued.refresh_key)
+            won = await self.store.swap(key, current, rotated, then=[used, *issued.entries])
+        else:
+            won = await self.replace_unused_successor(key, current, issued, then=[used, *issued.entries])
+            if won:
+                audit("refresh_retried", client_id=client.client_id, subject=grant.subject, grant_id=grant.id)
+        if not won:
             raise TokenError("invalid_grant", "this refresh token was already used")
         audit("token_refreshed", client_id=client.client_id, subject=grant.subject, grant_id=grant.id)
-        return tokens
+        return issued.token
+
+    async def replace_unused_successor(self, key: str, current: IssuedRefreshToken, issued: IssuedTokens,
+                                       then: Sequence[Entry | Gone]) -> bool:
+        """Retire `current`'s unused successor and its access token, and make `issued` its successor, in one
+        step that fails if the successor is used meanwhile (one winner, on every replica). Only a retry
+        after the race window counts as one: within it, the same token twice is two racing requests."""
+        if current.successor is None or await self.standing_of(current) != "retry":
+            return False
+        successor = await self.store.get(IssuedRefreshToken, current.successor)
+        if successor is None:
+            return False
+        if time.time() - (current.rotated_at or 0) <= REFRESH_RACE_GRACE_S:
+            return False  # two requests racing with one token, not a lost answer: the first one won
+        renamed = Entry(key, dataclasses.replace(current, successor=issued.refresh_key, rotated_at=time.time()),
+                        ttl_s=max(1.0, current.expires_at - time.time()), group=current.grant_id)
+        gone = [Gone(IssuedAccessToken, successor.access)] if successor.access else []
+        retired = dataclasses.replace(successor, status="retired", rotated_at=time.time())
+        return await self.store.swap(current.successor, successor, retired, then=[renamed, *gone, *then])
 
     async def load_access_token(self, token: str) -> GrantAccessToken | None:
-        record = await self.store.get(IssuedAccessToken, token_hash(token))
+        key = token_hash(token)
+        record = await self.store.get(IssuedAccessToken, key)
         if record is None:
             return None
+        if not record.used:
+            record = await self.mark_pair_used(key, record)
         return GrantAccessToken(token=token, client_id=record.client_id, scopes=list(record.scopes),
                                 expires_at=record.expires_at, resource=record.resource,
                                 subject=record.subject, grant_id=record.grant_id,
                                 claims={**record.claims, "iss": self.settings.issuer})
+
+    async def mark_pair_used(self, key: str, record: IssuedAccessToken) -> IssuedAccessToken:
+        """Note, once, that the client has this pair: from now on the refresh token before it is stale
+        (its successor was used), however long ago the access token expires."""
+        used = dataclasses.replace(record, used=True)
+        await self.store.put(Entry(key, used, ttl_s=max(1.0, record.expires_at - time.time()), group=record.grant_id))
+        for _ in range(2):  # a concurrent rotation of the pair changes its record: read it again
+            pair = await self.store.get(IssuedRefreshToken, record.refresh) if record.refresh else None
+            if pair is None or pair.used or await self.store.swap(record.refresh or "", pair,
+                                                                  dataclasses.replace(pair, used=True)):
+                break
+        return used
 
     async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
         grant_id = getattr(token, "grant_id", None)
@@ -2990,29 +3167,39 @@ class OAuthProvider:
 # --- the provider's HTTP side: discovery documents, the OAuth endpoints, the sign-in pages
 
 
-def authorization_server_metadata(settings: Settings) -> OAuthMetadata:
+def authorization_server_metadata(issuer: str) -> OAuthMetadata:
     """RFC 8414, with what the SDK leaves out: public clients, `iss` in responses, metadata documents."""
-    metadata = build_metadata(AnyHttpUrl(settings.issuer), None, ClientRegistrationOptions(
+    metadata = build_metadata(AnyHttpUrl(issuer), None, ClientRegistrationOptions(
         enabled=True, valid_scopes=list(SCOPES)), RevocationOptions(enabled=True))
     methods = ["none", "client_secret_post", "client_secret_basic"]
     return OAuthMetadata.model_validate({  # from strings, so the issuer keeps its exact spelling (RFC 8414 §3.3)
-        **metadata.model_dump(mode="json", exclude_none=True), "issuer": settings.issuer,
+        **metadata.model_dump(mode="json", exclude_none=True), "issuer": issuer,
         "token_endpoint_auth_methods_supported": methods, "revocation_endpoint_auth_methods_supported": methods,
         "authorization_response_iss_parameter_supported": True, "client_id_metadata_document_supported": True})
 
 
-def protected_resource_metadata(settings: Settings) -> ProtectedResourceMetadata:
+def protected_resource_metadata(public_url: str) -> ProtectedResourceMetadata:
     """RFC 9728: the canonical resource (no trailing slash) and who issues tokens for it."""
     return ProtectedResourceMetadata.model_validate({
-        "resource": canonical_url(settings.mcp_url), "authorization_servers": [settings.issuer],
+        "resource": resource_of(public_url), "authorization_servers": [public_url],
         "scopes_supported": list(SCOPES), "resource_name": SERVER_NAME})
 
 
-def resource_metadata_url(settings: Settings) -> str:
+def resource_metadata_url(public_url: str) -> str:
     """Where RFC 9728 puts the metadata of PUBLIC_URL/mcp: /.well-known/oauth-protected-resource inserted
     between the origin and the path."""
-    public = urlsplit(settings.public_url)
+    public = urlsplit(public_url)
     return f"{public.scheme}://{public.netloc}/.well-known/oauth-protected-resource{public.path}{MCP_PATH}"
+
+
+def per_public_url(settings: Settings, document: Callable[[str], Any]) -> Callable[[Request], Awaitable[Response]]:
+    """A discovery document's endpoint, naming this server as the requesting client knows it."""
+    handlers = {url: MetadataHandler(document(url)) for url in settings.public_urls}
+
+    async def handle(request: Request) -> Response:
+        return await handlers[settings.public_url_for(request.headers.get("host"))].handle(request)
+
+    return handle
 
 
 def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
@@ -3028,8 +3215,8 @@ def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Rou
     app that mounts this server under PUBLIC_URL's path: both RFCs put the well-known segment before
     that path, so the documents live at the origin's root."""
     prefix = urlsplit(settings.public_url).path if at_origin else ""
-    metadata = for_clients(MetadataHandler(authorization_server_metadata(settings)).handle, "GET")
-    resource = for_clients(ProtectedResourceMetadataHandler(protected_resource_metadata(settings)).handle, "GET")
+    metadata = for_clients(per_public_url(settings, authorization_server_metadata), "GET")
+    resource = for_clients(per_public_url(settings, protected_resource_metadata), "GET")
     resource_path = "/.well-known/oauth-protected-resource"
     resource_paths = [resource_path + prefix + MCP_PATH, resource_path + prefix + MCP_PATH + "/"]
     if not prefix:
@@ -3055,7 +3242,18 @@ def from_this_site(request: Request, settings: Settings) -> bool:
     if fetch_site is not None:
         return fetch_site == "same-origin"
     origin = request.headers.get("origin")
-    return origin is None or origin == origin_of(settings.public_url)
+    return origin is None or origin == origin_of(settings.public_url_for(request.headers.get("host")))
+
+
+def basic_client_id(authorization: str | None) -> str | None:
+    """The client_id of HTTP Basic client authentication (RFC 6749 §2.3.1), or None."""
+    if not authorization or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        user = base64.b64decode(authorization[6:].strip(), validate=True).decode().split(":", 1)[0]
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return unquote(user) or None
 
 
 def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -3097,6 +3295,8 @@ class SignInRoutes:
 
     def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
         """Pages a person visits: they get the signed session cookie that remembers who signed in."""
+        from starlette.middleware.sessions import SessionMiddleware
+
         limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
         return RememberClient(SessionMiddleware(
             limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
@@ -3116,22 +3316,23 @@ class SignInRoutes:
             return self.pages.message("Unknown application", f"The application's metadata document at "
                                       f"{client_id} cannot be used: {exc}", status=400)
         if client is None:
-            return self.pages.message("Unknown application", "This application is not registered here. "
-                                      "Connect it again from the application so that it can register.", status=400)
+            logger.info("an authorization for the unknown client %r: sent to register again", client_id[:100])
+            return self.pages.unknown_client(client_id)
         redirect_uri = pick_redirect_uri([str(uri) for uri in client.redirect_uris or []],
                                          str(params["redirect_uri"]) if "redirect_uri" in params else None)
         if redirect_uri is None:
             return self.pages.message("Unexpected return address", f"{display_name(client)} asked to return to "
                                       "an address it did not register, so this sign-in stops here.", status=400)
-        checked = check_authorization_request(params, redirect_uri, self.provider.resource)
+        issuer = self.settings.public_url_for(request.headers.get("host"))
+        checked = check_authorization_request(params, redirect_uri, resource_of(issuer))
         if isinstance(checked, tuple):
             error, description = checked
             state = params.get("state")
-            return redirect_to(authorization_response(redirect_uri, issuer=self.settings.issuer, error=error,
+            return redirect_to(authorization_response(redirect_uri, issuer=issuer, error=error,
                                                       error_description=description,
                                                       state=state if isinstance(state, str) else None))
-        return redirect_to(await self.provider.start_authorization(client, checked,
-                                                                   signed_in=request.session.get("user")))
+        return redirect_to(await self.provider.start_authorization(client, checked, request.session.get("user"),
+                                                                   issuer=issuer))
 
     async def consent(self, request: Request) -> Response:
         if request.method == "POST":
@@ -3201,14 +3402,29 @@ class SignInRoutes:
         return redirect_to(f"{action}?removed={removed}", status=303)
 
     async def token(self, request: Request) -> Response:
-        """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not)."""
+        """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not) and that the
+        client is still known (the SDK's answer would not say how to recover)."""
+        if forgotten := await self.forgotten_client(request):
+            return forgotten
         resource = (await request.form()).get("resource")
-        if isinstance(resource, str) and not serves_resource(resource, self.provider.resource):
-            return oauth_error(400, "invalid_target", f"This server issues tokens only for {self.provider.resource}")
+        served = resource_of(self.settings.public_url_for(request.headers.get("host")))
+        if isinstance(resource, str) and not serves_resource(resource, served):
+            return oauth_error(400, "invalid_target", f"This server issues tokens only for {served}")
         return await self.tokens.handle(request)
+
+    async def forgotten_client(self, request: Request) -> Response | None:
+        """invalid_client, saying how to recover, for a client_id this server does not know (or no client_id)."""
+        client_id = (await request.form()).get("client_id") or basic_client_id(request.headers.get("authorization"))
+        if not isinstance(client_id, str) or not client_id:
+            return oauth_error(401, "invalid_client", "client_id is required")
+        if await self.provider.get_client(client_id) is None:
+            return oauth_error(401, "invalid_client", RECONNECT_HINT)
+        return None
 
     async def revoke(self, request: Request) -> Response:
         """RFC 7009 for every client, public ones included (the SDK's requires a client_secret field)."""
+        if forgotten := await self.forgotten_client(request):
+            return forgotten
         try:
             client = await self.authenticator.authenticate_request(request)
         except AuthenticationError as exc:
@@ -3277,6 +3493,23 @@ ACCOUNT_APP = string.Template("""<section aria-labelledby="app-$grant_id"><h2 id
 <button type="submit" name="grant" value="$grant_id" aria-label="Disconnect $name">Disconnect</button></form>
 </section>""")
 
+UNKNOWN_CLIENT_BODY = string.Template("""<p>Your application signed in here before as <strong>$client_id</strong>,
+but $server no longer knows it: the server was reset or moved, or the registration was removed. Nothing is
+wrong with your account; the application only needs to register again, which it does when it forgets
+the old registration:</p>
+<ul><li><strong>Claude and Claude Desktop</strong> (Settings, Connectors): remove this connector and add it again.</li>
+<li><strong>Claude Code</strong>: run <code>/mcp</code>, choose this server and sign in again, or <code>claude mcp
+remove</code> it and add it again.</li>
+<li><strong>mcp-remote</strong> (Claude Desktop's config file): quit Claude Desktop, delete the folder
+<code>~/.mcp-auth</code> (or the one MCP_REMOTE_CONFIG_DIR names), and start it again.</li>
+<li><strong>Cursor</strong>: in its MCP settings, remove this server and add it again.</li>
+<li><strong>VS Code</strong>: run <em>Authentication: Remove Dynamic Authentication Providers</em> from the Command
+Palette, remove this server's entry, then start the server again.</li></ul>
+<p class="note">Then connect again: you sign in once, as before.</p>""")
+RECONNECT_HINT = ("this server does not know the client_id (it was reset or moved, or the registration was removed): "
+                  "register again. mcp-remote: delete ~/.mcp-auth; VS Code: Authentication: Remove Dynamic "
+                  "Authentication Providers; Claude: remove the connector and add it again")
+
 ACCOUNT_ALL = string.Template("""<form method="post" action="$action"><input type="hidden" name="csrf_token"
 value="$csrf"><div class="actions"><button type="submit" name="grant" value="all" class="primary">Disconnect all
 $count</button></div></form>""")
@@ -3334,6 +3567,11 @@ class Pages:
         return self.render(title, MESSAGE_BODY, status=status, head_html=head_html, message=message,
                            action_html=action_html)
 
+    def unknown_client(self, client_id: str) -> HTMLResponse:
+        """For a client that kept a registration this server no longer has: what happened, how to reconnect."""
+        return self.render("Connect your application again", UNKNOWN_CLIENT_BODY, status=400,
+                           client_id=client_id[:100])
+
     def consent(self, pending: PendingAuthorization, *, google_origin: str) -> HTMLResponse:
         details = [("Vouched for by", pending.client_domain)] if pending.client_domain else []
         if pending.identity:
@@ -3341,7 +3579,7 @@ class Pages:
         next_step = ("Allowing sends you back to the application now." if pending.identity else
                      "Next you sign in with Google. Your Google password and tokens are never shown to the "
                      "application.")
-        public_url = self.settings.public_url
+        public_url = pending.issuer or self.settings.public_url
         return self.render(
             "Allow access?", CONSENT_BODY, client_name=pending.client_name, redirect_host=pending.redirect_host,
             details_html=definition_list(details),
@@ -3430,7 +3668,7 @@ def _matches(value: str, patterns: Iterable[str]) -> bool:
 class BearerPolicy:
     """What the MCP endpoint asks of a request's token when sign-in is on (RFC 6750, RFC 9728)."""
 
-    resource_metadata_url: str
+    settings: Settings
 
     def check_token(self, request: Request) -> Response | None:
         if "access_token" in request.query_params:
@@ -3439,9 +3677,9 @@ class BearerPolicy:
         user = request.scope.get("user")
         if not isinstance(user, AuthenticatedUser):
             presented = request.headers.get("authorization", "").lower().startswith("bearer ")
-            return self.unauthorized("The access token is invalid, expired or revoked" if presented else None)
+            return self.unauthorized(request, "The access token is invalid, expired or revoked" if presented else None)
         if REQUIRED_SCOPE not in user.scopes:
-            return self.insufficient(set(user.scopes), REQUIRED_SCOPE, "every request")
+            return self.insufficient(request, set(user.scopes), REQUIRED_SCOPE, "every request")
         return None
 
     def check_scopes(self, request: Request, message: Mapping[str, Any]) -> Response | None:
@@ -3450,21 +3688,44 @@ class BearerPolicy:
         tool = params.get("name") if message.get("method") == "tools/call" else None
         needed = TOOL_SCOPES.get(tool) if isinstance(tool, str) else None
         granted = set(request.scope["user"].scopes)
-        return self.insufficient(granted, needed, tool) if needed and needed not in granted else None
+        return self.insufficient(request, granted, needed, tool) if needed and needed not in granted else None
 
-    def unauthorized(self, problem: str | None) -> Response:
-        fields = [f'resource_metadata="{self.resource_metadata_url}"', f'scope="{REQUIRED_SCOPE}"']
+    def metadata_url(self, request: Request) -> str:
+        return resource_metadata_url(self.settings.public_url_for(request.headers.get("host")))
+
+    def unauthorized(self, request: Request, problem: str | None) -> Response:
+        fields = [f'resource_metadata="{self.metadata_url(request)}"', f'scope="{REQUIRED_SCOPE}"']
         if problem:  # RFC 6750 §3.1: no error code when the request carried no token at all
             fields = ['error="invalid_token"', f'error_description="{problem}"', *fields]
         return oauth_error(401, "invalid_token", problem or "This server needs a bearer token: sign in first",
                            headers={"WWW-Authenticate": "Bearer " + ", ".join(fields)})
 
-    def insufficient(self, granted: set[str], needed: str, what: str | None) -> Response:
+    def insufficient(self, request: Request, granted: set[str], needed: str, what: str | None) -> Response:
         wanted = " ".join(scope for scope in SCOPES if scope in granted | {needed})
         description = f"{what} needs the {needed} scope"
         challenge = (f'Bearer error="insufficient_scope", error_description="{description}", scope="{wanted}", '
-                     f'resource_metadata="{self.resource_metadata_url}"')
+                     f'resource_metadata="{self.metadata_url(request)}"')
         return oauth_error(403, "insufficient_scope", description, headers={"WWW-Authenticate": challenge})
+
+
+class BearerTokens(AuthenticationBackend):
+    """Who a request's bearer token stands for: a token this server issued, unexpired, for this server
+    (under any of its names). Anything else is no one, and the gate answers 401."""
+
+    def __init__(self, provider: OAuthProvider) -> None:
+        self.provider = provider
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, AuthenticatedUser] | None:
+        header = conn.headers.get("authorization", "")
+        if header[:7].lower() != "bearer ":
+            return None
+        token = await self.provider.load_access_token(header[7:].strip())
+        if token is None or (token.expires_at and token.expires_at < time.time()):
+            return None
+        if token.resource not in self.provider.resources:
+            logger.warning("refused a token issued for %s, not this server", token.resource)
+            return None
+        return AuthCredentials(token.scopes), AuthenticatedUser(token)
 
 
 class RequestGate:
@@ -3644,6 +3905,22 @@ def store_failure_handler(policy: HostPolicy, pages: Pages) -> Callable[[Request
     return answer
 
 
+class TrimmedHeaders:
+    """Header values without their optional whitespace (RFC 9110 §5.5: `Mcp-Name: echo  ` names echo).
+    h11 strips it; httptools, the faster parser the server runs on, keeps it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(value[:1] in OWS or value[-1:] in OWS for _, value in scope["headers"]):
+            scope = {**scope, "headers": [(name, value.strip(b" \t")) for name, value in scope["headers"]]}
+        await self.app(scope, receive, send)
+
+
+OWS = (b" ", b"\t")
+
+
 # The caller's address, for `audit`: a context variable, since audit lines are written deep in the provider.
 _client_address: ContextVar[str | None] = ContextVar("stream_http_client_address", default=None)
 
@@ -3681,12 +3958,10 @@ def mcp_endpoint(running: Runtime, policy: HostPolicy, session_manager: Streamab
     bearer = None
     if running.provider is not None:
         handler = AuthContextMiddleware(handler)  # makes the token reachable from tools (get_access_token)
-        bearer = BearerPolicy(resource_metadata_url(running.settings))
+        bearer = BearerPolicy(running.settings)
     gate: ASGIApp = RequestGate(handler, running=running, policy=policy, bearer=bearer)
     if running.provider is not None:
-        verifier = ProviderTokenVerifier(running.provider)
-        gate = AuthenticationMiddleware(gate, backend=BearerAuthBackend(
-            verifier, resource_server_url=AnyHttpUrl(running.provider.resource)))
+        gate = AuthenticationMiddleware(gate, backend=BearerTokens(running.provider))
     return with_cors(gate, policy, ["GET", "POST", "DELETE"])
 
 
@@ -3722,6 +3997,7 @@ def build_app(settings: Settings) -> Starlette:
         *(route for route in sdk_app.routes if getattr(route, "path", None) != MCP_PATH),
     ]
     return Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager),
+                     middleware=[Middleware(TrimmedHeaders)],
                      exception_handlers={StorageError: store_failure_handler(policy, pages)})
 
 
@@ -3873,21 +4149,25 @@ def claude_config(argv: Sequence[str]) -> int:
             print(json.dumps({"mcpServers": {args.name: entry}}, indent=2))
             print(f"\nAdd this to {args.config_file} (or run again with --write), then restart Claude Desktop.",
                   file=sys.stderr)
-            return 0
-        backup = write_claude_config(args.config_file, args.name, entry)
+        else:
+            backup = write_claude_config(args.config_file, args.name, entry)
+            kept = f"; the previous file is kept as {backup}" if backup else ""
+            print(f"added {args.name!r} ({mcp_url}) to {args.config_file}{kept}. Restart Claude Desktop to connect.")
     except (ConfigError, OSError) as exc:
         print(f"server.py claude-config: {exc}", file=sys.stderr)
         return 1
-    kept = f"; the previous file is kept as {backup}" if backup else ""
-    print(f"added {args.name!r} ({mcp_url}) to {args.config_file}{kept}. Restart Claude Desktop to connect.")
+    if urlsplit(mcp_url).scheme == "https":  # Claude's own connectors reach only public https servers
+        print(f"\nOr without mcp-remote, in Claude (claude.ai, and Claude Desktop signed in to it): Settings, "
+              f"Connectors, Add custom connector, with the URL {mcp_url}", file=sys.stderr)
     return 0
 
 
 # --- doctor: check a running deployment from outside, as its clients will meet it
 
-# The callback URLs well-known MCP clients register (as they send them in November 2026).
+# The callback URLs well-known MCP clients register (as they send them in December 2026).
 KNOWN_CALLBACKS: dict[str, tuple[str, ...]] = {
     "Claude": ("https://claude.ai/api/mcp/auth_callback",),
+    "Claude Code in Claude's desktop app": ("claude://claude.ai/mcp-auth-callback/sdk",),
     "MCP Inspector": ("http://localhost:6274/oauth/callback",),
     "mcp-remote": ("http://localhost:3334/oauth/callback",),
     "VS Code": ("http://127.0.0.1:33418/", "https://vscode.dev/redirect"),
@@ -3895,21 +4175,37 @@ KNOWN_CALLBACKS: dict[str, tuple[str, ...]] = {
 }
 DOCTOR_ORIGIN = "http://localhost:6274"  # a browser client's origin: the Inspector's
 DOCTOR_CALLBACK = "http://127.0.0.1:9/stream-http-doctor"  # never reached: the doctor stops before it
+PORTLESS_CALLBACK = "http://127.0.0.1/stream-http-doctor"  # as Claude Code's metadata document lists its own
 CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 HIDDEN_INPUT = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
 FORM_ACTION = re.compile(r'<form method="post" action="([^"]+)">')
+INTERNAL_SUFFIXES = (".local", ".internal", ".lan", ".localdomain", ".home.arpa", ".localhost", ".svc", ".cluster")
+CheckStatus = Literal["ok", "warn", "fail"]
+CHECK_MARKS: dict[CheckStatus, str] = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 
 
 @dataclass
 class Check:
-    """One line of the doctor's report: what was checked, and what was found or how to fix it."""
+    """One line of the doctor's report: what was checked, and what was found or how to fix it. A failure
+    breaks a client; a warning is something a person may want to change."""
 
     name: str
-    passed: bool
+    status: CheckStatus
     detail: str
 
     def line(self) -> str:
-        return f"{'ok  ' if self.passed else 'FAIL'}  {self.name}: {self.detail}"
+        return f"{CHECK_MARKS[self.status]}  {self.name}: {self.detail}"
+
+
+def is_internal_url(url: str) -> bool:
+    """Whether clients elsewhere on the internet could not reach `url`: a loopback, private or link-local
+    address, localhost, a single-label name or a name kept for internal networks."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost" or "." not in host or host.endswith(INTERNAL_SUFFIXES)
+    return address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
 
 
 class Doctor:
@@ -3920,12 +4216,16 @@ class Doctor:
         self.url = mcp_url.rstrip("/")
         parts = urlsplit(self.url)
         self.origin, self.path = f"{parts.scheme}://{parts.netloc}", parts.path
+        self.public = not is_internal_url(self.url)
         self.http = http
         self.checks: list[Check] = []
 
-    def check(self, name: str, passed: bool, detail: str) -> bool:
-        self.checks.append(Check(name, passed, detail))
+    def check(self, name: str, passed: bool, detail: str, *, otherwise: CheckStatus = "fail") -> bool:
+        self.checks.append(Check(name, "ok" if passed else otherwise, detail))
         return passed
+
+    def warn(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, "warn", detail))
 
     async def run(self) -> list[Check]:
         try:
@@ -3944,22 +4244,30 @@ class Doctor:
                           f"answered {first.status_code} ({first.text[:80]!r}): set PUBLIC_URL={self.origin}"
                           f"{self.path.removesuffix('/mcp')} (the URL clients use) or add the host to ALLOWED_HOSTS"):
             return
+        await self.check_eras(first)
         await self.check_cors()
         if first.status_code != 401:
-            self.check("sign-in", is_loopback_host(urlsplit(self.url).hostname or ""),
+            self.check("sign-in", not self.public and is_loopback_host(urlsplit(self.url).hostname or ""),
                        f"off (answered {first.status_code} without a token): the sign-in checks are skipped; "
                        "set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET for anything but this machine")
             return
-        await self.check_challenge(first)
+        await self.check_sign_in(first)
+
+    async def check_sign_in(self, first: httpx2.Response) -> None:
+        challenge = await self.check_challenge(first)
+        advertised = [challenge.get("resource_metadata", "")]
         resource = await self.check_resource_metadata()
-        if resource is None:
-            return
-        metadata = await self.check_authorization_server(resource["authorization_servers"][0])
+        metadata = await self.check_authorization_server(resource["authorization_servers"][0]) if resource else None
+        advertised += [*self.urls_in(resource or {}), *self.urls_in(metadata or {})]
+        self.check_public_urls(advertised)
         if metadata is None:
             return
         client_id = await self.check_known_clients(metadata["registration_endpoint"])
+        await self.check_loopback_ports(metadata)
         if client_id is not None:
             await self.check_google(metadata["authorization_endpoint"], client_id)
+        self.warn("Google publishing status", "if the app is in Testing at Google (OAuth consent screen), Google's "
+                  "refresh tokens expire after 7 days and people must sign in again: publish it (In production)")
 
     async def post_initialize(self, url: str, **headers: str) -> httpx2.Response:
         return await self.http.post(url, json={
@@ -3968,7 +4276,24 @@ class Doctor:
                        "clientInfo": {"name": "stream-http doctor", "version": VERSION}}},
             headers={"accept": "application/json, text/event-stream", **headers})
 
-    async def check_challenge(self, response: httpx2.Response) -> None:
+    async def check_eras(self, first: httpx2.Response) -> None:
+        """Clients of both protocol eras must be answered: a server that refuses one loses those clients."""
+        legacy = first.status_code == 401 or (first.status_code == 200 and "protocolVersion" in first.text)
+        self.check("2025-11-25 handshake", legacy, "initialize is answered" if legacy else
+                   f"initialize answered {first.status_code} ({first.text[:80]!r}): 2025-era clients (Claude, "
+                   "mcp-remote, most of today's clients) cannot connect")
+        modern = await self.http.post(self.url, json={
+            "jsonrpc": "2.0", "id": 2, "method": "server/discover", "params": {"_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}}}},
+            headers={"accept": "application/json, text/event-stream", "mcp-protocol-version": "2026-07-28",
+                     "mcp-method": "server/discover"})
+        answered = modern.status_code == 401 or (modern.status_code == 200 and "2026-07-28" in modern.text)
+        self.check("2026-07-28 discover", answered, "server/discover is answered without a session" if answered
+                   else f"server/discover answered {modern.status_code} ({modern.text[:80]!r}): 2026-07-28 clients "
+                   "cannot connect; a proxy may be dropping the MCP-Protocol-Version or Mcp-Method header")
+
+    async def check_challenge(self, response: httpx2.Response) -> dict[str, str]:
         challenge = response.headers.get("www-authenticate", "")
         params = dict(CHALLENGE_PARAM.findall(challenge))
         metadata_url = params.get("resource_metadata")
@@ -3978,16 +4303,18 @@ class Doctor:
                    f"WWW-Authenticate is {challenge or 'missing'!r}: it needs resource_metadata= and scope= so "
                    "clients find the sign-in and ask for the right scope (a proxy may be stripping it)")
         if metadata_url:
-            self.check("public URL", metadata_url.startswith(self.origin + "/"),
-                       f"the server names itself {self.origin}" if metadata_url.startswith(self.origin + "/") else
-                       f"the server advertises {metadata_url}, not {self.origin}: set PUBLIC_URL to the URL clients "
-                       "use, and have the proxy send X-Forwarded-Proto from an address in TRUSTED_PROXIES")
+            named = metadata_url.startswith(self.origin + "/")
+            self.check("public URL", named, f"the server names itself {self.origin}" if named else
+                       f"the server advertises {metadata_url}, not {self.origin}: behind a proxy, set PUBLIC_URL to "
+                       "the URL clients use (scheme, host and port as they reach the proxy)")
         slash = await self.post_initialize(self.url + "/")
         self.check("trailing slash", slash.status_code == 401,
                    f"{self.url}/ is the same endpoint" if slash.status_code == 401 else
                    f"{self.url}/ answered {slash.status_code}: clients that add the slash would loop")
+        return params
 
     async def check_resource_metadata(self) -> dict[str, Any] | None:
+        """The protected resource's metadata (RFC 9728): the good document, or None."""
         found: dict[str, Any] | None = None
         for where, url in (("path-aware", f"{self.origin}/.well-known/oauth-protected-resource{self.path}"),
                            ("root", f"{self.origin}/.well-known/oauth-protected-resource")):
@@ -3998,7 +4325,8 @@ class Doctor:
             self.check(f"resource metadata ({where})", good,
                        f"{url} names resource {resource}" if good else
                        f"{url} answered {response.status_code} with resource {resource!r}; it must be {self.url} "
-                       "exactly (no trailing slash), with authorization_servers; route /.well-known/ to the server")
+                       "exactly (no trailing slash, not the bare origin), with authorization_servers; route "
+                       "/.well-known/ to the server")
             found = found or (document if good else None)
         return found
 
@@ -4015,11 +4343,27 @@ class Doctor:
         methods = metadata.get("code_challenge_methods_supported") or []
         self.check("PKCE", methods == ["S256"], f"code_challenge_methods_supported is {methods}" +
                    ("" if methods == ["S256"] else ": it must be exactly [\"S256\"]"))
-        self.check("iss in responses", metadata.get("authorization_response_iss_parameter_supported") is True,
-                   "authorization_response_iss_parameter_supported" +
-                   (" is true" if metadata.get("authorization_response_iss_parameter_supported") else
-                    " is not true: clients cannot tell a mix-up attack"))
+        iss = metadata.get("authorization_response_iss_parameter_supported") is True
+        self.check("iss in responses", iss, "authorization_response_iss_parameter_supported" +
+                   (" is true" if iss else " is not true: clients cannot tell a mix-up attack"), otherwise="warn")
         return metadata
+
+    @staticmethod
+    def urls_in(document: Mapping[str, Any]) -> list[str]:
+        values = [value for value in document.values() if isinstance(value, str)]
+        values += [item for value in document.values() if isinstance(value, list) for item in value
+                   if isinstance(item, str)]
+        return [value for value in values if value.startswith(("http://", "https://"))]
+
+    def check_public_urls(self, urls: Sequence[str]) -> None:
+        """Behind a public name, every URL a client is sent to must be public too (clients on the internet,
+        claude.ai among them, go silent on an internal address)."""
+        if not self.public:
+            return
+        internal = sorted({url for url in urls if url and is_internal_url(url)})
+        self.check("metadata URLs", not internal, "every URL in the challenge and the metadata is public" if not
+                   internal else f"{', '.join(internal[:3])} {'is' if len(internal) == 1 else 'are'} internal, so "
+                   "clients on the internet cannot reach them: set PUBLIC_URL to the public URL")
 
     async def check_cors(self) -> None:
         preflight = await self.http.options(self.url, headers={
@@ -4039,15 +4383,19 @@ class Doctor:
                    if not missing else f"{', '.join(missing)} not in Access-Control-Expose-Headers: a browser client "
                    "cannot see the sign-in challenge or its session (a proxy may be replacing the CORS headers)")
 
+    async def register(self, endpoint: str, redirect_uris: Sequence[str]) -> httpx2.Response:
+        return await self.http.post(endpoint, json={
+            "client_name": "stream-http doctor (self-check)", "redirect_uris": list(redirect_uris),
+            "token_endpoint_auth_method": "none", "grant_types": ["authorization_code"]})
+
     async def check_known_clients(self, registration_endpoint: str) -> str | None:
         """Register one client with every known callback (and the doctor's own), dropping each one the
-        policy refuses; a refused callback is a client that cannot sign in. Leaves one registered client."""
+        policy refuses; a refused callback is a client that cannot sign in, which REDIRECT_URI_PATTERNS
+        may mean on purpose (a warning). Leaves one registered client."""
         wanted = [DOCTOR_CALLBACK, *(uri for uris in KNOWN_CALLBACKS.values() for uri in uris)]
         refused: dict[str, str] = {}
         for _ in range(len(wanted)):
-            response = await self.http.post(registration_endpoint, json={
-                "client_name": "stream-http doctor (self-check)", "redirect_uris": wanted,
-                "token_endpoint_auth_method": "none", "grant_types": ["authorization_code"]})
+            response = await self.register(registration_endpoint, wanted)
             if response.status_code == 201:
                 break
             reason = response.json().get("error_description", "") if response.status_code == 400 else ""
@@ -4061,8 +4409,27 @@ class Doctor:
         for client, uris in KNOWN_CALLBACKS.items():
             bad = [uri for uri in uris if uri in refused]
             self.check(f"callback for {client}", not bad, f"{', '.join(uris)} allowed" if not bad else
-                       f"{refused[bad[0]]}; to let {client} sign in, add {bad[0]} to REDIRECT_URI_PATTERNS")
+                       f"{client} cannot sign in ({refused[bad[0]]}); if it should, add {bad[0]} to "
+                       "REDIRECT_URI_PATTERNS", otherwise="warn")
         return response.json()["client_id"] if response.status_code == 201 else None
+
+    async def check_loopback_ports(self, metadata: Mapping[str, Any]) -> None:
+        """A native client listens on whatever port is free: a loopback redirect URI registered without a
+        port (Claude Code's metadata document lists them so) must be accepted on any (RFC 8252 §7.3)."""
+        registered = await self.register(metadata["registration_endpoint"], [PORTLESS_CALLBACK])
+        if registered.status_code != 201:
+            self.check("loopback redirect on any port", False, f"registering {PORTLESS_CALLBACK} answered "
+                       f"{registered.status_code}: {registered.text[:120]}")
+            return
+        on_a_port = PORTLESS_CALLBACK.replace("127.0.0.1", "127.0.0.1:8080")
+        answer = await self.http.get(metadata["authorization_endpoint"], params={
+            "response_type": "code", "client_id": registered.json()["client_id"], "redirect_uri": on_a_port,
+            "scope": "mcp", "state": "doctor", "code_challenge": "A" * 43, "code_challenge_method": "S256",
+            "resource": self.url})
+        accepted = answer.is_redirect and "error=" not in answer.headers.get("location", "")
+        self.check("loopback redirect on any port", accepted, f"{PORTLESS_CALLBACK} is honoured on port 8080" if
+                   accepted else f"registered {PORTLESS_CALLBACK}, then {on_a_port} answered {answer.status_code}: "
+                   "native clients that pick a free port (Claude Code, VS Code) cannot sign in")
 
     async def check_google(self, authorization_endpoint: str, client_id: str) -> None:
         """Start a sign-in up to Google's door (never through it): the consent page, then the redirect to
@@ -4110,28 +4477,62 @@ class Doctor:
                    f"GOOGLE_CLIENT_ID and add {expected_callback} to its authorized redirect URIs")
 
 
+def resolving(overrides: Sequence[str]) -> Callable[[httpx2.Request], Awaitable[None]]:
+    """A request hook that sends HOST:PORT to ADDRESS, as curl's --resolve does, keeping the Host header and
+    the TLS server name: to check a deployment before its DNS name points at it."""
+    table: dict[tuple[str, int], str] = {}
+    for override in overrides:
+        host, port, address = override.rsplit(":", 2) if override.count(":") >= 2 else (override, "0", "")
+        if not address or not port.isdigit():
+            raise ConfigError(f"--resolve {override!r} must be HOST:PORT:ADDRESS")
+        table[(host.lower(), int(port))] = address.strip("[]")
+
+    async def hook(request: httpx2.Request) -> None:
+        address = table.get(((request.url.host or "").lower(), request.url.port or
+                             (443 if request.url.scheme == "https" else 80)))
+        if address is not None:
+            request.extensions["sni_hostname"] = request.url.host
+            request.url = request.url.copy_with(host=address)
+
+    return hook
+
+
 def doctor(argv: Sequence[str]) -> int:
     """`server.py doctor [URL]`: check a running deployment; exit 1 when any check fails."""
     parser = argparse.ArgumentParser(prog="server.py doctor", description=Doctor.__doc__)
     parser.add_argument("url", nargs="?", help="the MCP endpoint (default PUBLIC_URL/mcp from the settings)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object, for machines")
+    parser.add_argument("--resolve", action="append", default=[], metavar="HOST:PORT:ADDRESS",
+                        help="connect to ADDRESS for HOST:PORT, as curl does (before DNS points at the server)")
+    parser.add_argument("--cacert", type=Path, help="trust this CA certificate file too (a private CA's server)")
     args = parser.parse_args(argv)
+    logging.getLogger().setLevel(logging.WARNING)  # the report is the doctor's lines only, not the HTTP client's
     try:
         url = args.url or load_settings().mcp_url
+        hook = resolving(args.resolve)
     except ConfigError as exc:
         print(f"server.py doctor: configuration error: {exc}", file=sys.stderr)
         return 2
+    verify: ssl.SSLContext = tls_context()
+    if args.cacert:
+        verify = ssl.create_default_context(cafile=str(args.cacert))
 
     async def examine() -> list[Check]:
-        async with httpx2.AsyncClient(timeout=GOOGLE_TIMEOUT_S) as http:
+        async with httpx2.AsyncClient(timeout=GOOGLE_TIMEOUT_S, verify=verify,
+                                      event_hooks={"request": [hook]}) as http:
             return await Doctor(url, http).run()
 
-    print(f"checking {url}")
     checks = asyncio.run(examine())
-    for check in checks:
-        print(check.line())
-    failed = sum(not check.passed for check in checks)
-    print(f"{len(checks) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    counts = {status: sum(check.status == status for check in checks) for status in ("ok", "warn", "fail")}
+    if args.json:
+        print(json.dumps({"url": url, "checks": [dataclasses.asdict(check) for check in checks],
+                          "passed": counts["ok"], "warnings": counts["warn"], "failed": counts["fail"]}, indent=2))
+    else:
+        print(f"checking {url}")
+        for check in checks:
+            print(check.line())
+        print(f"{counts['ok']} passed, {counts['warn']} warnings, {counts['fail']} failed")
+    return 1 if counts["fail"] else 0
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"claude-config": claude_config, "doctor": doctor}

@@ -40,7 +40,7 @@ class Nginx:
     process: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, workdir: Path, config: str) -> Nginx:
+    def start(cls, workdir: Path, config: str, *, tls: bool = False) -> Nginx:
         executable = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(executable).exists():
             pytest.fail("nginx is needed for these tests: apt-get install nginx")
@@ -58,7 +58,7 @@ http {{
     log_format upstreams '$status $upstream_addr $upstream_status';
     access_log {workdir}/access.log upstreams;
 {temp}
-{config.replace(LISTEN, f"listen 127.0.0.1:{port};")}
+{config.replace(LISTEN, f"listen 127.0.0.1:{port}{' ssl' if tls else ''};")}
 }}
 """)
         log = (workdir / "nginx.out").open("wb")

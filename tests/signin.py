@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import anyio
 import httpx2
-from mcp import Client
+from mcp import Client, StdioServerParameters
 from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
@@ -254,6 +254,16 @@ def browser_program(workdir: Path, decision: str = "approve") -> tuple[str, Path
                       f'exec "{sys.executable}" "{REPO / "tests" / "headless_browser.py"}" "$@"\n')
     script.chmod(0o755)
     return str(script), log
+
+
+def mcp_remote(peers: Peers, url: str, workdir: Path) -> tuple[StdioServerParameters, Path]:
+    """mcp-remote for `url` as Claude Desktop starts it, signing in through the headless browser; and the
+    log of the pages that browser visited."""
+    browser, visits = browser_program(workdir)
+    params = StdioServerParameters(command=peers.node22, args=[peers.bin("mcp-remote/dist/proxy.js"), url],
+                                   env=peers.node_env(BROWSER=browser, MCP_REMOTE_CONFIG_DIR=str(workdir / "auth"),
+                                                      HOME=str(workdir)))
+    return params, visits
 
 
 def env_without_settings() -> dict[str, str]:

@@ -139,10 +139,11 @@ def test_a_loopback_redirect_may_change_only_its_port(signin_server: ServerProce
 
 
 @pytest.mark.parametrize(("redirect_uri", "problem"), [
-    ("http://mcp.example.com/cb", "must be https:// or a loopback http:// URI"),
+    ("http://mcp.example.com/cb", "must be https://, a loopback http:// URI or a known MCP client's app callback"),
     ("https://app.example.com/cb#frag", "must not contain a fragment"),
-    ("javascript:alert(1)", "must be https:// or a loopback http:// URI"),
-    ("cursor://anysphere.cursor-mcp/oauth/callback", "must be https:// or a loopback http:// URI"),
+    ("javascript:alert(1)", "must be https://, a loopback http:// URI or a known MCP client's app callback"),
+    ("myapp://oauth/callback", "to allow it, add it to REDIRECT_URI_PATTERNS"),
+    ("cursor://anysphere.cursor-mcp/other", "to allow it, add it to REDIRECT_URI_PATTERNS"),
 ])
 def test_registration_refuses_unsafe_redirect_uris(signin_server: ServerProcess, redirect_uri: str,
                                                    problem: str) -> None:

@@ -88,3 +88,19 @@ def test_a_single_allowed_domain_is_hinted_to_google(google: GoogleStandIn, tmp_
     with auth_server(google, tmp_path, env={"ALLOWED_DOMAINS": "corp.example"}) as server:
         RawClient.register(server).sign_in()
     assert google.authorization_requests()[-1]["hd"] == "corp.example"
+
+
+def test_a_google_refresh_without_a_new_refresh_token_keeps_the_old_one(short_lived_google: GoogleStandIn,
+                                                                       tmp_path: Path) -> None:
+    """Google usually answers a refresh with an access token only: the refresh token held stays in use."""
+    google = short_lived_google
+    google.next_login(ALICE)
+    with auth_server(google, tmp_path) as server:
+        tokens = sign_in_with_scope(RawClient.register(server), "mcp google")
+        google.misbehave("no_refresh_token")
+        time.sleep(3)
+        first = profile(server, tokens["access_token"])  # refreshed; Google sent no refresh token back
+        time.sleep(3)
+        second = profile(server, tokens["access_token"])  # refreshed again, with the one kept
+    assert first["isError"] is False and second["isError"] is False, (first, second)
+    assert [refresh["outcome"] for refresh in google.refreshes()][-2:] == ["success", "success"]

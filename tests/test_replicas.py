@@ -339,3 +339,17 @@ def test_redis_going_away_gets_503s_then_everything_back(cluster: Cluster) -> No
         assert log.count("store unavailable:") == 1, "the outage is logged once, not per request"
         assert log.count("store available again") == 1
         assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_retry_after_a_lost_refresh_answer_has_one_winner_across_replicas(cluster: Cluster, attempt: int) -> None:
+    """The answer to a refresh was lost; the client retries with the previous token, twice at once, through
+    different replicas: one gets a fresh pair, the other invalid_grant, and the person stays signed in."""
+    client, tokens = cluster.sign_in()
+    client.refresh(tokens["refresh_token"])  # answered, but the answer never reached the client
+    time.sleep(2.5)
+    on = [RawClient(cluster.replica(n), client.client_id, client.redirect_uri) for n in (2, 3)]
+    results = at_once(*(lambda c=c: c.refresh(tokens["refresh_token"]) for c in on))
+    assert sorted(r.status_code for r in results) == [200, 400], [r.text for r in results]
+    fresh = next(r for r in results if r.status_code == 200).json()
+    assert [whoami(cluster.replica(n), fresh["access_token"]).status_code for n in (1, 2, 3)] == [200, 200, 200]

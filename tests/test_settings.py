@@ -15,7 +15,7 @@ def test_zero_configuration_defaults_are_safe() -> None:
     settings = server.load_settings({})
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.mcp_url == "http://127.0.0.1:8000/mcp"
-    assert settings.store_url == "sqlite:///data/stream-http.db"
+    assert settings.store_url == f"sqlite:///{REPO / 'data' / 'stream-http.db'}", "beside server.py, from any directory"
     assert settings.binds_loopback and not settings.allow_unauthenticated
     assert settings.mode == "stateful"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 
 from tests.conftest import Peers, ServerProcess, free_port
 from tests.headless_browser import Browser
-from tests.signin import ALICE, GoogleStandIn, SdkSignIn, auth_server, browser_program
+from tests.signin import ALICE, GoogleStandIn, SdkSignIn, auth_server, browser_program, mcp_remote
 
 
 def test_the_typescript_sdk_client_signs_in(peers: Peers, signin_server: ServerProcess,
@@ -44,11 +44,7 @@ def test_the_typescript_sdk_client_signs_in(peers: Peers, signin_server: ServerP
 async def test_mcp_remote_signs_in_and_carries_a_stdio_session(peers: Peers, signin_server: ServerProcess,
                                                                google: GoogleStandIn, tmp_path: Path) -> None:
     google.next_login(ALICE)
-    browser, visits = browser_program(tmp_path)
-    claude = StdioServerParameters(command=peers.node22, args=[peers.bin("mcp-remote/dist/proxy.js"),
-                                                               signin_server.mcp_url],
-                                   env=peers.node_env(BROWSER=browser, MCP_REMOTE_CONFIG_DIR=str(tmp_path / "auth"),
-                                                      HOME=str(tmp_path)))
+    claude, visits = mcp_remote(peers, signin_server.mcp_url, tmp_path)
     with anyio.fail_after(90):
         async with Client(claude, mode="legacy") as remote:
             me = (await remote.call_tool("whoami", {})).structured_content

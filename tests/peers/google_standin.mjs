@@ -33,7 +33,7 @@ const refreshes = []; // every refresh_token grant: which grant, and whether it 
 const clientRedirects = new Map(); // client_id -> redirect URIs registered so far
 let nextLogin = { sub: "100000000000000000001", email: "alice@example.com", email_verified: true,
                   name: "Alice Example", picture: "https://example.com/alice.png" };
-let misbehaviour = null; // one-shot: wrong_aud | wrong_iss | wrong_nonce | token_error
+let misbehaviour = null; // one-shot: wrong_aud | wrong_iss | wrong_nonce | token_error | no_refresh_token
 
 const { privateKey } = await jose.generateKeyPair("RS256", { extractable: true });
 const signingKey = { ...(await jose.exportJWK(privateKey)), kid: "standin-rs256", alg: "RS256", use: "sig" };
@@ -98,6 +98,11 @@ provider.use(async (ctx, next) => {
   if (mode === "token_error") {
     ctx.status = 400;
     ctx.body = { error: "invalid_grant", error_description: "Bad Request" };
+    return;
+  }
+  if (mode === "no_refresh_token") {  // as Google answers most refreshes: no new refresh token
+    const { refresh_token: _, ...rest } = ctx.body;
+    ctx.body = rest;
     return;
   }
   if (!ctx.body?.id_token) return;
