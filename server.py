@@ -594,6 +594,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("MAX_SESSIONS", "10000", "Most stateful sessions open at once."),
     Option("EVENT_STORE_MAX_EVENTS", "10000", "Most stream events kept for clients that "
            "reconnect with Last-Event-ID."),
+    Option("SHUTDOWN_GRACE", "5", "Seconds a call in flight gets to finish when the server is asked to stop; "
+           "after that it is answered with an error. Open streams end at once."),
     Option("GOOGLE_CLIENT_ID", "", "OAuth client id of your Google Cloud web application. With "
            "GOOGLE_CLIENT_SECRET it turns on sign-in: every MCP request then needs a token from this server."),
     Option("GOOGLE_CLIENT_SECRET", "", "Its client secret."),
@@ -615,6 +617,11 @@ OPTIONS: tuple[Option, ...] = (
            "addresses, over http too. For developing a client only."),
     Option("SERVER_ICON", "", "A small image file (PNG, SVG, ICO, JPEG or WebP, up to 32 KB) shown beside "
            "the server's name on every page; embedded in the page, never fetched."),
+    Option("RATE_LIMIT_MCP", "1200", "MCP requests per minute per signed-in grant (token); 0: no limit."),
+    Option("RATE_LIMIT_CLIENT", "600", "Requests per minute per client at /authorize, /token and /revoke "
+           "(hosted clients share one client_id among their users); 0: no limit."),
+    Option("RATE_LIMIT_PERSON", "120", "Sign-ins and token refreshes per hour per person; 0: no limit."),
+    Option("RATE_LIMIT_REGISTER", "120", "Client registrations per minute, all clients together; 0: no limit."),
 )
 ICON_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".ico": "image/x-icon", ".jpg": "image/jpeg",
               ".jpeg": "image/jpeg", ".webp": "image/webp"}
@@ -651,6 +658,7 @@ class Settings:
     session_idle_timeout_s: int
     max_sessions: int
     event_store_max_events: int
+    shutdown_grace_s: int
     google_client_id: str
     google_client_secret: Secret | None
     google_discovery_url: str
@@ -661,6 +669,10 @@ class Settings:
     refresh_token_ttl_s: int
     redirect_uri_patterns: tuple[str, ...]
     cimd_allow_local: bool
+    rate_limit_mcp: int
+    rate_limit_client: int
+    rate_limit_person: int
+    rate_limit_register: int
     server_icon: str = ""  # a data: URI
     data_dir_is_default: bool = False  # DATA_DIR was not set
     public_url_is_default: bool = True  # PUBLIC_URL was not set
@@ -819,6 +831,7 @@ def load_settings(
         session_idle_timeout_s=read.integer("SESSION_IDLE_TIMEOUT", minimum=1),
         max_sessions=read.integer("MAX_SESSIONS", minimum=1),
         event_store_max_events=read.integer("EVENT_STORE_MAX_EVENTS", minimum=10),
+        shutdown_grace_s=read.integer("SHUTDOWN_GRACE", minimum=1, maximum=3600),
         google_client_id=read.text("GOOGLE_CLIENT_ID"),
         google_client_secret=read.secret("GOOGLE_CLIENT_SECRET"),
         google_discovery_url=read.url("GOOGLE_DISCOVERY_URL", read.text("GOOGLE_DISCOVERY_URL")),
@@ -829,6 +842,10 @@ def load_settings(
         refresh_token_ttl_s=read.integer("REFRESH_TOKEN_TTL", minimum=60),
         redirect_uri_patterns=read.items("REDIRECT_URI_PATTERNS"),
         cimd_allow_local=read.boolean("CIMD_ALLOW_LOCAL"),
+        rate_limit_mcp=read.integer("RATE_LIMIT_MCP"),
+        rate_limit_client=read.integer("RATE_LIMIT_CLIENT"),
+        rate_limit_person=read.integer("RATE_LIMIT_PERSON"),
+        rate_limit_register=read.integer("RATE_LIMIT_REGISTER"),
         server_icon=read.image("SERVER_ICON"),
         data_dir_is_default=not read.text("DATA_DIR"),
         public_url_is_default=not read.text("PUBLIC_URL"),
@@ -871,7 +888,7 @@ def with_secret_key(settings: Settings) -> Settings:
     path = settings.data_dir / SECRET_KEY_FILE
     try:
         if not path.exists():
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            make_private(settings.data_dir)
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w") as file:
                 file.write(secrets.token_urlsafe(48))
@@ -880,6 +897,19 @@ def with_secret_key(settings: Settings) -> Settings:
     except OSError as exc:
         raise ConfigError(f"cannot read or create {path} for SECRET_KEY: {exc}") from exc
     return dataclasses.replace(settings, secret_key=Secret(key))
+
+
+def make_private(folder: Path, *files: Path) -> None:
+    """The data folder 0700 and the server's files in it 0600, whatever the umask: other local users must
+    read no note, token or client record. A folder or file left readable by an earlier version is
+    tightened, and the log says so once."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    loose = [path for path in (folder, *files) if path.exists() and path.stat().st_mode & 0o077]
+    for path in loose:
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    if loose:
+        logger.warning("made %s readable by their owner only (they were readable by others)",
+                       ", ".join(str(path) for path in loose))
 
 
 def default_data_dir(here: Path = HERE,
@@ -1038,6 +1068,8 @@ class Store(Protocol):
 
     @property
     def available(self) -> bool: ...
+    @property
+    def shared(self) -> bool: ...  # by several processes: rate counters, locks and announcements reach them all
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
@@ -1049,7 +1081,7 @@ class Store(Protocol):
     async def find(self, record_type: type[R], owner: str) -> list[R]: ...
     async def delete_group(self, group: str) -> int: ...
     async def purge_expired(self) -> int: ...
-    async def hit(self, bucket: str, window_s: float) -> tuple[int, float]: ...
+    async def hit(self, bucket: str, window_s: float, count: int = 1) -> tuple[int, float]: ...
     def lock(self, name: str, ttl_s: float) -> AbstractAsyncContextManager[None]: ...
     async def publish(self, message: dict[str, Any]) -> None: ...
     def messages(self) -> AsyncIterator[dict[str, Any]]: ...
@@ -1096,6 +1128,7 @@ class SQLiteStore:
     the worker thread would cost more than the whole lookup on every authenticated request)."""
 
     available = True  # a local file: when it fails, each request says why
+    shared = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -1120,7 +1153,10 @@ class SQLiteStore:
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(self.path.parent, self.path, *(self.path.with_name(self.path.name + end)
+                                                         for end in ("-wal", "-shm")))
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite gives -wal and -shm its mode
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=5000")
@@ -1174,12 +1210,15 @@ class SQLiteStore:
         return decode_record(record_type, value) if value is not None else None
 
     async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool:
-        def swap(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                f"UPDATE records SET value = ? WHERE kind = ? AND key = ? AND value = ? AND {LIVE}",  # noqa: S608
-                (encode_record(replacement), type(expected).kind, key, encode_record(expected), time.time()))
-            if cursor.rowcount != 1:
+        kind = type(expected).kind
+
+        def swap(db: sqlite3.Connection) -> bool:  # in the one writer's transaction: nothing changes in between
+            row = db.execute(f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608
+                             (kind, key, time.time())).fetchone()
+            if row is None or decode_record(type(expected), row[0]) != expected:
                 return False
+            db.execute("UPDATE records SET value = ? WHERE kind = ? AND key = ?",
+                       (encode_record(replacement), kind, key))
             _write(db, then)
             return True
 
@@ -1208,14 +1247,14 @@ class SQLiteStore:
         self._hits = {bucket: hit for bucket, hit in self._hits.items() if hit[0] > time.monotonic()}
         return cursor.rowcount
 
-    async def hit(self, bucket: str, window_s: float) -> tuple[int, float]:
-        """Count one more hit on `bucket` in its current window: the count, and seconds to the window's end."""
+    async def hit(self, bucket: str, window_s: float, count: int = 1) -> tuple[int, float]:
+        """Count `count` more hits on `bucket` in its current window: the total, and seconds to the window's end."""
         now = time.monotonic()
         ends, hits = self._hits.get(bucket, (0.0, 0))
         if ends <= now:
             ends, hits = now + window_s, 0
-        self._hits[bucket] = (ends, hits + 1)
-        return hits + 1, ends - now
+        self._hits[bucket] = (ends, hits + count)
+        return hits + count, ends - now
 
     @asynccontextmanager
     async def lock(self, name: str, ttl_s: float) -> AsyncIterator[None]:
@@ -1296,8 +1335,8 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do removed = removed + red
 redis.call('DEL', KEYS[1])
 return removed""",
     "hit": """
-local hits = redis.call('INCR', KEYS[1])
-if hits == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local hits = redis.call('INCRBY', KEYS[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return {hits, redis.call('PTTL', KEYS[1])}""",
 }
 REDIS_TIMEOUT_S = 2
@@ -1332,6 +1371,8 @@ class RedisStore:
         self.channel = f"{self.prefix}:changes"
         self._scripts = {name: self.client.register_script(text) for name, text in REDIS_SCRIPTS.items()}
         self._down: str | None = None
+
+    shared = True
 
     @property
     def available(self) -> bool:
@@ -1407,8 +1448,13 @@ class RedisStore:
 
     async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool:
         kind = type(expected).kind
+        # Compared as values, not as text: a record an earlier version wrote spells the same value otherwise.
+        # The script then swaps only if the text is still the one read, so the swap stays atomic.
+        stored = await self.call(f"reading {kind}", lambda: self.client.get(self._key(kind, key)))
+        if stored is None or decode_record(type(expected), stored) != expected:
+            return False
         swapped = await self.call(f"updating {kind}", lambda: self._scripts["swap"](
-            keys=[self._key(kind, key)], args=[encode_record(expected), encode_record(replacement),
+            keys=[self._key(kind, key)], args=[stored, encode_record(replacement),
                                                self._encode(then)]))
         return swapped == 1
 
@@ -1437,11 +1483,11 @@ class RedisStore:
         """Nothing to do: Redis expires records by itself."""
         return 0
 
-    async def hit(self, bucket: str, window_s: float) -> tuple[int, float]:
-        """Count one more hit on `bucket` in its current window, across every replica: the count, and
+    async def hit(self, bucket: str, window_s: float, count: int = 1) -> tuple[int, float]:
+        """Count `count` more hits on `bucket` in its current window, across every replica: the total, and
         seconds to the window's end."""
-        hits, left_ms = await self.call("counting a request", lambda: self._scripts["hit"](
-            keys=[f"{self.prefix}:c:{bucket}"], args=[max(1, int(window_s * 1000))]))
+        hits, left_ms = await self.call("counting requests", lambda: self._scripts["hit"](
+            keys=[f"{self.prefix}:c:{bucket}"], args=[max(1, int(window_s * 1000)), count]))
         return int(hits), max(0, int(left_ms)) / 1000
 
     @asynccontextmanager
@@ -1551,19 +1597,20 @@ _stream_scope: ContextVar[StreamScope | None] = ContextVar("stream_http_stream_s
 @dataclass(eq=False)
 class _StoredEvent:
     event_id: str
-    scope: StreamScope
-    stream_id: str
+    stream: tuple[str | None, str]  # (session, stream) as it was when the event was stored
     message: JSONRPCMessage | None
 
 
 class MemoryEventStore(EventStore):
-    """Keeps the latest `max_events` events in memory, each replayable only by its own session."""
+    """Keeps the latest `max_events` events in memory, each replayable only by its own session. A
+    stream's events are filed under the session and the stream, not the request that wrote them: the
+    first (priming) event of a POST stream is written by that request, the rest by the session's own task."""
 
     def __init__(self, max_events: int) -> None:
         self.max_events = max_events
         self._events: dict[str, _StoredEvent] = {}
         self._order: deque[_StoredEvent] = deque()
-        self._streams: dict[tuple[int, str], deque[_StoredEvent]] = {}
+        self._streams: dict[tuple[str | None, str], deque[_StoredEvent]] = {}
 
     @property
     def size(self) -> int:
@@ -1572,33 +1619,33 @@ class MemoryEventStore(EventStore):
 
     async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
         scope = _stream_scope.get() or StreamScope()
-        event = _StoredEvent(secrets.token_urlsafe(12), scope, stream_id, message)
+        event = _StoredEvent(secrets.token_urlsafe(12), (scope.session_id, stream_id), message)
         self._events[event.event_id] = event
         self._order.append(event)
-        self._streams.setdefault((id(scope), stream_id), deque()).append(event)
+        self._streams.setdefault(event.stream, deque()).append(event)
         while len(self._order) > self.max_events:
             self._forget(self._order.popleft())
         return event.event_id
 
     def _forget(self, event: _StoredEvent) -> None:
         self._events.pop(event.event_id, None)
-        key = (id(event.scope), event.stream_id)
-        stream = self._streams.get(key)
+        stream = self._streams.get(event.stream)
         if stream and stream[0] is event:
             stream.popleft()
         if not stream:
-            self._streams.pop(key, None)
+            self._streams.pop(event.stream, None)
 
     async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
         last = self._events.get(last_event_id)
         asking = _stream_scope.get()
-        if last is None or asking is None or asking.session_id != last.scope.session_id:
+        session, stream_id = last.stream if last is not None else (None, "")
+        if last is None or asking is None or session is None or asking.session_id != session:
             return None
-        stream = list(self._streams.get((id(last.scope), last.stream_id), ()))
+        stream = list(self._streams.get(last.stream, ()))
         for event in stream[stream.index(last) + 1:]:
             if event.message is not None:
                 await send_callback(EventMessage(event.message, event.event_id))
-        return last.stream_id
+        return stream_id
 
 
 class RedisEventStore(EventStore):
@@ -1684,6 +1731,7 @@ class RedisEventStore(EventStore):
 # one middleware, which makes the runtime reachable and adds what the SDK leaves out.
 
 LIST_NOTIFY_TIMEOUT_S = 1.0
+RATE_BUCKETS_MAX = 100_000  # past this many, the budgets of ended windows are dropped
 OUTBOUND_TIMEOUT_S = 10
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 STDIO_SESSION = "stdio"
@@ -1752,9 +1800,11 @@ class Runtime:
         self.events = None if settings.stateless else self.store.event_store(settings.event_store_max_events,
                                                                                settings.session_idle_timeout_s)
         self.changes = ChangeBus()
+        self.limits = RateLimits(self.store)
+        self.drain = Drain(settings.shutdown_grace_s)
         self.replica = new_id()  # tells this process's change announcements from other replicas'
         self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False, verify=tls_context())
-        self.provider = build_provider(settings, self.store, self.http) if settings.auth_enabled else None
+        self.provider = build_provider(settings, self.store, self.http, self.limits) if settings.auth_enabled else None
         self.known_tools: set[str] = set()
         self._exit = AsyncExitStack()
 
@@ -1814,6 +1864,46 @@ class Runtime:
             owner, uris = message.get("owner"), message.get("uris")
             if message.get("from") != self.replica and isinstance(owner, str) and isinstance(uris, list):
                 await self.changes.announce(owner, [uri for uri in uris if isinstance(uri, str)])
+
+
+@dataclass
+class Budget:
+    """One bucket's use in its current window, as this process knows it."""
+
+    ends: float  # monotonic time the window ends
+    counted: int = 0  # hits the store has counted, every replica's, when last asked
+    unsent: int = 0  # hits of this process not yet added to the store's count
+
+
+class RateLimits:
+    """Request budgets per client, per person and per token, counted in the store: on Redis, across every
+    replica (hosted clients such as claude.ai share egress addresses, so nothing here is per address).
+    On a shared store this process adds its hits in small batches (a fiftieth of the limit), so a
+    request costs a store round trip only now and then; the limit then holds to within that batch per
+    replica."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.budgets: dict[str, Budget] = {}
+
+    async def spend(self, bucket: str, limit: int, window_s: float) -> float | None:
+        """Spend one request of `bucket`'s budget of `limit` per `window_s`: None while within it, else
+        the seconds until the window starts over."""
+        if limit <= 0:
+            return None
+        now = time.monotonic()
+        budget = self.budgets.get(bucket)
+        if budget is None or budget.ends <= now:
+            if len(self.budgets) > RATE_BUCKETS_MAX:
+                self.budgets = {key: kept for key, kept in self.budgets.items() if kept.ends > now}
+            budget = self.budgets[bucket] = Budget(now + window_s)
+        budget.unsent += 1
+        if budget.unsent >= (max(1, limit // 50) if self.store.shared else 1):
+            sending, budget.unsent = budget.unsent, 0  # before the await: other requests count on meanwhile
+            total, left = await self.store.hit(bucket, window_s, sending)
+            budget.counted, budget.ends = max(budget.counted, total), now + left
+            return None if total <= limit else max(1.0, left)
+        return None if budget.counted + budget.unsent <= limit else max(1.0, budget.ends - now)
 
 
 @dataclass
@@ -2325,7 +2415,10 @@ KNOWN_APP_CALLBACKS = (
     "claude://claude.ai/mcp-auth-callback/sdk",  # Claude's desktop app, for Claude Code in it
 )
 REFUSALS_LOGGED_MAX = 1000
-PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # BASE64URL(SHA-256(verifier)), RFC 7636 §4.2
+PKCE_VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")  # RFC 7636 §4.1
+SUPPORTED_GRANT_TYPES = frozenset({"authorization_code", "refresh_token"})
+SECRET_DIGEST_PREFIX = "sha256:"  # noqa: S105 - how a stored secret's hash begins, not a secret
 OAUTH_BODY_MAX_BYTES = 65_536
 SESSION_COOKIE = "stream_http_session"
 SESSION_MAX_AGE_S = 30 * 24 * 3600
@@ -2450,8 +2543,11 @@ def check_authorization_request(params: Mapping[str, Any], redirect_uri: str,
     if params.get("response_type") != "code":
         return "unsupported_response_type", "response_type must be code"
     challenge = params.get("code_challenge")
-    if not isinstance(challenge, str) or not PKCE_CHALLENGE.fullmatch(challenge):
+    if not isinstance(challenge, str) or not challenge:
         return "invalid_request", "a PKCE code_challenge is required"
+    if not PKCE_CHALLENGE.fullmatch(challenge):
+        return "invalid_request", ("a PKCE code_challenge is required: 43 characters of base64url, the S256 "
+                                   "hash of the code_verifier (RFC 7636 §4.2)")
     if params.get("code_challenge_method") != "S256":
         return "invalid_request", "code_challenge_method must be S256"
     # Any client may ask for any scope this server has (the scope it registered with is no limit, so it
@@ -2486,6 +2582,40 @@ def authorization_response(redirect_uri: str, *, issuer: str, state: str | None,
     return construct_redirect_uri(redirect_uri, **params, state=state, iss=issuer)
 
 
+def secret_digest(secret: str | None) -> str | None:
+    """How a client secret is stored: its SHA-256 (a secret is 256 random bits, so a fast hash is enough)."""
+    return SECRET_DIGEST_PREFIX + hashlib.sha256(secret.encode()).hexdigest() if secret else None
+
+
+def repeated_parameter(params: Any) -> str | None:
+    """The first parameter given more than once (RFC 6749 §3.1: none may be), or None."""
+    seen: set[str] = set()
+    for name, _ in params.multi_items():
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+def registration_problem(metadata: Mapping[str, Any]) -> str | None:
+    """Why client metadata asks for what this server does not do (RFC 7591 §3.2.2), or None."""
+    grant_types = metadata.get("grant_types", ["authorization_code", "refresh_token"])
+    response_types = metadata.get("response_types", ["code"])
+    if not isinstance(grant_types, list) or not set(grant_types) <= SUPPORTED_GRANT_TYPES:
+        return f"grant_types may only be {', '.join(sorted(SUPPORTED_GRANT_TYPES))}"
+    if not isinstance(response_types, list) or not set(response_types) <= {"code"}:
+        return "response_types may only be code"
+    return None
+
+
+def json_object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """For json.loads: an object, refusing a member given twice (which json.loads would quietly keep last)."""
+    names = [name for name, _ in pairs]
+    if repeated := next((name for name in names if names.count(name) > 1), None):
+        raise ValueError(f"{repeated} is given more than once")
+    return dict(pairs)
+
+
 def consent_key(subject: str, client_id: str) -> str:
     return f"{subject} {client_id}"
 
@@ -2497,6 +2627,15 @@ class RegisteredClient(OAuthClientInformationFull):
     """A client that registered itself (RFC 7591)."""
 
     kind: ClassVar[str] = "client"
+
+
+@dataclass(frozen=True)
+class RegistrationFingerprint:
+    """Which public client registered with this metadata: registering it again gets the same client_id."""
+
+    kind: ClassVar[str] = "client_fingerprint"
+
+    client_id: str
 
 
 class ClientDocument(OAuthClientInformationFull):
@@ -2655,6 +2794,7 @@ class LoginOutcome:
     redirect: str
     identity: GoogleIdentity | None = None
     refused: str | None = None
+    status: int = 403  # of the page shown when refused
 
 
 @dataclass(frozen=True)
@@ -2770,22 +2910,24 @@ class ClientDocuments:
                                       ) from exc
 
 
-def build_provider(settings: Settings, store: Store, http: httpx2.AsyncClient) -> "OAuthProvider":
+def build_provider(settings: Settings, store: Store, http: httpx2.AsyncClient,
+                   limits: RateLimits) -> "OAuthProvider":
     if settings.secret_key is None:
         raise ConfigError("sign-in needs a SECRET_KEY: set it, or pass the settings through with_secret_key()")
     google = GoogleGrants(GoogleLogin(settings, http), store, TokenCipher(settings.secret_key))
     redirects = RedirectPolicy(settings.redirect_uri_patterns)
     return OAuthProvider(settings, store, google, ClientDocuments(settings, store, http, redirects), redirects,
-                         settings.secret_key)
+                         limits, settings.secret_key)
 
 
 class OAuthProvider:
     """The SDK's `OAuthAuthorizationServerProvider` for MCP clients, with Google as the identity provider."""
 
     def __init__(self, settings: Settings, store: Store, google: GoogleGrants, documents: ClientDocuments,
-                 redirects: RedirectPolicy, secret_key: Secret) -> None:
+                 redirects: RedirectPolicy, limits: RateLimits, secret_key: Secret) -> None:
         self.settings = settings
         self.redirects = redirects
+        self.limits = limits
         self.secret_key = secret_key
         self.store = store
         self.google = google
@@ -2814,10 +2956,33 @@ class OAuthProvider:
         for uri in client_info.redirect_uris or []:
             if problem := self.redirects.problem(str(uri), f"the client registering as {client_info.client_name!r}"):
                 raise RegistrationError("invalid_redirect_uri", problem)
-        registered = RegisteredClient.model_validate(client_info.model_dump())
+        registered = RegisteredClient.model_validate({**client_info.model_dump(),
+                                                      "client_secret": secret_digest(client_info.client_secret)})
         await self.store.put(Entry(client_info.client_id, registered))
         audit("client_registered", client_id=client_info.client_id, client_name=client_info.client_name,
               redirect_uris=[str(uri) for uri in client_info.redirect_uris or []])
+
+    async def secret_matches(self, client: OAuthClientInformationFull, presented: str) -> bool:
+        """Whether `presented` is the client's secret, compared by hash in constant time. A registration
+        from before secrets were hashed holds it in clear: it is compared so, and then stored hashed."""
+        stored = client.client_secret or ""
+        if stored.startswith(SECRET_DIGEST_PREFIX):
+            return hmac.compare_digest(stored.encode(), (secret_digest(presented) or "").encode())
+        if not hmac.compare_digest(stored.encode(), presented.encode()):
+            return False
+        if isinstance(client, RegisteredClient):
+            hashed = client.model_copy(update={"client_secret": secret_digest(presented)})
+            await self.store.put(Entry(client.client_id, hashed))
+            logger.info("stored the secret of client %s hashed, as every secret now is", client.client_id)
+        return True
+
+    async def registered_alike(self, fingerprint: str) -> OAuthClientInformationFull | None:
+        """The public client registered before with the very same metadata, if it is still known."""
+        earlier = await self.store.get(RegistrationFingerprint, fingerprint)
+        return await self.store.get(RegisteredClient, earlier.client_id) if earlier else None
+
+    async def remember_registration(self, fingerprint: str, client_id: str) -> None:
+        await self.store.put(Entry(fingerprint, RegistrationFingerprint(client_id)))
 
     # --- authorization: /authorize, consent, Google, and back to the client
 
@@ -2906,6 +3071,8 @@ class OAuthProvider:
             audit("sign_in_refused", reason=reason, **who)
             return LoginOutcome(self.refusal_target(pending, error="access_denied", error_description=reason),
                                 identity=identity, refused=reason)
+        if over := await self.over_sign_in_budget(pending, identity):
+            return over
         audit("sign_in_allowed", **who)
         await self.google.save(identity.subject, google_tokens)
         if pending.purpose == "account":
@@ -2917,6 +3084,16 @@ class OAuthProvider:
             await self.store.put(Entry(known.id, known, ttl_s=TRANSACTION_TTL_S))
             return LoginOutcome(self.consent_url(known), identity=identity)
         return LoginOutcome(await self.issue_code(known), identity=identity)
+
+    async def over_sign_in_budget(self, pending: PendingAuthorization, identity: GoogleIdentity) -> LoginOutcome | None:
+        """A refusal (429) when this person has signed in too often this hour, else None."""
+        wait = await self.limits.spend(f"person:{identity.subject}", self.settings.rate_limit_person, 3600)
+        if wait is None:
+            return None
+        audit("rate_limited", budget="person", subject=identity.subject, client_id=pending.client_id)
+        message = f"Too many sign-ins for {identity.email} this hour; try again in {int(wait) // 60 + 1} minutes."
+        return LoginOutcome(self.refusal_target(pending, error="temporarily_unavailable", error_description=message),
+                            identity=identity, refused=message, status=429)
 
     async def issue_code(self, pending: PendingAuthorization) -> str:
         """Issue the authorization code and send the browser back to the client with it."""
@@ -3005,6 +3182,10 @@ class OAuthProvider:
         token = OAuthToken(access_token=access, expires_in=settings.access_token_ttl_s, scope=" ".join(scopes),
                            refresh_token=refresh)
         return IssuedTokens(token, entries, token_hash(refresh))
+
+    async def refresh_token_owner(self, refresh_token: str) -> str | None:
+        record = await self.store.get(IssuedRefreshToken, token_hash(refresh_token))
+        return record.subject if record else None
 
     async def load_refresh_token(self, client: OAuthClientInformationFull,
                                  refresh_token: str) -> GrantRefreshToken | None:
@@ -3202,9 +3383,22 @@ def per_public_url(settings: Settings, document: Callable[[str], Any]) -> Callab
     return handle
 
 
+def bounded(handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+    """A handler as an ASGI app with a bounded body, which drops quietly a request whose client left before
+    sending all of it: nobody is there to answer, and nothing was done (no traceback floods the log)."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ClientDisconnect:
+            return Response(status_code=400)
+
+    return RequestBodyLimitMiddleware(request_response(handle), OAUTH_BODY_MAX_BYTES)
+
+
 def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
     """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
-    limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
+    limited = bounded(handler)
     return RememberClient(CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
                                         allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"]))
 
@@ -3245,15 +3439,55 @@ def from_this_site(request: Request, settings: Settings) -> bool:
     return origin is None or origin == origin_of(settings.public_url_for(request.headers.get("host")))
 
 
-def basic_client_id(authorization: str | None) -> str | None:
-    """The client_id of HTTP Basic client authentication (RFC 6749 §2.3.1), or None."""
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """The client_id and secret of HTTP Basic client authentication (RFC 6749 §2.3.1), or None."""
     if not authorization or authorization[:6].lower() != "basic ":
         return None
     try:
-        user = base64.b64decode(authorization[6:].strip(), validate=True).decode().split(":", 1)[0]
+        user, _, password = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
         return None
-    return unquote(user) or None
+    return unquote(user), unquote(password)
+
+
+class ClientCredentials(ClientAuthenticator):
+    """Client authentication at /token and /revoke (RFC 6749 §2.3), as the SDK's, but with secrets stored
+    as hashes: the presented secret is hashed and compared in constant time."""
+
+    provider: OAuthProvider
+
+    async def authenticate_request(self, request: Request) -> OAuthClientInformationFull:
+        form = await request.form()
+        basic = basic_credentials(request.headers.get("authorization"))
+        client_id = form.get("client_id") or (basic[0] if basic else None)
+        if not isinstance(client_id, str) or not client_id:
+            raise AuthenticationError("Missing client_id")
+        client = await self.provider.get_client(client_id)
+        if client is None:
+            raise AuthenticationError("Invalid client_id")
+        method = client.token_endpoint_auth_method
+        if method == "none":
+            return client
+        if method == "client_secret_basic":
+            presented = basic[1] if basic and basic[0] == client_id else None
+        elif method == "client_secret_post":
+            presented = form.get("client_secret")
+        else:
+            raise AuthenticationError(f"Unsupported auth method: {method}")
+        if not isinstance(presented, str) or not presented:
+            raise AuthenticationError(f"The client_secret is required ({method})")
+        if not await self.provider.secret_matches(client, presented):
+            raise AuthenticationError("Invalid client_secret")
+        if client.client_secret_expires_at and client.client_secret_expires_at < time.time():
+            raise AuthenticationError("The client_secret has expired")
+        return client
+
+
+def too_many(retry_after_s: float, whose: str) -> Response:
+    """429 in the OAuth shape, saying when to come back (RFC 6585 §4)."""
+    wait = int(retry_after_s + 0.999)
+    return oauth_error(429, "temporarily_unavailable", f"Too many requests {whose}; retry in {wait} s",
+                       headers={"Retry-After": str(wait)})
 
 
 def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -3274,7 +3508,7 @@ class SignInRoutes:
         self.provider = provider
         self.settings = settings
         self.pages = pages
-        self.authenticator = ClientAuthenticator(provider)
+        self.authenticator = ClientCredentials(provider)
         self.tokens = TokenHandler(provider, self.authenticator)
         self.registration = RegistrationHandler(provider, options=ClientRegistrationOptions(
             enabled=True, valid_scopes=list(SCOPES), default_scopes=list(SCOPES)))
@@ -3284,7 +3518,7 @@ class SignInRoutes:
         api = for_clients
         return [
             *discovery_routes(self.settings),
-            Route("/register", api(self.registration.handle, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/register", api(self.register, "POST"), methods=["POST", "OPTIONS"]),
             Route("/token", api(self.token, "POST"), methods=["POST", "OPTIONS"]),
             Route("/revoke", api(self.revoke, "POST"), methods=["POST", "OPTIONS"]),
             Route("/authorize", self.for_browsers(self.authorize), methods=["GET", "POST"]),
@@ -3297,7 +3531,7 @@ class SignInRoutes:
         """Pages a person visits: they get the signed session cookie that remembers who signed in."""
         from starlette.middleware.sessions import SessionMiddleware
 
-        limited = RequestBodyLimitMiddleware(request_response(handler), OAUTH_BODY_MAX_BYTES)
+        limited = bounded(handler)
         return RememberClient(SessionMiddleware(
             limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
             same_site="lax", https_only=self.settings.public_url.startswith("https://")))
@@ -3306,10 +3540,17 @@ class SignInRoutes:
         """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
         person; after that they go back to the client with `state` and `iss`."""
         params = request.query_params if request.method == "GET" else await request.form()
+        repeated = repeated_parameter(params)
+        if repeated in ("client_id", "redirect_uri"):
+            return self.pages.message("Ambiguous sign-in link", f"The application gave {repeated} more than once, "
+                                      "so this sign-in stops here.", status=400)
         client_id = params.get("client_id")
         if not isinstance(client_id, str) or not client_id:
             return self.pages.message("Incomplete sign-in link", "The application did not say who it is "
                                       "(client_id is missing).", status=400)
+        if wait := await self.provider.limits.spend(f"client:{client_id}", self.settings.rate_limit_client, 60):
+            audit("rate_limited", client_id=client_id, budget="client")
+            return self.pages.too_many(wait)
         try:
             client = await self.provider.find_client(client_id)
         except ClientDocumentError as exc:
@@ -3325,6 +3566,8 @@ class SignInRoutes:
                                       "an address it did not register, so this sign-in stops here.", status=400)
         issuer = self.settings.public_url_for(request.headers.get("host"))
         checked = check_authorization_request(params, redirect_uri, resource_of(issuer))
+        if repeated and not isinstance(checked, tuple):
+            checked = "invalid_request", f"{repeated} is given more than once"
         if isinstance(checked, tuple):
             error, description = checked
             state = params.get("state")
@@ -3364,7 +3607,7 @@ class SignInRoutes:
         except SignInFailed as exc:
             return self.pages.message("Sign-in could not finish", str(exc), status=400)
         if outcome.refused:
-            return self.pages.message("Access refused", outcome.refused, status=403,
+            return self.pages.message("Access refused", outcome.refused, status=outcome.status,
                                       continue_to=outcome.redirect or None)
         if outcome.identity is not None:
             request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email,
@@ -3404,17 +3647,71 @@ class SignInRoutes:
     async def token(self, request: Request) -> Response:
         """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not) and that the
         client is still known (the SDK's answer would not say how to recover)."""
+        form = await request.form()
+        if repeated := repeated_parameter(form):
+            return oauth_error(400, "invalid_request", f"{repeated} is given more than once")
         if forgotten := await self.forgotten_client(request):
             return forgotten
-        resource = (await request.form()).get("resource")
+        if limited := await self.over_budget(request):
+            return limited
+        verifier, code = form.get("code_verifier"), form.get("code")
+        if form.get("grant_type") == "authorization_code" and isinstance(verifier, str) and \
+                not PKCE_VERIFIER.fullmatch(verifier):
+            if isinstance(code, str) and (client := await self.provider.get_client(str(form.get("client_id")))):
+                await self.provider.load_authorization_code(client, code)  # used up, as by any failed attempt
+            return oauth_error(400, "invalid_grant", "code_verifier must be 43 to 128 characters of A-Z a-z 0-9 "
+                               "- . _ ~ (RFC 7636 §4.1)")
+        resource = form.get("resource")
         served = resource_of(self.settings.public_url_for(request.headers.get("host")))
         if isinstance(resource, str) and not serves_resource(resource, served):
             return oauth_error(400, "invalid_target", f"This server issues tokens only for {served}")
         return await self.tokens.handle(request)
 
+    async def register(self, request: Request) -> Response:
+        """RFC 7591 registration through the SDK's handler, after refusing what this server does not support
+        and members given twice. A public client that registers again with the very same metadata (Claude
+        Desktop does on reconnects) gets its earlier registration back rather than a new one."""
+        if wait := await self.provider.limits.spend("register", self.settings.rate_limit_register, 60):
+            return too_many(wait, "to register clients")
+        body = await request.body()
+        try:
+            metadata = json.loads(body, object_pairs_hook=json_object_without_repeats)
+        except ValueError as exc:
+            return oauth_error(400, "invalid_client_metadata", f"the registration is not a JSON object: {exc}")
+        problem = registration_problem(metadata) if isinstance(metadata, dict) else "it must be a JSON object"
+        if problem:
+            return oauth_error(400, "invalid_client_metadata", problem)
+        public = metadata.get("token_endpoint_auth_method") == "none"
+        fingerprint = hashlib.sha256(to_json(metadata).encode()).hexdigest()
+        if public and (earlier := await self.provider.registered_alike(fingerprint)):
+            return JSONResponse(earlier.model_dump(mode="json", exclude_none=True), status_code=201,
+                                headers={"Cache-Control": "no-store"})
+        response = await self.registration.handle(request)
+        if public and response.status_code == 201:
+            await self.provider.remember_registration(fingerprint, json.loads(bytes(response.body))["client_id"])
+        return response
+
+    async def over_budget(self, request: Request) -> Response | None:
+        """429 when this client, or the person whose refresh token this is, has used up their budget."""
+        form = await request.form()
+        basic = basic_credentials(request.headers.get("authorization"))
+        client_id = str(form.get("client_id") or (basic[0] if basic else ""))
+        limits, settings = self.provider.limits, self.settings
+        if wait := await limits.spend(f"client:{client_id}", settings.rate_limit_client, 60):
+            audit("rate_limited", client_id=client_id, budget="client")
+            return too_many(wait, "from this client")
+        token = form.get("refresh_token")
+        subject = await self.provider.refresh_token_owner(token) if form.get("grant_type") == "refresh_token" and \
+            isinstance(token, str) else None
+        if subject and (wait := await limits.spend(f"person:{subject}", settings.rate_limit_person, 3600)):
+            audit("rate_limited", client_id=client_id, subject=subject, budget="person")
+            return too_many(wait, "for this account")
+        return None
+
     async def forgotten_client(self, request: Request) -> Response | None:
         """invalid_client, saying how to recover, for a client_id this server does not know (or no client_id)."""
-        client_id = (await request.form()).get("client_id") or basic_client_id(request.headers.get("authorization"))
+        basic = basic_credentials(request.headers.get("authorization"))
+        client_id = (await request.form()).get("client_id") or (basic[0] if basic else None)
         if not isinstance(client_id, str) or not client_id:
             return oauth_error(401, "invalid_client", "client_id is required")
         if await self.provider.get_client(client_id) is None:
@@ -3423,8 +3720,12 @@ class SignInRoutes:
 
     async def revoke(self, request: Request) -> Response:
         """RFC 7009 for every client, public ones included (the SDK's requires a client_secret field)."""
+        if repeated := repeated_parameter(await request.form()):
+            return oauth_error(400, "invalid_request", f"{repeated} is given more than once")
         if forgotten := await self.forgotten_client(request):
             return forgotten
+        if limited := await self.over_budget(request):
+            return limited
         try:
             client = await self.authenticator.authenticate_request(request)
         except AuthenticationError as exc:
@@ -3566,6 +3867,13 @@ class Pages:
             head_html = f'<meta http-equiv="refresh" content="10;url={link}">'
         return self.render(title, MESSAGE_BODY, status=status, head_html=head_html, message=message,
                            action_html=action_html)
+
+    def too_many(self, retry_after_s: float) -> HTMLResponse:
+        wait = int(retry_after_s + 0.999)
+        page = self.message("Too many attempts", f"This application has started too many sign-ins just now. Try "
+                            f"again in {wait} seconds.", status=429)
+        page.headers["Retry-After"] = str(wait)
+        return page
 
     def unknown_client(self, client_id: str) -> HTMLResponse:
         """For a client that kept a registration this server no longer has: what happened, how to reconnect."""
@@ -3728,6 +4036,123 @@ class BearerTokens(AuthenticationBackend):
         return AuthCredentials(token.scopes), AuthenticatedUser(token)
 
 
+class Served:
+    """One request on the MCP endpoint while it is served, as the drain sees it: whether it is a stream
+    (a GET stream, or `subscriptions/listen`) or a call, and what has been sent of its response."""
+
+    def __init__(self, message: Mapping[str, Any] | None, method: str) -> None:
+        self.stream = method == "GET" or (message or {}).get("method") == "subscriptions/listen"
+        self.request_id = (message or {}).get("id")
+        self.started: dict[str, Any] | None = None  # the response's start message, once sent
+        self.finished = False
+        self.answered = False  # the drain answered for it: the app's own sends are dropped
+        self.ended = anyio.Event()  # set: the app is told its client went away
+
+    def receive(self, receive: Receive) -> Receive:
+        async def receive_until_ended() -> Message:
+            result: list[Message] = []
+            async with anyio.create_task_group() as tasks:
+                async def read() -> None:
+                    result.append(await receive())
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(read)
+                await self.ended.wait()
+                tasks.cancel_scope.cancel()
+            return result[0] if result else {"type": "http.disconnect"}
+
+        return receive_until_ended
+
+    def send(self, send: Send) -> Send:
+        async def tracked(message: Message) -> None:
+            if self.answered:
+                return
+            if message["type"] == "http.response.start":
+                self.started = dict(message)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.finished = True
+            await send(message)
+
+        self.raw_send = send
+        return tracked
+
+    async def finish(self) -> None:
+        """End the response cleanly if the app left it open (its stream was ended under it)."""
+        if self.started is not None and not self.finished and not self.answered:
+            self.finished = True
+            with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self.raw_send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def answer_shutdown(self) -> None:
+        """Answer a call still running at the deadline with an error the client reads, then end it."""
+        if self.finished:
+            return
+        error = {"jsonrpc": "2.0", "id": self.request_id, "error": {"code": SERVER_UNAVAILABLE, "message":
+                 "The server is shutting down, so this call was stopped before it finished; retry it"}}
+        self.answered = True
+        with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if self.started is None:
+                await json_rpc_error(503, SERVER_UNAVAILABLE, error["error"]["message"],
+                                     headers={"Retry-After": str(RETRY_AFTER_S)})(
+                    {"type": "http", "method": "POST", "headers": []}, _nothing_to_receive, self.raw_send)
+            else:  # an SSE stream: the error is its last event
+                event = b"event: message\r\ndata: " + json.dumps(error).encode() + b"\r\n\r\n"
+                await self.raw_send({"type": "http.response.body", "body": event, "more_body": False})
+        self.finished = True
+        self.ended.set()
+
+
+async def _nothing_to_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+DRAIN_MARGIN_S = 2.0  # of the grace, left for uvicorn and the SDK to wind down once calls are answered
+
+
+class Drain:
+    """What shutdown does on the MCP endpoint: refuse new requests (503), end open streams at once and
+    cleanly (clients reconnect, to another replica or to this one once it is back), let calls in flight
+    finish for `grace_s` seconds, then answer the rest with an error and end them."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.stopping = False
+        self.served: set[Served] = set()
+        self.calls_done: anyio.Event | None = None  # set once stopping and no call is left
+
+    def calls(self) -> list[Served]:
+        return [served for served in self.served if not served.stream]
+
+    @asynccontextmanager
+    async def serving(self, message: Mapping[str, Any] | None, method: str) -> AsyncIterator[Served]:
+        served = Served(message, method)
+        self.served.add(served)
+        try:
+            yield served
+        finally:
+            self.served.discard(served)
+            await served.finish()
+            if self.calls_done is not None and not self.calls():
+                self.calls_done.set()
+
+    async def run(self) -> None:
+        self.stopping, self.calls_done = True, anyio.Event()
+        streams = [served for served in self.served if served.stream]
+        logger.info("draining: %d open streams end now, %d calls in flight get %d s", len(streams),
+                    len(self.calls()), self.grace_s)
+        for served in streams:
+            served.ended.set()
+        if not self.calls():
+            self.calls_done.set()
+        with anyio.move_on_after(max(0.5, self.grace_s - DRAIN_MARGIN_S)):
+            await self.calls_done.wait()
+        late = self.calls()
+        for served in late:
+            await served.answer_shutdown()
+        if late:
+            logger.warning("stopped %d calls still running after %d s of shutdown", len(late), self.grace_s)
+
+
 class RequestGate:
     """Checks every request to the MCP endpoint before the SDK sees it, answering bad ones with the
     right status and error: a foreign Host or Origin, a missing or insufficient token, a wrong
@@ -3738,6 +4163,8 @@ class RequestGate:
         self.app = app
         self.store = running.store
         self.changes = running.changes
+        self.limits, self.rate_limit = running.limits, running.settings.rate_limit_mcp
+        self.drain = running.drain
         self.policy = policy
         self.bearer = bearer
         self.max_body_bytes = running.settings.max_request_bytes
@@ -3746,9 +4173,9 @@ class RequestGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        problem = (self.check_origin(request) or self.check_token(request) or self.check_method(request)
-                   or self.check_store())
-        body = b""
+        problem = (self.check_origin(request) or self.check_draining() or self.check_token(request)
+                   or self.check_method(request) or self.check_store() or await self.check_budget(request))
+        body, message = b"", None
         if problem is None and request.method == "POST":
             try:
                 body, message, problem = await self.read_message(request)
@@ -3761,6 +4188,11 @@ class RequestGate:
             return
         if request.method == "POST":
             receive = _replay(body, receive)
+        async with self.drain.serving(message, request.method) as served:
+            await self.serve(request, served.receive(receive), served.send(send))
+
+    async def serve(self, request: Request, receive: Receive, send: Send) -> None:
+        scope = request.scope
         if self.stateless:  # no sessions, so no event store that needs to know the session
             await self.app(scope, receive, send)
             return
@@ -3789,6 +4221,25 @@ class RequestGate:
 
     def check_token(self, request: Request) -> Response | None:
         return self.bearer.check_token(request) if self.bearer is not None else None
+
+    def check_draining(self) -> Response | None:
+        if not self.drain.stopping:
+            return None
+        return json_rpc_error(503, SERVER_UNAVAILABLE, "The server is shutting down; retry in a moment (another "
+                              "replica, or this one once it is back)", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def check_budget(self, request: Request) -> Response | None:
+        """429, with a JSON-RPC error, for a grant that has used up its requests of the minute."""
+        user = request.scope.get("user")
+        if not isinstance(user, AuthenticatedUser) or not isinstance(user.access_token, GrantAccessToken):
+            return None
+        wait = await self.limits.spend(f"mcp:{user.access_token.grant_id}", self.rate_limit, 60)
+        if wait is None:
+            return None
+        audit("rate_limited", client_id=user.access_token.client_id, subject=user.access_token.subject, budget="mcp")
+        seconds = int(wait + 0.999)
+        return json_rpc_error(429, SERVER_UNAVAILABLE, f"Too many requests with this token: at most {self.rate_limit} "
+                              f"a minute; retry in {seconds} s", headers={"Retry-After": str(seconds)})
 
     def check_store(self) -> Response | None:
         if self.store.available:
@@ -3996,9 +4447,11 @@ def build_app(settings: Settings) -> Starlette:
         # What else the SDK serves, such as routes added with @mcp.custom_route.
         *(route for route in sdk_app.routes if getattr(route, "path", None) != MCP_PATH),
     ]
-    return Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager),
-                     middleware=[Middleware(TrimmedHeaders)],
-                     exception_handlers={StorageError: store_failure_handler(policy, pages)})
+    app = Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager),
+                    middleware=[Middleware(TrimmedHeaders)],
+                    exception_handlers={StorageError: store_failure_handler(policy, pages)})
+    app.state.drain = running.drain  # for the server that runs the app, to drain it on shutdown
+    return app
 
 
 def health_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Response]]:
@@ -4041,7 +4494,9 @@ def app_lifespan(running: Runtime, session_manager: StreamableHTTPSessionManager
 
 # === 9. Command line =========================================================
 
-SHUTDOWN_GRACE_S = 5
+REQUEST_HEAD_MAX_BYTES = 32 * 1024  # the request line and headers together; nginx's default is 32 KB too
+REQUEST_HEADERS_MAX = 100
+REQUEST_HEAD_READ_MAX_BYTES = 256 * 1024  # what the parser may hold while one header is still arriving
 
 def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
     """Command-line flags, as overrides keyed by environment variable name."""
@@ -4072,6 +4527,94 @@ def configure_logging(level: str) -> None:
     unless debugging, since formatting those lines costs more than serving the request."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
     logging.getLogger("mcp").setLevel(level if level == "DEBUG" else "WARNING")
+
+
+def bounded_http_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with a bound on the request head (httptools has none: a 64 KB header, or
+    200 headers, were served): past REQUEST_HEAD_MAX_BYTES or REQUEST_HEADERS_MAX it answers 431 and closes
+    the connection before any work. Without httptools, h11, with its own bound."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+
+    class BoundedHead(HttpToolsProtocol):
+        refused = False
+        head_bytes = read_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self.refused:
+                return
+            if self.read_bytes >= 0:  # still in a request head (the body is not counted)
+                self.read_bytes += len(data)
+                if self.read_bytes > REQUEST_HEAD_READ_MAX_BYTES:
+                    self.refuse(f"The request head is larger than {REQUEST_HEAD_MAX_BYTES} bytes")
+                    return
+            super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            self.head_bytes = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self.grow(len(url))
+            if not self.refused:
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.grow(len(name) + len(value) + 4)
+            if not self.refused and len(self.headers) >= REQUEST_HEADERS_MAX:
+                self.refuse(f"A request may carry at most {REQUEST_HEADERS_MAX} header fields")
+            if not self.refused:
+                super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self.read_bytes = -1
+            if not self.refused:
+                super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self.refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self.read_bytes = 0
+            if not self.refused:
+                super().on_message_complete()
+
+        def grow(self, size: int) -> None:
+            self.head_bytes += size
+            if self.head_bytes > REQUEST_HEAD_MAX_BYTES and not self.refused:
+                self.refuse(f"The request head is larger than {REQUEST_HEAD_MAX_BYTES} bytes")
+
+        def refuse(self, why: str) -> None:
+            self.refused = True
+            body = f"{why}.\n".encode()
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
+                                 b"charset=utf-8\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+            self.transport.close()
+
+    return BoundedHead
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM or SIGINT first drains the MCP endpoint: it stops taking requests,
+    ends open streams cleanly, and gives calls in flight SHUTDOWN_GRACE seconds (python-sdk#2150: an open
+    stream otherwise holds the shutdown until uvicorn cuts every connection)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        from sse_starlette.sse import AppStatus
+
+        super().__init__(config)
+        self.drain = drain
+        AppStatus.disable_automatic_graceful_drain()  # it would cut calls in flight: the drain ends streams
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for listening in self.servers:
+            listening.close()
+        await self.drain.run()
+        await super().shutdown(sockets)
 
 
 def refuse_unsafe_bind(settings: Settings) -> str | None:
@@ -4565,17 +5108,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.cimd_allow_local:
         logger.warning("CIMD_ALLOW_LOCAL is on: client metadata documents may come from loopback and private "
                        "addresses over http; turn it off outside development")
+    app = build_app(settings)
     config = uvicorn.Config(
-        build_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
+        http=bounded_http_protocol(),
+        h11_max_incomplete_event_size=REQUEST_HEAD_MAX_BYTES,  # the bound where h11 is what runs
         log_config=None,
         access_log=False,
         proxy_headers=True,
         forwarded_allow_ips=list(settings.trusted_proxies),
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        timeout_graceful_shutdown=settings.shutdown_grace_s + 1,  # the drain below ends everything before
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.drain)
     # After its graceful shutdown uvicorn re-raises the signal that asked for it, which would end the
     # process as "killed by SIGTERM" (or a KeyboardInterrupt traceback); a finished shutdown is a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

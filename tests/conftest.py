@@ -94,7 +94,7 @@ class ServerProcess:
 
 
 def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None,
-                 wait_path: str = "/healthz") -> ServerProcess:
+                 wait_path: str = "/healthz", script: Path = REPO / "server.py") -> ServerProcess:
     """Start `server.py` as a user would (`python server.py ARGS`), in `workdir`, and wait until it serves."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -103,7 +103,7 @@ def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None, p
     data_dir = (env or {}).get("DATA_DIR", str(workdir / "data"))
     full_env = {**inherited, "DATA_DIR": data_dir, "LOG_LEVEL": "INFO", **store_env(data_dir), **(env or {})}
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, str(REPO / "server.py"), "--port", str(port), *args],
+        process = subprocess.Popen([sys.executable, str(script), "--port", str(port), *args],
                                    cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(process, port, workdir, log_path, f"http://127.0.0.1:{port}", full_env)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -89,19 +89,19 @@ class GoogleStandIn:
 
 
 def start_auth_server(google: GoogleStandIn, workdir: Path, *args: str, env: dict[str, str] | None = None,
-                      port: int | None = None) -> ServerProcess:
+                      port: int | None = None, script: Path = REPO / "server.py") -> ServerProcess:
     """server.py with sign-in on, its Google callback registered with the stand-in."""
     port = port or free_port()
     google.allow_callback(f"http://127.0.0.1:{port}/oauth/google/callback")
     auth_env = {"GOOGLE_CLIENT_ID": GOOGLE_CLIENT_ID, "GOOGLE_CLIENT_SECRET": GOOGLE_CLIENT_SECRET,
                 "GOOGLE_DISCOVERY_URL": google.discovery_url, **(env or {})}
-    return start_server(workdir, *args, env=auth_env, port=port, wait_path="/healthz")
+    return start_server(workdir, *args, env=auth_env, port=port, wait_path="/healthz", script=script)
 
 
 @contextmanager
 def auth_server(google: GoogleStandIn, workdir: Path, *args: str, env: dict[str, str] | None = None,
-                port: int | None = None) -> Iterator[ServerProcess]:
-    server = start_auth_server(google, workdir, *args, env=env, port=port)
+                port: int | None = None, script: Path = REPO / "server.py") -> Iterator[ServerProcess]:
+    server = start_auth_server(google, workdir, *args, env=env, port=port, script=script)
     try:
         yield server
     finally:
@@ -189,7 +189,8 @@ class RawClient:
     @classmethod
     def register(cls, server: ServerProcess, redirect_uri: str = "http://127.0.0.1:6777/cb",
                  **metadata: Any) -> RawClient:
-        body = {"client_name": "raw test client", "redirect_uris": [redirect_uri],
+        # A name of its own: registering the very same metadata again gets the same client back.
+        body = {"client_name": f"raw test client {secrets.token_hex(4)}", "redirect_uris": [redirect_uri],
                 "token_endpoint_auth_method": "none", **metadata}
         response = httpx2.post(server.base_url + "/register", json=body)
         assert response.status_code == 201, response.text

@@ -88,8 +88,11 @@ def test_a_spinner_says_what_sign_in_waits_for(google: GoogleStandIn, signin_ser
                         env={"XDG_CONFIG_HOME": str(tmp_path)})
     link = terminal.wait_for(r"(http://127\.0\.0\.1:\d+/authorize\?\S+)").group(1)
     terminal.wait_for("Waiting for you to sign in in your browser")
-    time.sleep(0.5)  # long enough for the spinner to turn
-    frames = set(re.findall(r"([⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]) Waiting for you to sign in", terminal.text))
+    deadline = time.monotonic() + 15  # however slow the machine: the spinner must turn while it waits
+    frames: set[str] = set()
+    while len(frames) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        frames = set(re.findall(r"([⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]) Waiting for you to sign in", terminal.text))
     Browser().go(link)
     status, output = terminal.finish()
     assert status == 0, terminal.text

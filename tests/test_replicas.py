@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,23 @@ def test_a_retry_after_a_lost_refresh_answer_has_one_winner_across_replicas(clus
     assert sorted(r.status_code for r in results) == [200, 400], [r.text for r in results]
     fresh = next(r for r in results if r.status_code == 200).json()
     assert [whoami(cluster.replica(n), fresh["access_token"]).status_code for n in (1, 2, 3)] == [200, 200, 200]
+
+
+def test_a_rate_limit_holds_across_replicas(cluster: Cluster, tmp_path: Path) -> None:
+    """One budget for a token, whichever replica its requests reach (counted in the shared Redis)."""
+    ports = [free_port(), free_port()]
+    env = {**cluster.env, "STORE_URL": f"{cluster.redis.url}?prefix=limits", "RATE_LIMIT_MCP": "30",
+           "PUBLIC_URL": f"http://127.0.0.1:{ports[0]}"}
+    replicas = [start_auth_server(cluster.google, tmp_path / f"limited-{n}", "--stateless", env=env, port=port)
+                for n, port in enumerate(ports)]
+    try:
+        cluster.google.next_login(ALICE)
+        token = RawClient.register(replicas[0]).sign_in()["access_token"]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda n: mcp_call(replicas[n % 2], token, "tools/list"), range(40)))
+    finally:
+        for replica in replicas:
+            replica.stop()
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(200) == 30 and statuses.count(429) == 10, statuses
+    assert {answer.status_code for answer in answers[1::2]} >= {200}, "the second replica served its share too"

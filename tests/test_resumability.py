@@ -59,6 +59,29 @@ class EventReader:
         self._thread.join(5)
 
 
+def long_task_in_a_session(server: ServerProcess, *, request_id: int,
+                           steps: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """A new session's headers, and a long_task call (0.3 s a step, with progress) to post in it."""
+    with httpx2.Client() as http:
+        session = open_session(http, server.mcp_url)
+    headers = mcp_headers(session_id=session, **{"mcp-protocol-version": "2025-11-25"})
+    arguments = {"steps": steps, "step_seconds": 0.3}
+    return headers, {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {
+        "name": "long_task", "arguments": arguments, "_meta": {"progressToken": request_id}}}
+
+
+def resume_until_result(server: ServerProcess, headers: dict[str, str],
+                        last_event_id: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Reconnect with Last-Event-ID and read until the call's result: the messages, and the progress in them."""
+    resumed = EventReader(server.mcp_url, {**headers, **SSE_HEADERS, "last-event-id": last_event_id})
+    deadline = time.monotonic() + 10
+    while not any("result" in m for _, m in resumed.events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    resumed.stop()
+    messages = [m for _, m in resumed.events]
+    return messages, [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
+
+
 def add_note(server: ServerProcess, title: str) -> None:
     with httpx2.Client() as other:
         session = open_session(other, server.mcp_url)
@@ -112,24 +135,13 @@ def test_an_event_id_from_another_session_replays_nothing(stateful_server: Serve
 
 def test_a_dropped_post_stream_resumes_with_progress_and_the_result(stateful_server: ServerProcess) -> None:
     """SEP-1699: a client that loses a tool call's stream reconnects and gets the rest of it."""
-    with httpx2.Client() as http:
-        session = open_session(http, stateful_server.mcp_url)
-    headers = mcp_headers(session_id=session, **{"mcp-protocol-version": "2025-11-25"})
-    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-            "params": {"name": "long_task", "arguments": {"steps": 4, "step_seconds": 0.3},
-                       "_meta": {"progressToken": "p1"}}}
+    headers, call = long_task_in_a_session(stateful_server, request_id=7, steps=4)
     posted = EventReader(stateful_server.mcp_url, headers, method="POST", body=call)
     last_id, first_progress = posted.wait_for(1)[0]
     posted.stop()  # the connection drops after the first progress notification
     assert first_progress["params"]["progress"] == 1 and last_id
 
-    resumed = EventReader(stateful_server.mcp_url, {**headers, **SSE_HEADERS, "last-event-id": last_id})
-    deadline = time.monotonic() + 10
-    while not any("result" in m for _, m in resumed.events) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    resumed.stop()
-    messages = [m for _, m in resumed.events]
-    progress = [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
+    messages, progress = resume_until_result(stateful_server, headers, last_id)
     assert progress[-1] == 4 and 1 not in progress, progress
     assert messages[-1]["id"] == 7 and messages[-1]["result"]["structuredContent"]["steps_completed"] == 4
 
@@ -192,3 +204,21 @@ def test_unknown_session_ids_are_404(stateful_server: ServerProcess, header: str
     response = httpx2.post(stateful_server.mcp_url, json=ping, headers=mcp_headers(session_id="not-a-session"))
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Session not found"
+
+
+def test_a_post_stream_resumes_from_its_first_priming_event(stateful_server: ServerProcess) -> None:
+    """The priming event is the first id a client sees; a client that drops right after it must get
+    everything that followed, from this process's memory or from Redis."""
+    headers, call = long_task_in_a_session(stateful_server, request_id=8, steps=3)
+    priming = None
+    with httpx2.Client(timeout=30) as http, http.stream("POST", stateful_server.mcp_url, json=call,
+                                                         headers=headers) as response:
+        for line in response.iter_lines():
+            if line.startswith("id:"):
+                priming = line[3:].strip()
+                break  # the connection drops right after the priming event
+    assert priming
+    time.sleep(1.2)  # the task runs on, and its progress is sent while nobody listens
+    messages, progress = resume_until_result(stateful_server, headers, priming)
+    assert progress == [1, 2, 3], messages
+    assert messages[-1]["id"] == 8 and messages[-1]["result"]["structuredContent"]["steps_completed"] == 3

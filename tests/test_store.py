@@ -247,3 +247,21 @@ def test_a_version_0_1_redis_layout_is_upgraded(redis_server: RedisServer) -> No
     anyio.run(check)
     assert not raw.exists(f"{prefix}:s:grant:ann", f"{prefix}:notes:ann", f"{prefix}:n:ann:n1")
     assert raw.exists(f"{prefix}:o:note:ann")
+
+
+@dataclass(frozen=True)
+class EarlierCard:
+    """A Card as an earlier version wrote it, without the fields added since (they have defaults)."""
+
+    kind: ClassVar[str] = "card"
+
+    title: str
+
+
+async def test_swap_compares_values_so_records_written_by_an_earlier_version_swap_too(backend: server.Store) -> None:
+    await backend.put(server.Entry("old", EarlierCard("written long ago")))
+    current = await backend.get(Card, "old")
+    assert current == Card("written long ago")
+    assert await backend.swap("old", current, Card("rewritten", ("new",)))
+    assert await backend.get(Card, "old") == Card("rewritten", ("new",))
+    assert not await backend.swap("old", current, Card("again")), "the old value is gone"
