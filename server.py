@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import datetime
 import fnmatch
 import gc
 import hashlib
@@ -97,22 +98,28 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
 from mcp.shared.auth import OAuthClientInformationFull, OAuthMetadata, OAuthToken, ProtectedResourceMetadata
-from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError, UrlElicitationRequiredError
 from mcp_types import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     PARSE_ERROR,
+    CallToolResult,
     ClientCapabilities,
     Completion,
     CompletionArgument,
     CompletionContext,
     ElicitationCapability,
+    ElicitRequest,
+    ElicitRequestURLParams,
+    InputRequiredResult,
     JSONRPCMessage,
     PromptReference,
     ResourceTemplateReference,
+    TextContent,
     ToolAnnotations,
     jsonrpc_message_adapter,
 )
+from mcp_types import Tool as MCPTool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
@@ -139,6 +146,13 @@ NOTE_TAGS_MAX = 10
 NOTE_TAG_MAX_CHARS = 32
 SEARCH_LIMIT_MAX = 100
 LONG_TASK_STEPS_MAX = 50
+GOOGLE_SCOPES = "stream-http/google-scopes"  # a tool's meta: the Google scopes it needs, asked for when called
+CALENDAR_READONLY = "https://www.googleapis.com/auth/calendar.readonly"
+DRIVE_METADATA_READONLY = "https://www.googleapis.com/auth/drive.metadata.readonly"
+GOOGLE_SCOPE_LABELS = {  # what a person is asked to allow (and sees on /account): one per scope a tool needs
+    CALENDAR_READONLY: "See the events on your Google Calendar",
+    DRIVE_METADATA_READONLY: "See the names and details of your Google Drive files (not their contents)",
+}
 
 
 # === 1. Your server: tools, resources, prompts (edit here) ===================
@@ -365,8 +379,11 @@ class GoogleProfile(BaseModel):
     locale: str | None = None
 
 
-@mcp.tool(title="Google profile", annotations=ToolAnnotations(
-    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=True))
+GOOGLE_READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
+                                   open_world_hint=True)
+
+
+@mcp.tool(title="Google profile", annotations=GOOGLE_READ_ONLY, meta={GOOGLE_SCOPES: ["openid", "email", "profile"]})
 async def google_profile() -> GoogleProfile:
     """Fetch the signed-in person's profile from Google (name, email, picture, Workspace domain) with
     their own Google authorization, which this server keeps and refreshes. Shows how a tool reaches a
@@ -375,6 +392,71 @@ async def google_profile() -> GoogleProfile:
     return GoogleProfile(subject=str(info.get("sub", current_user().subject)), email=info.get("email"),
                          email_verified=info.get("email_verified"), name=info.get("name"),
                          picture=info.get("picture"), hosted_domain=info.get("hd"), locale=info.get("locale"))
+
+
+class CalendarEvent(BaseModel):
+    id: str
+    summary: str = Field(description="The event's title ('(no title)' when it has none).")
+    start: str = Field(description="When it starts: an RFC 3339 time, or a date for an all-day event.")
+    end: str
+    location: str | None = None
+    link: str | None = Field(None, description="The event in Google Calendar.")
+
+
+class UpcomingEvents(BaseModel):
+    events: list[CalendarEvent] = Field(description="Soonest first.")
+    until: str = Field(description="The end of the period looked at (RFC 3339).")
+
+
+@mcp.tool(title="Upcoming calendar events", annotations=GOOGLE_READ_ONLY, meta={GOOGLE_SCOPES: [CALENDAR_READONLY]})
+async def calendar_upcoming(
+    days: Annotated[int, Field(description="How many days ahead to look.", ge=1, le=90)] = 7,
+    limit: Annotated[int, Field(description="Most events to return.", ge=1, le=100)] = 10,
+) -> UpcomingEvents:
+    """List the events on the person's primary Google Calendar from now until `days` days ahead, soonest
+    first (recurring events as their single occurrences). The first time, the person is asked to let this
+    server see their calendar."""
+    now = datetime.datetime.now(datetime.UTC)
+    until = (now + datetime.timedelta(days=days)).isoformat()
+    found = await call_google(lambda google, token: google.api(
+        f"{runtime().settings.google_calendar_api}/calendars/primary/events", token,
+        {"timeMin": now.isoformat(), "timeMax": until, "singleEvents": "true", "orderBy": "startTime",
+         "maxResults": limit}))
+    return UpcomingEvents(events=[CalendarEvent(
+        id=str(item.get("id")), summary=item.get("summary") or "(no title)", location=item.get("location"),
+        start=(item.get("start") or {}).get("dateTime") or (item.get("start") or {}).get("date") or "",
+        end=(item.get("end") or {}).get("dateTime") or (item.get("end") or {}).get("date") or "",
+        link=item.get("htmlLink")) for item in found.get("items", [])[:limit]], until=until)
+
+
+class DriveFile(BaseModel):
+    id: str
+    name: str
+    mime_type: str = Field(description="Google's kind of file, e.g. application/vnd.google-apps.document.")
+    modified: str | None = Field(None, description="When it last changed (RFC 3339).")
+    link: str | None = Field(None, description="The file in Google Drive.")
+
+
+class DriveFiles(BaseModel):
+    files: list[DriveFile]
+
+
+@mcp.tool(title="Search Google Drive", annotations=GOOGLE_READ_ONLY, meta={GOOGLE_SCOPES: [DRIVE_METADATA_READONLY]})
+async def drive_search(
+    query: Annotated[str, Field(description="Words in the file's name.", min_length=1, max_length=200)],
+    limit: Annotated[int, Field(description="Most files to return.", ge=1, le=100)] = 10,
+) -> DriveFiles:
+    """Find files in the person's Google Drive whose name contains the words, most recently changed first.
+    Returns names, kinds and links, never the files' contents. The first time, the person is asked to let
+    this server see their Drive's file names."""
+    words = query.strip().replace("\\", "\\\\").replace("'", "\\'")  # Drive's query language escapes these
+    found = await call_google(lambda google, token: google.api(
+        f"{runtime().settings.google_drive_api}/files", token,
+        {"q": f"name contains '{words}' and trashed = false", "pageSize": limit, "orderBy": "modifiedTime desc",
+         "fields": "files(id,name,mimeType,modifiedTime,webViewLink)"}))
+    return DriveFiles(files=[DriveFile(
+        id=str(item.get("id")), name=item.get("name") or "", mime_type=item.get("mimeType") or "",
+        modified=item.get("modifiedTime"), link=item.get("webViewLink")) for item in found.get("files", [])[:limit]])
 
 
 # --- resources
@@ -601,6 +683,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("GOOGLE_CLIENT_SECRET", "", "Its client secret."),
     Option("GOOGLE_DISCOVERY_URL", GOOGLE_DISCOVERY_URL, "Google's OpenID discovery document (a stand-in's, "
            "for tests)."),
+    Option("GOOGLE_CALENDAR_API", "https://www.googleapis.com/calendar/v3", "Where Google's Calendar API v3 "
+           "answers (a stand-in's, for tests)."),
+    Option("GOOGLE_DRIVE_API", "https://www.googleapis.com/drive/v3", "Where Google's Drive API v3 answers "
+           "(a stand-in's, for tests)."),
     Option("SECRET_KEY", "", "Signs cookies and encrypts stored Google tokens. Default: generated once "
            "into DATA_DIR/secret_key (owner-only)."),
     Option("ALLOWED_EMAILS", "", "Comma-separated email addresses allowed to sign in (verified addresses "
@@ -662,6 +748,8 @@ class Settings:
     google_client_id: str
     google_client_secret: Secret | None
     google_discovery_url: str
+    google_calendar_api: str
+    google_drive_api: str
     secret_key: Secret | None
     allowed_emails: frozenset[str]
     allowed_domains: frozenset[str]
@@ -835,6 +923,8 @@ def load_settings(
         google_client_id=read.text("GOOGLE_CLIENT_ID"),
         google_client_secret=read.secret("GOOGLE_CLIENT_SECRET"),
         google_discovery_url=read.url("GOOGLE_DISCOVERY_URL", read.text("GOOGLE_DISCOVERY_URL")),
+        google_calendar_api=read.url("GOOGLE_CALENDAR_API", read.text("GOOGLE_CALENDAR_API")),
+        google_drive_api=read.url("GOOGLE_DRIVE_API", read.text("GOOGLE_DRIVE_API")),
         secret_key=read.secret("SECRET_KEY"),
         allowed_emails=frozenset(email.lower() for email in read.items("ALLOWED_EMAILS")),
         allowed_domains=frozenset(domain.lower() for domain in read.items("ALLOWED_DOMAINS")),
@@ -1805,7 +1895,7 @@ class Runtime:
         self.replica = new_id()  # tells this process's change announcements from other replicas'
         self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False, verify=tls_context())
         self.provider = build_provider(settings, self.store, self.http, self.limits) if settings.auth_enabled else None
-        self.known_tools: set[str] = set()
+        self.tools: dict[str, MCPTool] = {}  # as listed: see tool_named
         self._exit = AsyncExitStack()
 
     async def __aenter__(self) -> "Runtime":
@@ -2077,12 +2167,21 @@ async def serve_handshake_request(ctx: ServerRequestContext[Runtime, Any], call_
 
 
 async def serve_request(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
-    """Answer an unknown tool or prompt, or a prompt that cannot render, with the spec's -32602
-    (the SDK reports the first as a tool result and the others with error code 0)."""
+    """Answer an unknown tool or prompt, or a prompt that cannot render, with the spec's -32602 (the SDK
+    reports the first as a tool result and the others with error code 0); and before a tool that acts on
+    the person's Google account runs, have them grant the Google scopes it needs."""
     if ctx.method == "tools/call":
         name = (ctx.params or {}).get("name")
-        if isinstance(name, str) and not await is_known_tool(ctx.lifespan_context, name):
+        tool = await tool_named(ctx.lifespan_context, name) if isinstance(name, str) else None
+        if isinstance(name, str) and tool is None:
             raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
+        needed = google_scopes((tool.meta or {}).get(GOOGLE_SCOPES, ())) if tool else frozenset()
+        if needed and ctx.lifespan_context.provider is not None and current_user() is not LOCAL_USER:
+            token = _tool_google_scopes.set(needed)
+            try:
+                return await ctx.lifespan_context.provider.google_access.admit(ctx, call_next, needed)
+            finally:
+                _tool_google_scopes.reset(token)
     if ctx.method != "prompts/get":
         return await call_next(ctx)
     try:
@@ -2091,13 +2190,27 @@ async def serve_request(ctx: ServerRequestContext[Runtime, Any], call_next: Call
         raise MCPError(INVALID_PARAMS, str(exc)) from exc
 
 
-async def is_known_tool(running: Runtime, name: str) -> bool:
-    """Whether `name` is a tool. Listing the tools builds every tool's schema, which cost more than the
-    call itself, so the names are remembered and listed again only for a name not seen before (a tool
-    added while serving is found; a removed one is left to the SDK, which answers it as a tool error)."""
-    if name not in running.known_tools:
-        running.known_tools.update(tool.name for tool in await mcp.list_tools())
-    return name in running.known_tools
+async def tools_by_google_scope() -> dict[str, list[str]]:
+    """Each Google scope the tools declare (their meta, GOOGLE_SCOPES), and the tools that need it."""
+    users: dict[str, list[str]] = {}
+    for tool in await mcp.list_tools():
+        for scope in sorted(google_scopes((tool.meta or {}).get(GOOGLE_SCOPES, ()))):
+            users.setdefault(scope, []).append(tool.name)
+    return users
+
+
+async def tool_named(running: Runtime, name: str) -> MCPTool | None:
+    """The tool called `name`, or None. Listing the tools builds every tool's schema, which cost more than
+    the call itself, so they are remembered and listed again only for a name not seen before (a tool added
+    while serving is found; a removed one is left to the SDK, which answers it as a tool error)."""
+    if name not in running.tools:
+        running.tools = {tool.name: tool for tool in await mcp.list_tools()}
+    return running.tools.get(name)
+
+
+# The Google scopes of the tool being called, for call_google (the SDK hands a tool nothing of its own
+# registration).
+_tool_google_scopes: ContextVar[frozenset[str]] = ContextVar("stream_http_tool_google_scopes", default=frozenset())
 
 
 def can_ask_user(ctx: Context) -> bool:
@@ -2131,6 +2244,19 @@ async def send_log(ctx: Context, message: str, level: str = "info") -> None:
 
 GOOGLE_TIMEOUT_S = 10
 GOOGLE_CALLBACK_PATH = "/oauth/google/callback"
+GOOGLE_GRANT_PATH = "/oauth/google/grant"  # where a tool's link for more Google permissions lands
+GOOGLE_SIGN_IN_SCOPES = ("openid", "email", "profile")
+# Google answers with the long names of the sign-in scopes; both spellings are one scope.
+GOOGLE_SCOPE_ALIASES = {"email": "https://www.googleapis.com/auth/userinfo.email",
+                        "profile": "https://www.googleapis.com/auth/userinfo.profile"}
+GOOGLE_SIGN_IN_SCOPE_LABELS = {
+    "openid": "Know who you are on Google", GOOGLE_SCOPE_ALIASES["email"]: "See your email address",
+    GOOGLE_SCOPE_ALIASES["profile"]: "See your name and picture",
+}
+GOOGLE_QUOTA_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", "quotaExceeded",
+                                  "dailyLimitExceeded", "RATE_LIMIT_EXCEEDED"})
+GOOGLE_CONSENT_WAIT_S = 180  # how long a tool call waits for the person to answer Google's consent
+GOOGLE_CONSENT_POLL_S = 0.5
 T = TypeVar("T")
 
 
@@ -2140,6 +2266,18 @@ class GoogleError(Exception):
 
 class GoogleRevoked(GoogleError):
     """Google no longer honours this person's authorization (invalid_grant)."""
+
+
+class GoogleUnauthorized(GoogleError):
+    """Google refused the access token (401): refreshed once, then the authorization counts as revoked."""
+
+
+class GoogleScopeMissing(GoogleError):
+    """Google says the token lacks a scope the call needs: the person withdrew it at Google."""
+
+
+class GoogleQuota(GoogleError):
+    """Google's quota or rate limit for this project or person is used up for now."""
 
 
 @dataclass(frozen=True)
@@ -2195,10 +2333,16 @@ class GoogleLogin:
         self.domain_hint = next(iter(settings.allowed_domains)) if only_domain else None
         self.http = http
 
-    async def authorization_url(self, state: str, *, login_hint: str | None, ask_consent: bool) -> tuple[str, str, str]:
+    async def authorization_url(self, state: str, *, login_hint: str | None, ask_consent: bool,
+                                scopes: Sequence[str] = GOOGLE_SIGN_IN_SCOPES) -> tuple[str, str, str]:
         """The URL to send the browser to, and the nonce and PKCE verifier to check Google's answer with.
-        `ask_consent` makes Google issue a refresh token again (it does so only on consent)."""
-        extra = {"access_type": "offline", "include_granted_scopes": "true"}
+        `ask_consent` makes Google issue a refresh token again (it does so only on consent). With
+        include_granted_scopes, Google's answer covers every scope the person granted this server before,
+        so asking for more later (incremental authorization) asks only for what is new."""
+        # Sign-in's scopes by their short names, as Google documents them (it takes both spellings).
+        short = {url: name for name, url in GOOGLE_SCOPE_ALIASES.items()}
+        extra = {"access_type": "offline", "include_granted_scopes": "true", "scope": " ".join(dict.fromkeys(
+            short.get(scope, scope) for scope in ("openid", *scopes)))}
         if ask_consent:
             extra["prompt"] = "consent"
         if login_hint:
@@ -2239,7 +2383,9 @@ class GoogleLogin:
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
         """A fresh Google access token. Raises GoogleRevoked on invalid_grant."""
         try:
-            return dict(await self.client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token))
+            # scope=None: Authlib would otherwise send the sign-in scopes, narrowing a token the person widened.
+            return dict(await self.client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token,
+                                                             scope=None))
         except self.refused as exc:
             raise GoogleRevoked(exc.error) if exc.error == "invalid_grant" else GoogleError(str(exc.error)) from exc
         except httpx2.HTTPError as exc:
@@ -2254,6 +2400,27 @@ class GoogleLogin:
         response.raise_for_status()
         return dict(response.json())
 
+    async def api(self, url: str, access_token: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """GET one of Google's REST APIs as the person, with Google's errors named: GoogleUnauthorized (401),
+        GoogleScopeMissing (403 for a scope not granted) and GoogleQuota (quota and rate limits)."""
+        response = await self.http.get(url, params=params, timeout=GOOGLE_TIMEOUT_S,
+                                       headers={"Authorization": f"Bearer {access_token}"})
+        if response.status_code < 400:
+            return dict(response.json())
+        try:
+            error = response.json().get("error") or {}
+        except ValueError:
+            error = {}
+        reasons = {item.get("reason") for item in error.get("errors") or [] if isinstance(item, dict)}
+        message = str(error.get("message") or response.reason_phrase)
+        if response.status_code == 401:
+            raise GoogleUnauthorized(message)
+        if response.status_code == 429 or reasons & GOOGLE_QUOTA_REASONS:
+            raise GoogleQuota(message)
+        if response.status_code == 403 and reasons & {"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"}:
+            raise GoogleScopeMissing(message)
+        raise GoogleError(f"Google answered {response.status_code}: {message}")
+
     async def revoke(self, token: str) -> None:
         """Revoke a Google token (a refresh token revokes the whole authorization)."""
         metadata = await self.client.load_server_metadata()
@@ -2266,6 +2433,15 @@ class GoogleLogin:
             raise GoogleError(f"Google's revocation endpoint answered {response.status_code}")
 
 
+def google_scope(name: str) -> str:
+    return GOOGLE_SCOPE_ALIASES.get(name, name)
+
+
+def google_scopes(names: str | Iterable[str]) -> frozenset[str]:
+    """Scopes in one spelling, from Google's space-separated `scope` or a list."""
+    return frozenset(google_scope(name) for name in (names.split() if isinstance(names, str) else names))
+
+
 @dataclass(frozen=True)
 class GoogleTokens:
     """A person's tokens from Google, as kept (encrypted) by this server."""
@@ -2274,21 +2450,56 @@ class GoogleTokens:
     expires_at: float
     fresh_until: float | None = None  # renewed a little before it expires
     refresh_token: str | None = None
+    scopes: tuple[str, ...] = tuple(sorted(google_scopes(GOOGLE_SIGN_IN_SCOPES)))  # what Google says was granted
+    # Scopes the person withdrew on /account while Google's grant still holds them (Google revokes only
+    # whole grants): never counted as granted until the person grants them here again.
+    withdrawn: tuple[str, ...] = ()
 
     @classmethod
     def from_response(cls, token: Mapping[str, Any], held: "GoogleTokens | None") -> "GoogleTokens":
-        """Google's token response, keeping the refresh token already held when it sends none."""
+        """Google's token response, keeping the refresh token already held when it sends none. Its `scope`
+        is what the person granted (under granular consent, maybe less than was asked): that is the record."""
         now = time.time()
         expires_at = float(token.get("expires_at") or now + float(token.get("expires_in") or 3600))
         # 30 s early, or halfway for a token shorter-lived than a minute.
         fresh_until = expires_at - min(30.0, max(0.0, expires_at - now) / 2)
+        withdrawn = held.withdrawn if held else ()
+        granted = google_scopes(token["scope"]) if token.get("scope") else (
+            held.scopes if held else google_scopes(GOOGLE_SIGN_IN_SCOPES))
         return cls(access_token=token["access_token"], expires_at=expires_at, fresh_until=fresh_until,
-                   refresh_token=token.get("refresh_token") or (held.refresh_token if held else None))
+                   refresh_token=token.get("refresh_token") or (held.refresh_token if held else None),
+                   scopes=tuple(sorted(set(granted) - set(withdrawn))), withdrawn=withdrawn)
 
     @property
     def is_fresh(self) -> bool:
         """Whether the access token can still be used without a refresh first."""
         return time.time() < (self.fresh_until if self.fresh_until is not None else self.expires_at - 30)
+
+
+@dataclass(frozen=True)
+class GoogleScopeRequest:
+    """A tool's request for Google scopes the person has not granted, answered at Google through `link`."""
+
+    kind: ClassVar[str] = "google_scopes"
+
+    id: str
+    subject: str
+    email: str
+    scopes: tuple[str, ...]
+    link: str
+    status: Literal["waiting", "answered", "wrong_account"] = "waiting"
+    missing: tuple[str, ...] = ()  # of `scopes`, those still not granted once answered
+
+
+@dataclass(frozen=True)
+class GoogleScopeTrip:
+    """A person at Google answering a GoogleScopeRequest, with what checks Google's answer."""
+
+    kind: ClassVar[str] = "google_scope_trip"
+
+    request_id: str
+    nonce: str
+    verifier: str
 
 
 @dataclass(frozen=True)
@@ -2327,22 +2538,35 @@ class GoogleGrants:
         record = await self.store.get(SealedGoogleTokens, subject)
         return self.cipher.open(subject, record) if record else None
 
-    async def save(self, subject: str, token_response: Mapping[str, Any]) -> None:
-        tokens = GoogleTokens.from_response(token_response, await self.tokens(subject))
+    async def save(self, subject: str, token_response: Mapping[str, Any], *, regranted: Iterable[str] = ()) -> None:
+        """Keep Google's token response; `regranted`: scopes the person has just granted again here."""
+        held = await self.tokens(subject)
+        if held is not None and regranted:
+            again = google_scopes(regranted)
+            held = dataclasses.replace(held, withdrawn=tuple(s for s in held.withdrawn if s not in again))
+        await self.keep(subject, GoogleTokens.from_response(token_response, held))
+
+    async def keep(self, subject: str, tokens: GoogleTokens) -> None:
         await self.store.put(Entry(subject, self.cipher.seal(subject, tokens), owner=subject))
 
-    async def access_token(self, subject: str) -> str:
-        """A valid Google access token for `subject`, refreshed with the stored refresh token when needed.
-        Raises GoogleRevoked when Google no longer honours the authorization."""
+    async def granted(self, subject: str) -> frozenset[str]:
+        """The Google scopes the person has granted this server, as Google last said (none: no tokens)."""
         tokens = await self.tokens(subject)
-        if tokens is None:
-            raise GoogleRevoked("no Google authorization is stored for you")
-        if tokens.is_fresh:
+        return frozenset(tokens.scopes) if tokens else frozenset()
+
+    async def access_token(self, subject: str, *, refused: str | None = None) -> str:
+        """A valid Google access token for `subject`, refreshed with the stored refresh token when needed, or
+        when Google has `refused` that one. Raises GoogleRevoked when Google no longer honours the
+        authorization."""
+        tokens = await self.tokens(subject)
+        if tokens is None:  # withdrawn on /account: a tool asks for its scopes again
+            raise GoogleScopeMissing("no Google authorization is stored for you")
+        if tokens.is_fresh and tokens.access_token != refused:
             return tokens.access_token
         # One refresh at a time per person, across replicas too; the others wait and use its result.
         async with self.store.lock(f"google-refresh:{subject}", ttl_s=GOOGLE_TIMEOUT_S + 5):
             tokens = await self.tokens(subject) or tokens
-            if tokens.is_fresh:
+            if tokens.is_fresh and tokens.access_token != refused:
                 return tokens.access_token
             if not tokens.refresh_token:
                 raise GoogleRevoked("Google gave this server no refresh token")
@@ -2367,23 +2591,197 @@ class GoogleGrants:
         """Forget the person's Google tokens without asking Google (which has already withdrawn them)."""
         await self.store.delete(SealedGoogleTokens, subject)
 
+    async def lost_at_google(self, subject: str, scopes: Iterable[str]) -> None:
+        """Note that Google no longer grants `scopes` (the person withdrew them in their Google account)."""
+        tokens = await self.tokens(subject)
+        if tokens is not None:
+            kept = tuple(scope for scope in tokens.scopes if scope not in google_scopes(scopes))
+            await self.keep(subject, dataclasses.replace(tokens, scopes=kept))
+
+    async def withdraw(self, subject: str, scopes: Iterable[str] | None) -> bool:
+        """The person withdraws `scopes` (None: every Google permission) on /account. Google revokes only
+        whole grants, so while other permissions beyond sign-in remain, the withdrawn ones are no longer
+        counted or used (a tool needing one asks again); when nothing beyond sign-in remains, the
+        authorization is revoked at Google and forgotten (a Google tool then asks afresh). True if
+        it was revoked at Google."""
+        tokens = await self.tokens(subject)
+        if tokens is None:
+            return False
+        gone = set(tokens.scopes) if scopes is None else google_scopes(scopes) & set(tokens.scopes)
+        extras_left = set(tokens.scopes) - gone - google_scopes(GOOGLE_SIGN_IN_SCOPES)
+        audit("google_scopes_withdrawn", subject=subject, scopes=sorted(gone), revoked=not extras_left)
+        if not extras_left:
+            await self.revoke(subject)
+            return True
+        await self.keep(subject, dataclasses.replace(tokens, scopes=tuple(sorted(set(tokens.scopes) - gone)),
+                                                     withdrawn=tuple(sorted(set(tokens.withdrawn) | gone))))
+        return False
+
+    async def ask(self, user: User, scopes: Iterable[str], public_url: str) -> GoogleScopeRequest:
+        """A request for the person to grant `scopes` at Google, and its link, good for TRANSACTION_TTL_S."""
+        request = GoogleScopeRequest(id=new_id(), subject=user.subject, email=user.email or "",
+                                     scopes=tuple(sorted(google_scopes(scopes))), link="")
+        request = dataclasses.replace(request, link=f"{public_url}{GOOGLE_GRANT_PATH}?{urlencode({'r': request.id})}")
+        await self.store.put(Entry(request.id, request, ttl_s=TRANSACTION_TTL_S))
+        return request
+
+    async def send_for(self, request: GoogleScopeRequest) -> str:
+        """Where the browser goes to grant `request`'s scopes: Google, for just those, as the same account."""
+        state = new_id()
+        url, nonce, verifier = await self.login.authorization_url(state, login_hint=request.email or None,
+                                                                  ask_consent=True, scopes=request.scopes)
+        await self.store.put(Entry(state, GoogleScopeTrip(request.id, nonce, verifier), ttl_s=TRANSACTION_TTL_S))
+        return url
+
+    async def take_trip(self, state: str) -> GoogleScopeTrip | None:
+        return await self.store.take(GoogleScopeTrip, state) if state else None
+
+    async def finish_trip(self, trip: GoogleScopeTrip, code: str | None, error: str | None,
+                          ) -> tuple[GoogleScopeRequest | None, GoogleIdentity | None]:
+        """Google sent the browser back with the person's answer: check that the same account answered,
+        record what it granted, and mark the request answered (the waiting tool call reads it)."""
+        request = await self.store.get(GoogleScopeRequest, trip.request_id)
+        if request is None:
+            return None, None
+        identity = None
+        if code and not error:
+            identity, tokens = await self.login.finish(code, nonce=trip.nonce, verifier=trip.verifier)
+            if identity.subject != request.subject:
+                answered = dataclasses.replace(request, status="wrong_account")
+                await self.store.put(Entry(request.id, answered, ttl_s=TRANSACTION_TTL_S))
+                return answered, identity
+            await self.save(request.subject, tokens, regranted=request.scopes)
+        missing = tuple(sorted(set(request.scopes) - await self.granted(request.subject)))
+        answered = dataclasses.replace(request, status="answered", missing=missing)
+        await self.store.put(Entry(request.id, answered, ttl_s=TRANSACTION_TTL_S))
+        audit("google_scopes_answered", subject=request.subject, asked=list(request.scopes), missing=list(missing))
+        return answered, identity
+
+    async def answered(self, request_id: str, subject: str) -> GoogleScopeRequest | None:
+        """The request once the person has answered Google (polling the store: the answer may reach another
+        replica), or None if they have not within GOOGLE_CONSENT_WAIT_S."""
+        with anyio.move_on_after(GOOGLE_CONSENT_WAIT_S):
+            while True:
+                request = await self.store.get(GoogleScopeRequest, request_id)
+                if request is None or request.subject != subject:
+                    return None
+                if request.status != "waiting":
+                    return request
+                await anyio.sleep(GOOGLE_CONSENT_POLL_S)
+        return None
+
+
+class GoogleAccess:
+    """Before a tool that acts on the person's Google account runs, the Google scopes it needs (its meta,
+    GOOGLE_SCOPES), asked for only then and only those: sign-in asks Google for openid email profile and
+    nothing more. A scope missing is asked for in the way the client can carry it: URL-mode elicitation
+    mid-call on a 2025-era session (and the call then completes), an input request on 2026-07-28 (the
+    client retries, and the call completes), the URL-elicitation-required error where the client takes
+    links but cannot be asked mid-call, and otherwise a tool result carrying the link. The link lands on
+    this server, which sends the person to Google for just those scopes (incremental authorization)."""
+
+    def __init__(self, grants: GoogleGrants, settings: Settings) -> None:
+        self.grants = grants
+        self.settings = settings
+
+    async def admit(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext,
+                    needed: frozenset[str]) -> HandlerResult:
+        user = current_user()
+        params = {key: value for key, value in (ctx.params or {}).items()
+                  if key not in ("requestState", "inputResponses")}
+        retry = (ctx.params or {}).get("requestState")
+        if isinstance(retry, str):  # 2026-07-28: the client sent the person to Google and retries
+            accepted = ((ctx.params or {}).get("inputResponses") or {}).get("google", {}).get("action") == "accept"
+            request = await self.grants.answered(retry, user.subject) if accepted else None
+            return await self.proceed(dataclasses.replace(ctx, params=params), call_next, needed, request, accepted)
+        missing = needed - await self.grants.granted(user.subject)
+        if not missing:
+            return await call_next(ctx)
+        request = await self.grants.ask(user, missing, self.settings.public_url)
+        audit("google_scopes_asked", subject=user.subject, scopes=sorted(missing))
+        message = (f"{(ctx.params or {}).get('name')} needs your permission to {scope_labels(missing)}. Open the "
+                   "link to grant it at Google, then come back here.")
+        if not self.takes_links(ctx):
+            return tool_error(f"{message} {request.link}")
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            elicit = ElicitRequest(params=ElicitRequestURLParams(message=message, url=request.link))
+            return InputRequiredResult(input_requests={"google": elicit}, request_state=request.id)
+        if not ctx.session.can_send_request:
+            raise UrlElicitationRequiredError([ElicitRequestURLParams(message=message, url=request.link,
+                                                                      elicitation_id=request.id)])
+        answer = await ctx.session.elicit_url(message, request.link, request.id, related_request_id=ctx.request_id)
+        answered = await self.grants.answered(request.id, user.subject) if answer.action == "accept" else None
+        if answered is not None:
+            await ctx.session.send_elicit_complete(request.id, related_request_id=ctx.request_id)
+        return await self.proceed(ctx, call_next, needed, answered, answer.action == "accept")
+
+    @staticmethod
+    def takes_links(ctx: ServerRequestContext[Any, Any]) -> bool:
+        capabilities = ctx.session.client_capabilities
+        return bool(capabilities and capabilities.elicitation and capabilities.elicitation.url is not None)
+
+    async def proceed(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, needed: frozenset[str],
+                      request: GoogleScopeRequest | None, accepted: bool) -> HandlerResult:
+        """After the person answered at Google (or did not): the call, or a tool result saying what is missing."""
+        if not accepted:
+            return tool_error("You did not open the link to Google, so this tool did not run. Call it again "
+                              "when you want to grant the permission it needs.")
+        if request is None:
+            return tool_error(f"Google gave no answer within {GOOGLE_CONSENT_WAIT_S // 60} minutes; call the tool "
+                              "again to get a new link.")
+        if request.status == "wrong_account":
+            return tool_error(f"Google was answered by a different account than {request.email}; call the tool "
+                              "again and choose that account at Google.")
+        missing = needed - await self.grants.granted(request.subject)
+        if missing:
+            return tool_error(f"You did not grant everything this tool needs: it still needs your permission to "
+                              f"{scope_labels(missing)}. Call it again to be asked once more.")
+        return await call_next(ctx)
+
+
+def tool_error(text: str) -> CallToolResult:
+    """A tool result that failed, for the model to read (what the middleware answers in the tool's place)."""
+    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+
 
 async def call_google(request: Callable[[GoogleLogin, str], Awaitable[T]]) -> T:
     """Run `request` with the calling person's Google access token, for tools that act on their Google
-    account. When Google has withdrawn the person's authorization, they are signed out of this server
-    too; every failure becomes a tool error the model can read."""
+    account (a tool declares the scopes it needs in its meta, GOOGLE_SCOPES: they are asked for before it
+    runs). A token Google refuses is refreshed once; when Google has withdrawn the person's authorization,
+    they are signed out of this server too. Every failure becomes a tool error the model can read."""
     provider, user = runtime().provider, current_user()
     if provider is None or user is LOCAL_USER:
         raise ToolError("This server runs without sign-in, so there is no Google account to ask. "
                         "Set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET to turn sign-in on.")
+    grants = provider.google
     try:
-        return await request(provider.google.login, await provider.google.access_token(user.subject))
-    except GoogleRevoked as exc:
+        token = await grants.access_token(user.subject)
+        try:
+            return await request(grants.login, token)
+        except GoogleUnauthorized:
+            return await request(grants.login, await grants.access_token(user.subject, refused=token))
+    except (GoogleRevoked, GoogleUnauthorized) as exc:
         await provider.end_access(user.subject, reason=f"Google withdrew the authorization ({exc})")
         raise ToolError("Google no longer honours your sign-in, so this server has signed you out. "
                         "Connect again to sign in.") from exc
+    except GoogleScopeMissing as exc:
+        needed = _tool_google_scopes.get()
+        await grants.lost_at_google(user.subject, needed)
+        raise ToolError(f"Google says you no longer allow this server to {scope_labels(needed)}. Call the tool "
+                        "again to be asked for that permission.") from exc
+    except GoogleQuota as exc:
+        raise ToolError(f"Google's quota for this is used up for now ({exc}); try again in a few minutes.") from exc
     except (GoogleError, httpx2.HTTPError) as exc:
         raise ToolError(f"Google could not be reached just now: {exc}") from exc
+
+
+def scope_labels(scopes: Iterable[str]) -> str:
+    """What scopes let this server do, for a person to read."""
+    return "; ".join(scope_label(scope).lower() for scope in sorted(scopes)) or "do that"
+
+
+def scope_label(scope: str) -> str:
+    return GOOGLE_SCOPE_LABELS.get(scope) or GOOGLE_SIGN_IN_SCOPE_LABELS.get(scope) or scope
 
 
 # === 6. OAuth provider =======================================================
@@ -2762,6 +3160,16 @@ class IssuedRefreshToken(IssuedAccessToken):
 
 
 @dataclass(frozen=True)
+class GooglePermission:
+    """One Google scope a person has granted this server, as /account shows it."""
+
+    scope: str
+    label: str
+    used_by: tuple[str, ...]  # the tools that need it
+    for_sign_in: bool
+
+
+@dataclass(frozen=True)
 class Consent:
     """The scopes a person has approved for a client, so the consent page need not ask again."""
 
@@ -2928,6 +3336,7 @@ class OAuthProvider:
         self.settings = settings
         self.redirects = redirects
         self.limits = limits
+        self.google_access = GoogleAccess(google, settings)
         self.secret_key = secret_key
         self.store = store
         self.google = google
@@ -3336,6 +3745,13 @@ class OAuthProvider:
                 last_used_at=grant.last_used_at or grant.created_at))
         return sorted(apps, key=lambda app: app.authorised_at, reverse=True)
 
+    async def google_permissions(self, subject: str) -> list[GooglePermission]:
+        """The Google scopes `subject` has granted this server, sign-in's first, with the tools using each."""
+        sign_in, users = google_scopes(GOOGLE_SIGN_IN_SCOPES), await tools_by_google_scope()
+        granted = sorted(await self.google.granted(subject), key=lambda scope: (scope not in sign_in, scope))
+        return [GooglePermission(scope, scope_label(scope), tuple(users.get(scope, ())),
+                                 scope in sign_in) for scope in granted]
+
     async def disconnect(self, subject: str, which: str) -> int:
         """End grant `which` of `subject`, or all of them for "all" (never anyone else's); how many ended."""
         owned = [grant.id for grant in await self.store.find(Grant, subject)]
@@ -3524,6 +3940,7 @@ class SignInRoutes:
             Route("/authorize", self.for_browsers(self.authorize), methods=["GET", "POST"]),
             Route("/consent", self.for_browsers(self.consent), methods=["GET", "POST"]),
             Route(GOOGLE_CALLBACK_PATH, self.for_browsers(self.google_callback), methods=["GET"]),
+            Route(GOOGLE_GRANT_PATH, self.for_browsers(self.google_grant), methods=["GET"]),
             Route("/account", self.for_browsers(self.account), methods=["GET", "POST"]),
         ]
 
@@ -3599,8 +4016,44 @@ class SignInRoutes:
             return self.pages.message("This page has expired", str(exc), status=400)
         return redirect_to(next_url, status=303)
 
+    async def google_grant(self, request: Request) -> Response:
+        """A tool's link for more Google permissions: on to Google, for just those."""
+        asked = await self.provider.store.get(GoogleScopeRequest, request.query_params.get("r", ""))
+        if asked is None or asked.status != "waiting":
+            return self.pages.message("This link has expired", "This link was already used, or it is too old. Ask "
+                                      "your application to call the tool again for a new one.", status=400)
+        try:
+            return redirect_to(await self.provider.google.send_for(asked))
+        except GoogleError as exc:
+            logger.error("cannot send a person to Google for more scopes: %s", exc)
+            return self.pages.message("Google is unavailable", "Google cannot be reached just now; try the link "
+                                      "again in a moment.", status=503)
+
+    async def scopes_answered(self, trip: GoogleScopeTrip, code: str | None, error: str | None) -> Response:
+        try:
+            answered, identity = await self.provider.google.finish_trip(trip, code, error)
+        except GoogleError as exc:
+            return self.pages.message("Google could not finish", f"Google did not complete this: {exc}", status=400)
+        if answered is None:
+            return self.pages.message("This link has expired", "Ask your application to call the tool again.",
+                                      status=400)
+        if answered.status == "wrong_account":
+            someone = identity.email if identity else "another account"
+            return self.pages.message("A different Google account", f"You answered Google as {someone}, but the "
+                                      f"tool acts for {answered.email}. Call the tool again and choose "
+                                      f"{answered.email} at Google.", status=403)
+        if answered.missing:
+            return self.pages.message("Not everything was granted", f"You did not allow this server to "
+                                      f"{scope_labels(answered.missing)}, which the tool needs. Return to your "
+                                      "application; calling the tool again asks once more.", status=200)
+        return self.pages.message("You can return to your application", f"This server may now "
+                                  f"{scope_labels(answered.scopes)}. Return to your application: the tool carries "
+                                  "on by itself, or call it again if your application asks you to.", status=200)
+
     async def google_callback(self, request: Request) -> Response:
         query = request.query_params
+        if trip := await self.provider.google.take_trip(query.get("state", "")):
+            return await self.scopes_answered(trip, query.get("code"), query.get("error"))
         try:
             outcome = await self.provider.return_from_google(query.get("state", ""), query.get("code"),
                                                              query.get("error"))
@@ -3622,20 +4075,35 @@ class SignInRoutes:
         action = f"{self.settings.public_url}/account"
         csrf = request.session.setdefault("account_csrf", new_id())
         if request.method == "POST":
-            return await self.disconnect(request, user["sub"], csrf=csrf, action=action)
-        shown = request.query_params.get("removed", "")
+            return await self.change_account(request, user["sub"], csrf=csrf, action=action)
+        shown, withdrawn = request.query_params.get("removed", ""), request.query_params.get("withdrawn")
         apps = await self.provider.connected_apps(user["sub"])
-        return self.pages.account(user.get("email") or user["sub"], apps, csrf=csrf, action=action,
-                                  removed=int(shown) if shown.isdigit() else None)
+        permissions = await self.provider.google_permissions(user["sub"])
+        return self.pages.account(user.get("email") or user["sub"], apps, permissions, csrf=csrf, action=action,
+                                  removed=int(shown) if shown.isdigit() else None, withdrawn=withdrawn)
 
-    async def disconnect(self, request: Request, subject: str, *, csrf: str, action: str) -> Response:
+    async def change_account(self, request: Request, subject: str, *, csrf: str, action: str) -> Response:
+        """A form on /account: disconnect applications, or withdraw Google permissions."""
         form = await request.form()
         if not from_this_site(request, self.settings) or not hmac.compare_digest(str(form.get("csrf_token", "")),
                                                                                   csrf):
             return self.pages.message("Request refused", "This did not come from your own account page, so "
                                       "nothing was changed.", status=403, continue_to=action,
                                       continue_label="Back to your account")
-        chosen = str(form.get("grant", ""))
+        if "google_scope" in form:
+            return await self.withdraw_google(subject, str(form["google_scope"]), action=action)
+        return await self.disconnect(subject, str(form.get("grant", "")), action=action)
+
+    async def withdraw_google(self, subject: str, chosen: str, *, action: str) -> Response:
+        granted = await self.provider.google.granted(subject)
+        if chosen != "all" and chosen not in granted:
+            return self.pages.message("Not found", "This server does not hold that Google permission (it may have "
+                                      "been withdrawn already).", status=404, continue_to=action,
+                                      continue_label="Back to your account")
+        revoked = await self.provider.google.withdraw(subject, None if chosen == "all" else [chosen])
+        return redirect_to(f"{action}?{urlencode({'withdrawn': 'revoked' if revoked else 'kept'})}", status=303)
+
+    async def disconnect(self, subject: str, chosen: str, *, action: str) -> Response:
         removed = await self.provider.disconnect(subject, chosen)
         if chosen != "all" and not removed:
             return self.pages.message("Not found", "That application is not connected to your account (it may "
@@ -3754,7 +4222,7 @@ color:var(--fg);background:var(--bg)}main{max-width:32rem;margin:2rem auto;paddi
 border:1px solid var(--line);border-radius:12px}h1{font-size:1.35rem;margin:.2rem 0 1rem}
 .brand{color:var(--muted);font-size:.9rem;margin:0;display:flex;align-items:center;gap:.5rem}
 dl{display:grid;grid-template-columns:auto 1fr;gap:.3rem 1rem}
-dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}ul{padding-left:1.2rem}.note{color:var(--muted);font-size:.9rem}
+dt{color:var(--muted)}dd,code{margin:0;overflow-wrap:anywhere}ul{padding-left:1.2rem}.note{color:var(--muted);font-size:.9rem}
 .actions{display:flex;gap:.75rem;flex-wrap:wrap;margin-top:1.5rem}
 button,.button{font:inherit;padding:.6rem 1.2rem;border-radius:8px;border:1px solid var(--line);background:var(--card);
 color:var(--fg);cursor:pointer;text-decoration:none;display:inline-block}
@@ -3786,7 +4254,28 @@ MESSAGE_BODY = string.Template("""<p>$message</p>$action_html""")
 
 ACCOUNT_BODY = string.Template("""<p>Signed in as <strong>$email</strong>. These applications can use $server
 on your behalf. Disconnecting one ends its access at once; it must ask you again to come back.</p>
-$notice_html$apps_html""")
+$notice_html$apps_html$google_html""")
+
+ACCOUNT_GOOGLE = string.Template("""<section aria-labelledby="google"><h2 id="google">Google permissions</h2>
+<p>What $server may do in your Google account, for the tools that act as you there.</p>
+<ul>$rows_html</ul>$all_html</section>""")
+
+ACCOUNT_GOOGLE_WITHDRAW = string.Template("""<form method="post" action="$action"><input type="hidden"
+name="csrf_token" value="$csrf"><button type="submit" name="google_scope" value="$scope"
+aria-label="Withdraw: $label">Withdraw</button></form>""")
+
+ACCOUNT_GOOGLE_ALL = string.Template("""<form method="post" action="$action"><input type="hidden" name="csrf_token"
+value="$csrf"><div class="actions"><button type="submit" name="google_scope" value="all">Withdraw all Google
+permissions</button></div></form><p class="note">Your applications stay connected; a tool that needs Google asks
+you again.</p>""")
+
+GOOGLE_WITHDRAWN_NOTICES = {
+    "revoked": "Withdrawn: Google has revoked this server's access to your Google account. A tool that needs it "
+               "will ask you again.",
+    "kept": "Withdrawn: this server no longer uses that permission, and a tool that needs it will ask you again. "
+            "Google ends an application's permissions only all at once, so your Google account lists it until "
+            "you withdraw the others too.",
+}
 
 ACCOUNT_APP = string.Template("""<section aria-labelledby="app-$grant_id"><h2 id="app-$grant_id">$name</h2>
 <dl>$details_html</dl>
@@ -3895,12 +4384,15 @@ class Pages:
             next_step=next_step, action=f"{public_url}/consent", txn=pending.id, csrf=pending.csrf,
             form_targets=[public_url, google_origin, pending.redirect_uri])
 
-    def account(self, email: str, apps: Sequence[ConnectedApp], *, csrf: str, action: str,
-                removed: int | None = None) -> HTMLResponse:
-        """The connected-apps page: each application with what it may do, and a way to disconnect it."""
+    def account(self, email: str, apps: Sequence[ConnectedApp], permissions: Sequence[GooglePermission], *,
+                csrf: str, action: str, removed: int | None = None, withdrawn: str | None = None) -> HTMLResponse:
+        """The account page: each connected application with what it may do and a way to disconnect it, then
+        the Google permissions this server holds, with a way to withdraw them."""
         notice_html = ""
         if removed is not None:
             notice_html = f'<p role="status" class="note">Disconnected {removed} application{"s" * (removed != 1)}.</p>'
+        if withdrawn in GOOGLE_WITHDRAWN_NOTICES:
+            notice_html = f'<p role="status" class="note">{GOOGLE_WITHDRAWN_NOTICES[withdrawn]}</p>'
         sections = []
         for app in apps:
             details = [("Domain" if app.vouched_by else "Sends you back to", app.vouched_by or app.redirect_host),
@@ -3913,7 +4405,25 @@ class Pages:
             sections.append(ACCOUNT_ALL.substitute(action=action, csrf=csrf, count=f"({len(apps)})"))
         apps_html = "".join(sections) or "<p>No applications are connected to your account.</p>"
         return self.render("Connected applications", ACCOUNT_BODY, email=email, notice_html=notice_html,
-                           apps_html=apps_html, form_targets=[action])
+                           apps_html=apps_html, google_html=self.google_permissions(permissions, csrf, action),
+                           form_targets=[action])
+
+    @staticmethod
+    def google_permissions(permissions: Sequence[GooglePermission], csrf: str, action: str) -> str:
+        if not permissions:
+            nothing = "<li>None: a tool that needs your Google account asks you first.</li>"
+            return ACCOUNT_GOOGLE.substitute(server=html.escape(SERVER_NAME), all_html="", rows_html=nothing)
+        rows = []
+        for permission in permissions:
+            use = "Needed to sign in" if permission.for_sign_in else (
+                "Used by " + ", ".join(permission.used_by) if permission.used_by else "Used by no tool now")
+            withdraw = "" if permission.for_sign_in else ACCOUNT_GOOGLE_WITHDRAW.substitute(
+                action=action, csrf=csrf, scope=html.escape(permission.scope, quote=True),
+                label=html.escape(permission.label, quote=True))
+            rows.append(f"<li><strong>{html.escape(permission.label)}</strong> ({html.escape(use)})"
+                        f"<br><code>{html.escape(permission.scope)}</code>{withdraw}</li>")
+        return ACCOUNT_GOOGLE.substitute(server=html.escape(SERVER_NAME), rows_html="".join(rows),
+                                         all_html=ACCOUNT_GOOGLE_ALL.substitute(action=action, csrf=csrf))
 
 
 # === 8. HTTP app =============================================================

@@ -164,8 +164,8 @@ class SdkSignIn:
         return OAuthClientProvider(server_url=self.server_url, client_metadata=metadata, storage=self.storage,
                                    redirect_handler=redirect, callback_handler=callback)
 
-    def client(self, http: httpx2.AsyncClient, mode: str = "legacy") -> Client:
-        return Client(streamable_http_client(self.server_url, http_client=http), mode=mode)
+    def client(self, http: httpx2.AsyncClient, mode: str = "legacy", **options: Any) -> Client:
+        return Client(streamable_http_client(self.server_url, http_client=http), mode=mode, **options)
 
 
 # --- raw OAuth, for the attacks
@@ -222,10 +222,10 @@ class RawClient:
     def refresh(self, refresh_token: str, **extra: str) -> httpx2.Response:
         return self.token(grant_type="refresh_token", refresh_token=refresh_token, **extra)
 
-    def sign_in(self) -> dict[str, Any]:
+    def sign_in(self, scope: str = "mcp") -> dict[str, Any]:
         """The whole flow: tokens for whoever the stand-in signs in next."""
         verifier, challenge = pkce_pair()
-        query, browser = self.authorize(challenge)
+        query, browser = self.authorize(challenge, scope=scope)
         assert "code" in query, (query, [(v.status, v.url, v.body[:300]) for v in browser.visits[-3:]])
         response = self.exchange(query["code"], verifier)
         assert response.status_code == 200, response.text

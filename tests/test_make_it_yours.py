@@ -17,6 +17,8 @@ import pytest
 from mcp import Client
 
 from tests.conftest import REPO, free_port, store_env
+from tests.headless_browser import Browser
+from tests.signin import ALICE, GoogleStandIn, RawClient, auth_server, mcp_call
 
 pytestmark = pytest.mark.anyio
 README = (REPO / "README.md").read_text()
@@ -115,6 +117,36 @@ async def test_the_server_runs_without_the_notes_demo(tmp_path: Path) -> None:
             resources = {str(resource.uri) for resource in (await client.list_resources()).resources}
             prompts = {prompt.name for prompt in (await client.list_prompts()).prompts}
             summed = await client.call_tool("add", {"a": 1, "b": 2})
-    assert tools == {"echo", "add", "whoami", "long_task", "google_profile"}
+    assert tools == {"echo", "add", "whoami", "long_task", "google_profile", "calendar_upcoming",
+                     "drive_search"}
     assert resources == {"server://info"} and prompts == set()
     assert summed.structured_content == {"result": 3.0}
+
+
+def with_google_tool_added(source: str, api_base: str) -> str:
+    """README's Google tool, pasted after the built-in ones, its API pointed at the stand-in."""
+    block = readme_block("## Calling Google APIs from a tool").replace("https://tasks.googleapis.com", api_base)
+    anchor = "\n# --- resources\n"
+    assert source.count(anchor) == 1
+    return source.replace(anchor, "\n\n" + block + anchor, 1)
+
+
+async def test_a_google_tool_added_as_the_readme_says_asks_for_its_scope_then_answers(google: GoogleStandIn,
+                                                                                     tmp_path: Path) -> None:
+    script = tmp_path / "copy" / "server.py"
+    script.parent.mkdir()
+    script.write_text(with_google_tool_added((REPO / "server.py").read_text(), google.issuer))
+    google.revoke_person(ALICE["sub"])
+    google.next_login(ALICE)
+    with auth_server(google, tmp_path, script=script) as server:
+        access = RawClient.register(server).sign_in()["access_token"]
+        asked = mcp_call(server, access, "tools/call", {"name": "task_lists", "arguments": {}}).json()["result"]
+        text = asked["content"][0]["text"]
+        google.next_login(ALICE)
+        page = Browser().go(text[text.index("http"):].split()[0])
+        answered = mcp_call(server, access, "tools/call", {"name": "task_lists", "arguments": {}}).json()["result"]
+    google.revoke_person(ALICE["sub"])
+    assert asked["isError"] and "needs your permission to see your google tasks lists" in text
+    assert google.authorization_requests()[-1]["scope"] == "openid https://www.googleapis.com/auth/tasks.readonly"
+    assert "You can return to your application" in page.body
+    assert answered["isError"] is False and answered["structuredContent"] == {"result": ["My Tasks", "Groceries"]}

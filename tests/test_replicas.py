@@ -29,6 +29,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ResourcesListChanged
 
 from tests.conftest import TEST_SECRET_KEY, Peers, RedisServer, ServerProcess, free_port, running_server
+from tests.headless_browser import Browser
 from tests.nginx import Nginx, readme_config
 from tests.signin import ALICE, GoogleStandIn, RawClient, SdkSignIn, mcp_call, pkce_pair, start_auth_server
 
@@ -84,7 +85,8 @@ def cluster(peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     nginx = Nginx.start(workdir / "nginx", readme_config(ports))
     google.allow_callback(f"{nginx.base_url}/oauth/google/callback")
     env = {"STORE_URL": f"{redis.url}?prefix=cluster", "SECRET_KEY": TEST_SECRET_KEY,
-           "PUBLIC_URL": nginx.base_url, "ALLOWED_HOSTS": "127.0.0.1:*"}  # the tests also call replicas directly
+           "PUBLIC_URL": nginx.base_url, "ALLOWED_HOSTS": "127.0.0.1:*",  # the tests also call replicas directly
+           "GOOGLE_CALENDAR_API": f"{google.issuer}/calendar/v3"}
     replicas = [start_auth_server(google, workdir / f"replica-{n}", "--stateless", env=env, port=port)
                 for n, port in enumerate(ports, start=1)]
     try:
@@ -257,6 +259,23 @@ def test_google_sees_one_refresh_when_every_replica_needs_it(cluster: Cluster) -
     refreshes = cluster.google.refreshes()[before:]
     assert [p.json()["result"]["isError"] for p in profiles] == [False] * 6, [p.text for p in profiles]
     assert [r["outcome"] for r in refreshes] == ["success"], "one refresh, and the others used its result"
+
+
+def test_a_google_permission_asked_on_one_replica_is_granted_through_another(cluster: Cluster) -> None:
+    """The pending request and the granted scopes are in Redis: asked on replica 2, answered through the load
+    balancer (whichever replica Google's redirect reaches), used on replica 3."""
+    cluster.google.revoke_person(ALICE["sub"])
+    _, tokens = cluster.sign_in()
+    asked = tool(cluster.replica(2), tokens["access_token"], "calendar_upcoming")
+    text = asked["content"][0]["text"]
+    link = text[text.index("http"):].split()[0]
+    cluster.google.next_login(ALICE)
+    page = Browser().go(link)
+    granted = tool(cluster.replica(3), tokens["access_token"], "calendar_upcoming", days=2)
+    cluster.google.revoke_person(ALICE["sub"])
+    assert asked["isError"] and link.startswith(f"{cluster.nginx.base_url}/oauth/google/grant?r=")
+    assert "You can return to your application" in page.body
+    assert granted["isError"] is False and granted["structuredContent"]["events"][0]["summary"] == "Design review"
 
 
 # --- the proxy's forwarded headers

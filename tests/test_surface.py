@@ -40,7 +40,7 @@ async def test_catalogue_describes_every_tool_resource_and_prompt(server: Server
         prompts = {p.name: p for p in (await mcp.list_prompts()).prompts}
 
     assert set(tools) == {"echo", "add", "whoami", "add_note", "search_notes", "delete_note", "long_task",
-                          "google_profile"}
+                          "google_profile", "calendar_upcoming", "drive_search"}
     for tool in tools.values():
         assert tool.description and len(tool.description) > 20, tool.name
         assert tool.input_schema["type"] == "object"
@@ -128,12 +128,14 @@ async def test_tool_errors_are_results_the_model_can_read(server: ServerProcess,
     assert missing.is_error and "There is no note 'nope'" in missing.content[0].text
 
 
-async def test_google_profile_explains_that_sign_in_is_off(server: ServerProcess, era: str) -> None:
+async def test_the_google_tools_explain_that_sign_in_is_off(server: ServerProcess, era: str) -> None:
     async with client(server, era) as mcp:
-        result = await mcp.call_tool("google_profile", {})
-    assert result.is_error
-    assert "runs without sign-in" in result.content[0].text
-    assert "GOOGLE_CLIENT_ID" in result.content[0].text
+        results = [await mcp.call_tool(name, arguments) for name, arguments in (
+            ("google_profile", {}), ("calendar_upcoming", {}), ("drive_search", {"query": "budget"}))]
+    for result in results:
+        assert result.is_error
+        assert "runs without sign-in" in result.content[0].text
+        assert "GOOGLE_CLIENT_ID" in result.content[0].text
 
 
 async def test_unknown_tools_and_prompts_are_protocol_errors(server: ServerProcess, era: str) -> None:

@@ -7,7 +7,12 @@
 // sub/email/email_verified/hd/name/picture inside the id_token, `access_type=offline` for a refresh
 // token (issued again only with `prompt=consent`), userinfo, refresh and revocation.
 // Test controls (JSON, under /test/): register clients, choose who signs in next (or a refusal),
-// make the next token response misbehave, revoke a user's grants, and read what was asked for.
+// untick scopes on the next consent (Google's granular consent), make the next token or API response
+// misbehave, revoke a user's grants, and read what was asked for.
+// Scopes as Google grants them: a person may untick any scope beyond openid, and with
+// include_granted_scopes=true a grant carries every scope granted to the client before.
+// Google REST APIs answer in their documented shapes, checking the bearer token and its scope:
+// Calendar v3 events.list on the primary calendar, Drive v3 files.list, and Tasks v1 tasklists.list.
 // With --interactive the sign-in is an HTML form a browser fills in, instead of plain redirects.
 
 import http from "node:http";
@@ -31,9 +36,17 @@ const authorizationRequests = []; // the query of every /auth request, for asser
 const revocations = []; // tokens revoked at the revocation endpoint
 const refreshes = []; // every refresh_token grant: which grant, and whether it succeeded
 const clientRedirects = new Map(); // client_id -> redirect URIs registered so far
+const grantedScopes = new Map(); // `${sub} ${clientId}` -> every scope granted so far
+const grantScopeKeys = new Map(); // grantId -> its `${sub} ${clientId}`, to forget the scopes when it is revoked
+const apiRequests = []; // every REST API request: path, query, the token's scope, the answer's status
+let untickNext = []; // scopes the person unticks on the next consent screen
+const CALENDAR = "https://www.googleapis.com/auth/calendar.readonly";
+const DRIVE = "https://www.googleapis.com/auth/drive.metadata.readonly";
+const TASKS = "https://www.googleapis.com/auth/tasks.readonly";  // README's example of a new Google tool
 let nextLogin = { sub: "100000000000000000001", email: "alice@example.com", email_verified: true,
                   name: "Alice Example", picture: "https://example.com/alice.png" };
-let misbehaviour = null; // one-shot: wrong_aud | wrong_iss | wrong_nonce | token_error | no_refresh_token
+let misbehaviour = null; // one-shot: wrong_aud | wrong_iss | wrong_nonce | token_error | no_refresh_token,
+                        // or for the REST APIs api_quota | api_unauthorized | api_insufficient
 
 const { privateKey } = await jose.generateKeyPair("RS256", { extractable: true });
 const signingKey = { ...(await jose.exportJWK(privateKey)), kid: "standin-rs256", alg: "RS256", use: "sig" };
@@ -54,7 +67,7 @@ const configuration = {
     email: ["email", "email_verified", "hd"],
     profile: ["name", "picture", "given_name", "family_name", "locale"],
   },
-  scopes: ["openid", "email", "profile"],
+  scopes: ["openid", "email", "profile", CALENDAR, DRIVE, TASKS],
   conformIdTokenClaims: false, // Google puts email and profile claims in the id_token itself
   extraParams: ["access_type", "hd", "include_granted_scopes"],
   responseTypes: ["code"],
@@ -82,7 +95,23 @@ await new Promise((resolve) => server.listen(issuerPort, "127.0.0.1", resolve));
 const issuer = `http://127.0.0.1:${server.address().port}`;
 const provider = new Provider(issuer, configuration);
 
-provider.on("grant.revoked", (ctx, grantId) => revocations.push({ grantId, at: Date.now() }));
+provider.on("grant.revoked", (ctx, grantId) => {
+  revocations.push({ grantId, at: Date.now() });
+  grantedScopes.delete(grantScopeKeys.get(grantId));  // Google forgets every scope of a revoked grant
+});
+
+// include_granted_scopes=true: the new token covers every scope the person granted the client before, as
+// Google's does. The person is the one login_hint names, or else the one who signs in next.
+function withGrantedScopes(url) {
+  if (url.searchParams.get("include_granted_scopes") !== "true") return url;
+  const hint = url.searchParams.get("login_hint");
+  const known = [...accounts.values()].find((claims) => hint && claims.email === hint);
+  const before = grantedScopes.get(grantKey((known || nextLogin).sub, url.searchParams.get("client_id")));
+  if (!before) return url;
+  const asked = String(url.searchParams.get("scope") || "").split(" ").filter(Boolean);
+  url.searchParams.set("scope", [...new Set([...asked, ...before])].join(" "));
+  return url;
+}
 for (const outcome of ["success", "error"]) {
   provider.on(`grant.${outcome}`, (ctx) => {
     if (ctx.oidc.params?.grant_type === "refresh_token") refreshes.push({ outcome, at: Date.now() });
@@ -92,7 +121,7 @@ for (const outcome of ["success", "error"]) {
 // Make the next token response misbehave the way a broken or hostile provider would.
 provider.use(async (ctx, next) => {
   await next();
-  if (ctx.path !== "/token" || !misbehaviour || ctx.status !== 200) return;
+  if (ctx.path !== "/token" || !misbehaviour || misbehaviour.startsWith("api_") || ctx.status !== 200) return;
   const mode = misbehaviour;
   misbehaviour = null;
   if (mode === "token_error") {
@@ -136,8 +165,16 @@ async function finishConsent(req, res, details) {
   const grant = details.grantId
     ? await provider.Grant.find(details.grantId)
     : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
-  grant.addOIDCScope(String(params.scope));
+  const scopeKey = grantKey(session.accountId, params.client_id);
+  const asked = String(params.scope).split(" ");
+  const granted = new Set(asked.filter((scope) => !untickNext.includes(scope)));
+  const unticked = asked.filter((scope) => !granted.has(scope));
+  untickNext = [];
+  if (unticked.length) grant.rejectOIDCScope(unticked.join(" "));  // answered: no second consent screen for it
+  grantedScopes.set(scopeKey, new Set([...(grantedScopes.get(scopeKey) || []), ...granted]));
+  grant.addOIDCScope([...granted].join(" "));
   const grantId = await grant.save();
+  grantScopeKeys.set(grantId, scopeKey);
   const key = grantKey(session.accountId, params.client_id);
   const offline = params.access_type === "offline";
   const consentPrompt = String(params.prompt || "").split(" ").includes("consent");
@@ -179,6 +216,78 @@ async function interaction(req, res, uid, action) {
   return finishConsent(req, res, details);
 }
 
+// --- the REST APIs, in Google's documented request and response shapes
+
+function googleError(res, status, reason, message) {
+  const statuses = { 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED" };
+  return json(res, status, { error: { code: status, message, errors: [{ message, domain: "global", reason }],
+                                      status: statuses[status] } });
+}
+
+const EVENTS = (now) => [1, 3, 30].map((days, n) => ({
+  kind: "calendar#event", id: `event${n}`, status: "confirmed", htmlLink: `https://calendar.example/event${n}`,
+  summary: ["Design review", "Lunch with Bob", "Quarterly planning"][n], location: n === 1 ? "Cafe" : undefined,
+  start: { dateTime: new Date(now + days * 86400e3).toISOString() },
+  end: { dateTime: new Date(now + days * 86400e3 + 3600e3).toISOString() },
+}));
+const FILES = [
+  { kind: "drive#file", id: "f1", name: "Budget 2027", mimeType: "application/vnd.google-apps.spreadsheet",
+    modifiedTime: "2026-11-02T10:00:00.000Z", webViewLink: "https://drive.example/f1" },
+  { kind: "drive#file", id: "f2", name: "Budget notes", mimeType: "text/plain",
+    modifiedTime: "2026-10-01T09:00:00.000Z", webViewLink: "https://drive.example/f2" },
+  { kind: "drive#file", id: "f3", name: "Holiday photos", mimeType: "application/vnd.google-apps.folder",
+    modifiedTime: "2026-08-15T12:00:00.000Z", webViewLink: "https://drive.example/f3" },
+];
+
+async function googleApi(req, res, url) {
+  const header = req.headers.authorization || "";
+  const token = header.startsWith("Bearer ") ? await provider.AccessToken.find(header.slice(7)) : undefined;
+  const scopes = new Set(String(token?.scope || "").split(" "));
+  const entry = { path: url.pathname, query: Object.fromEntries(url.searchParams), scope: token?.scope || null };
+  apiRequests.push(entry);
+  const answer = (status, ...rest) => { entry.status = status; return status >= 400 ? googleError(res, status, ...rest)
+                                                                                    : json(res, status, rest[0]); };
+  if (!token || token.isExpired) {
+    return answer(401, "authError", "Request had invalid authentication credentials.");
+  }
+  const mode = misbehaviour?.startsWith("api_") ? misbehaviour : null;
+  if (mode) misbehaviour = null;
+  if (mode === "api_quota") return answer(403, "rateLimitExceeded", "Rate Limit Exceeded");
+  if (mode === "api_unauthorized") return answer(401, "authError", "Request had invalid authentication credentials.");
+  if (mode === "api_insufficient") {
+    return answer(403, "insufficientPermissions", "Request had insufficient authentication scopes.");
+  }
+  if (url.pathname === "/calendar/v3/calendars/primary/events") {
+    if (!scopes.has(CALENDAR)) return answer(403, "insufficientPermissions", "Request had insufficient authentication scopes.");
+    const { timeMin, timeMax, singleEvents, orderBy, maxResults } = entry.query;
+    if (orderBy === "startTime" && singleEvents !== "true") {
+      return answer(400, "invalid", "The requested ordering is not available for the particular query.");
+    }
+    if (!timeMin || Number.isNaN(Date.parse(timeMin)) || (timeMax && Number.isNaN(Date.parse(timeMax)))) {
+      return answer(400, "invalid", "Bad Request");
+    }
+    const items = EVENTS(Date.now()).filter((event) => (!timeMax || Date.parse(event.start.dateTime) < Date.parse(timeMax))
+                                                      && Date.parse(event.end.dateTime) > Date.parse(timeMin));
+    return answer(200, { kind: "calendar#events", summary: "alice@example.com", timeZone: "UTC",
+                         items: items.slice(0, Number(maxResults || 250)) });
+  }
+  if (url.pathname === "/drive/v3/files") {
+    if (!scopes.has(DRIVE)) return answer(403, "insufficientPermissions", "Request had insufficient authentication scopes.");
+    const match = /^(?:name|fullText) contains '((?:[^'\\]|\\.)*)' and trashed = false$/.exec(entry.query.q || "");
+    if (!match) return answer(400, "invalid", "Invalid Value");
+    const words = match[1].replace(/\\(.)/g, "$1").toLowerCase();
+    const files = FILES.filter((file) => file.name.toLowerCase().includes(words));
+    return answer(200, { kind: "drive#fileList", incompleteSearch: false,
+                         files: files.slice(0, Number(entry.query.pageSize || 100)) });
+  }
+  if (url.pathname === "/tasks/v1/users/@me/lists") {
+    if (!scopes.has(TASKS)) return answer(403, "insufficientPermissions", "Request had insufficient authentication scopes.");
+    return answer(200, { kind: "tasks#taskLists", items: ["My Tasks", "Groceries"].map((title, n) => ({
+      kind: "tasks#taskList", id: `list${n}`, title, updated: "2026-11-20T08:00:00.000Z" })) });
+  }
+  return answer(404, "notFound", "Not Found");
+}
+
 const callback = provider.callback();
 server.on("request", async (req, res) => {
   const url = new URL(req.url, issuer);
@@ -205,8 +314,16 @@ server.on("request", async (req, res) => {
       misbehaviour = (await readJson(req)).mode;
       return json(res, 200, { ok: true });
     }
+    if (url.pathname === "/test/next-consent" && req.method === "POST") {
+      untickNext = (await readJson(req)).untick || [];
+      return json(res, 200, { ok: true });
+    }
+    if (["/calendar/v3/", "/drive/v3/", "/tasks/v1/"].some((api) => url.pathname.startsWith(api))) {
+      return await googleApi(req, res, url);
+    }
     if (url.pathname === "/test/revoke-user" && req.method === "POST") {
       const { sub } = await readJson(req);
+      for (const key of [...grantedScopes.keys()]) if (key.startsWith(`${sub} `)) grantedScopes.delete(key);
       for (const [grantId] of offlineGrants) {
         const grant = await provider.Grant.find(grantId);
         if (grant && grant.accountId === sub) await grant.destroy();
@@ -215,10 +332,12 @@ server.on("request", async (req, res) => {
       return json(res, 200, { ok: true });
     }
     if (url.pathname === "/test/log" && req.method === "GET") {
-      return json(res, 200, { authorizationRequests, revocations, refreshes });
+      return json(res, 200, { authorizationRequests, revocations, refreshes, apiRequests });
     }
     if (url.pathname === "/auth") {
-      authorizationRequests.push(Object.fromEntries(url.searchParams));
+      authorizationRequests.push(Object.fromEntries(url.searchParams));  // as the server asked
+      const widened = withGrantedScopes(url);
+      req.url = widened.pathname + widened.search;
     }
     return callback(req, res);
   } catch (error) {
