@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import webbrowser
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,13 @@ def config_dir() -> Path:
     return Path(base) / "stream-http"
 
 
+def refresh_at(expires_in: int, now: float) -> float:
+    """When to stop sending a token and refresh it instead: a minute before the server's own expiry (half
+    the lifetime of a shorter-lived token), because a token that expires on its way to the server is
+    answered 401, and the SDK answers a 401 with a whole new sign-in in the browser, not a refresh."""
+    return now + expires_in - min(60.0, expires_in / 2)
+
+
 class TokenCache:
     """The tokens and client registration for each server, in one owner-only file (the SDK's
     TokenStorage). A token's expiry is kept too, so an expired one is refreshed before it is sent."""
@@ -135,6 +142,7 @@ class TokenCache:
     def __init__(self, server_url: str, path: Path | None = None) -> None:
         self.server_url = server_url
         self.path = path or config_dir() / "tokens.json"
+        self.on_expiry: Callable[[float | None], None] = lambda _at: None
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -168,8 +176,9 @@ class TokenCache:
         return OAuthToken.model_validate(tokens) if tokens else None
 
     async def set_tokens(self, tokens: OAuthToken) -> None:
-        expires_at = time.time() + tokens.expires_in if tokens.expires_in else None
+        expires_at = refresh_at(tokens.expires_in, time.time()) if tokens.expires_in else None
         self.update(tokens=tokens.model_dump(mode="json", exclude_none=True), expires_at=expires_at)
+        self.on_expiry(expires_at)
 
     async def get_client_info(self) -> OAuthClientInformationFull | None:
         client = self.entry().get("client")
@@ -234,9 +243,11 @@ def oauth(args: argparse.Namespace, cache: TokenCache) -> OAuthClientProvider:
                                    token_endpoint_auth_method="none")  # noqa: S106 - a method name
     provider = OAuthClientProvider(server_url=args.url, client_metadata=metadata, storage=cache,
                                    redirect_handler=sign_in.redirect, callback_handler=sign_in.callback)
-    # The SDK learns a token's expiry only when it receives one; a cached token's comes from the cache,
-    # so an expired token is refreshed before it is sent instead of costing a new sign-in.
+    # The SDK learns a token's expiry only when it receives one, and takes it at face value; the cache
+    # supplies a cached token's, and its earlier deadline for each new one (the SDK stores new tokens
+    # right after noting their expiry), so a token is refreshed before it can expire on the way.
     provider.context.token_expiry_time = cache.entry().get("expires_at")
+    cache.on_expiry = lambda at: setattr(provider.context, "token_expiry_time", at)
     return provider
 
 

@@ -3,6 +3,7 @@ cache, silent refresh, and logout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import stat
@@ -88,3 +89,27 @@ def test_tokens_from_a_logged_out_client_no_longer_work(google: GoogleStandIn, s
     assert mcp_call(signin_server, access, "tools/list").status_code == 200
     assert client(signin_server, tmp_path, "logout").returncode == 0
     assert mcp_call(signin_server, access, "tools/list").status_code == 401
+
+
+def test_a_token_is_refreshed_before_it_can_expire_on_its_way(tmp_path: Path) -> None:
+    """The SDK answers a 401 with a new sign-in in the browser, so client.py must never send a token
+    that may expire before the server sees it: it refreshes a minute early (half a short lifetime)."""
+    import argparse
+
+    from mcp.shared.auth import OAuthToken
+
+    import client as client_py
+
+    assert client_py.refresh_at(3600, 1000.0) == 1000.0 + 3540
+    assert client_py.refresh_at(3, 1000.0) == 1000.0 + 1.5
+    cache = client_py.TokenCache("http://127.0.0.1:1/mcp", tmp_path / "tokens.json")
+    provider = client_py.oauth(argparse.Namespace(url=cache.server_url, no_browser=True), cache)
+    token = OAuthToken(access_token="a", token_type="Bearer", expires_in=3600, refresh_token="r")
+    before = time.time()
+    provider.context.update_token_expiry(token)  # what the SDK does with a new token, then it stores it
+    asyncio.run(cache.set_tokens(token))
+    deadline = provider.context.token_expiry_time
+    assert deadline is not None and before + 3540 <= deadline <= time.time() + 3540
+    assert json.loads((tmp_path / "tokens.json").read_text())[cache.server_url]["expires_at"] == deadline
+    fresh = client_py.oauth(argparse.Namespace(url=cache.server_url, no_browser=True), cache)
+    assert fresh.context.token_expiry_time == deadline

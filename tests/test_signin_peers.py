@@ -76,14 +76,16 @@ def test_the_inspector_cli_signs_in_headlessly(peers: Peers, signin_server: Serv
 async def test_the_sdk_client_refreshes_silently_and_survives_a_restart(google: GoogleStandIn,
                                                                         tmp_path: Path) -> None:
     google.next_login(ALICE)
-    with auth_server(google, tmp_path, env={"ACCESS_TOKEN_TTL": "2"}) as server:
+    # A lifetime long enough that the token cannot expire between sign-in and the first call on a busy
+    # machine (the SDK would answer that 401 with a second sign-in).
+    with auth_server(google, tmp_path, env={"ACCESS_TOKEN_TTL": "5"}) as server:
         signin = SdkSignIn(server.mcp_url)
         auth = signin.provider()  # one client process: it remembers when its token expires
         async with httpx2.AsyncClient(auth=auth) as http, signin.client(http, "2026-07-28") as mcp:
             await mcp.call_tool("add_note", {"title": "before the restart"})
         port = server.port
-    await anyio.sleep(2.5)  # the access token expires while the server is down
-    with auth_server(google, tmp_path, env={"ACCESS_TOKEN_TTL": "2"}, port=port) as restarted:
+    await anyio.sleep(5.5)  # the access token expires while the server is down
+    with auth_server(google, tmp_path, env={"ACCESS_TOKEN_TTL": "5"}, port=port) as restarted:
         async with httpx2.AsyncClient(auth=auth) as http, signin.client(http, "2026-07-28") as mcp:
             found = await mcp.call_tool("search_notes", {"query": "restart"})
         log = restarted.log()
