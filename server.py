@@ -17,13 +17,14 @@ Map (`grep -n '^# ===' server.py`):
                            the notes demo's data: what you edit to make the server yours
     The rest is the server's machinery, which adding a tool needs none of:
     2. Settings            every knob: environment, .env and command line, from one table
-    3. Storage             typed records with expiry, in SQLite (one process) or Redis (replicas)
-    4. Serving MCP         what handlers reach (caller, runtime), change notifications, the middleware
-    5. Google              Authlib and the person's Google tokens: the only code that talks to Google
-    6. OAuth provider      this server as the authorization server for MCP clients, and its routes
-    7. Pages               consent, account and message pages
-    8. HTTP app            request checks, CORS, build_app()
-    9. Command line        main(), claude-config, doctor
+    3. Telemetry           Prometheus metrics, OpenTelemetry spans, text or JSON logs with request ids
+    4. Storage             typed records with expiry, in SQLite (one process) or Redis (replicas)
+    5. Serving MCP         what handlers reach (caller, runtime), change notifications, the middleware
+    6. Google              Authlib and the person's Google tokens: the only code that talks to Google
+    7. OAuth provider      this server as the authorization server for MCP clients, and its routes
+    8. Pages               consent, account and message pages
+    9. HTTP app            request checks, CORS, probes, build_app()
+    10. Command line       main(), claude-config, doctor
 """
 
 
@@ -53,8 +54,15 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+    suppress,
+)
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cache
@@ -121,6 +129,7 @@ from mcp_types import (
 )
 from mcp_types import Tool as MCPTool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from opentelemetry import propagate, trace
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend
@@ -131,6 +140,7 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 # Authlib, itsdangerous (Starlette's session cookies) and redis are imported where they are used:
 # with sign-in off and the SQLite store, `mcp run server.py` needs nothing but the MCP SDK (`mcp
@@ -160,7 +170,7 @@ GOOGLE_SCOPE_LABELS = {  # what a person is asked to allow (and sees on /account
 # `mcp` is what `mcp run server.py` and `mcp dev server.py` load, and what `build_app` serves over
 # HTTP. The SDK takes the server's lifespan, middleware, change feed and request-state codec when
 # it is built, here at import; the machinery behind them needs the settings, which exist only once
-# the server starts, so these four forward to it (section 4).
+# the server starts, so these four forward to it (section 5).
 
 
 @asynccontextmanager
@@ -211,7 +221,8 @@ mcp: "MCPServer[Runtime]" = MCPServer(
     # What `mcp install` and `mcp dev` install to run this file outside the project: pyproject.toml's
     # dependencies (a test keeps the two lists equal).
     dependencies=["mcp[cli]>=2.3,<3", "authlib>=1.9", "starlette>=1.0", "uvicorn[standard]>=0.54",
-                  "python-dotenv>=1.2", "itsdangerous>=2.2", "httpx2>=2.16", "redis>=8.1", "rich>=15"],
+                  "python-dotenv>=1.2", "itsdangerous>=2.2", "httpx2>=2.16", "redis>=8.1", "rich>=15",
+                  "prometheus-client>=0.26", "opentelemetry-sdk>=1.45", "opentelemetry-exporter-otlp-proto-http>=1.45"],
     lifespan=lifespan,
     middleware=[middleware],
     subscriptions=ChangeFeed(),
@@ -669,6 +680,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("TRUSTED_PROXIES", "127.0.0.1,::1", "Comma-separated addresses or networks of the reverse "
            "proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; * believes anyone."),
     Option("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.", "--log-level"),
+    Option("LOG_FORMAT", "text", "text (one readable line per event) or json (one JSON object per line, "
+           "for a log collector).", "--log-format"),
+    Option("METRICS_PORT", "0", "Serve Prometheus metrics at /metrics on this port, apart from the public "
+           "one, for operators only; 0: off.", "--metrics-port"),
+    Option("METRICS_HOST", "127.0.0.1", "Address the metrics port listens on (0.0.0.0 in a container, "
+           "so the scraper reaches it)."),
     Option("ALLOW_UNAUTHENTICATED", "false", "Serve a non-loopback address without sign-in: "
            "anyone who reaches the port can use every tool.", "--allow-unauthenticated", switch=True),
     Option("MAX_REQUEST_BYTES", "1048576", "Largest request body accepted, in bytes."),
@@ -739,6 +756,9 @@ class Settings:
     allowed_hosts: tuple[str, ...]
     trusted_proxies: tuple[str, ...]
     log_level: str
+    log_format: str
+    metrics_port: int
+    metrics_host: str
     allow_unauthenticated: bool
     max_request_bytes: int
     session_idle_timeout_s: int
@@ -914,6 +934,9 @@ def load_settings(
         allowed_hosts=read.items("ALLOWED_HOSTS"),
         trusted_proxies=read.items("TRUSTED_PROXIES"),
         log_level=read.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        log_format=read.choice("LOG_FORMAT", ("TEXT", "JSON")).lower(),
+        metrics_port=read.integer("METRICS_PORT", maximum=65535),
+        metrics_host=read.text("METRICS_HOST"),
         allow_unauthenticated=read.boolean("ALLOW_UNAUTHENTICATED"),
         max_request_bytes=read.integer("MAX_REQUEST_BYTES", minimum=1024),
         session_idle_timeout_s=read.integer("SESSION_IDLE_TIMEOUT", minimum=1),
@@ -958,6 +981,9 @@ def check_settings(settings: Settings) -> list[str]:
     for proxy in settings.trusted_proxies:
         if proxy != "*" and not is_address_or_network(proxy):
             problems.append(f"TRUSTED_PROXIES entry {proxy!r} is not an IP address or network")
+    if settings.metrics_port and settings.metrics_port == settings.port:
+        problems.append(f"METRICS_PORT={settings.metrics_port} is PORT too: metrics get a port of their own, "
+                        "which only operators reach")
     if bool(settings.google_client_id) != bool(settings.google_client_secret):
         problems.append("GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET must be set together")
     public = urlsplit(settings.public_url)
@@ -1053,7 +1079,199 @@ def derive_key(secret_key: Secret, purpose: bytes) -> bytes:
     return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(secret_key.value.encode())
 
 
-# === 3. Storage ==============================================================
+# === 3. Telemetry: metrics, traces, logs =====================================
+#
+# What operators watch. Metrics are prometheus-client's: counters and histograms kept in this process
+# and served on METRICS_PORT, a port of their own that only operators reach (off by default). Security
+# events are counted where they are audited: COUNTED_EVENTS maps each audit event to its counter.
+# Traces are OpenTelemetry's: the SDK opens a span per MCP message; this server adds one per HTTP request
+# (continuing the caller's W3C `traceparent`), the OAuth steps, every call to Google and every store
+# operation. They leave the process over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise
+# OpenTelemetry's API hands out spans that record nothing. Every log line of a request names its id.
+
+try:
+    import prometheus_client
+except ImportError:  # `mcp install --name` installs the SDK alone: then the metrics count nothing
+    prometheus_client = None
+
+METRICS_REGISTRY = prometheus_client.CollectorRegistry() if prometheus_client else None
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what a proxy's id may be for us to adopt it
+tracer = trace.get_tracer("stream_http", VERSION)
+_request_id: ContextVar[str | None] = ContextVar("stream_http_request_id", default=None)
+
+
+class NoMetric:
+    """What a metric is without prometheus-client: accepts everything, keeps nothing."""
+
+    def labels(self, *values: str) -> "NoMetric":
+        return self
+
+    def inc(self, amount: float = 1) -> None: ...
+    def dec(self, amount: float = 1) -> None: ...
+    def observe(self, amount: float) -> None: ...
+    def set_function(self, function: Callable[[], float]) -> None: ...
+
+
+def metric(kind: str, name: str, documentation: str, labels: Sequence[str] = (), **options: Any) -> Any:
+    """A Counter, Gauge or Histogram in this server's registry (one registry per loaded copy of this
+    file, so `mcp run` loading it beside an import cannot register a name twice)."""
+    if prometheus_client is None:
+        return NoMetric()
+    return getattr(prometheus_client, kind)(name, documentation, labels, registry=METRICS_REGISTRY, **options)
+
+
+MCP_REQUESTS = metric("Counter", "stream_http_mcp_requests", "MCP requests answered, by method, tool and outcome "
+                      "(ok; error: a JSON-RPC error; tool_error: a tool result marked isError)",
+                      ["method", "tool", "outcome"])
+MCP_DURATION = metric("Histogram", "stream_http_mcp_request_duration_seconds", "Time to answer an MCP request",
+                      ["method"], buckets=LATENCY_BUCKETS)
+MCP_REFUSED = metric("Counter", "stream_http_mcp_http_refusals", "MCP HTTP requests refused before the MCP "
+                     "server saw them (bad Host or Origin, no token, over budget, store down), by status", ["status"])
+MCP_EXCHANGES = metric("Gauge", "stream_http_mcp_exchanges_open", "MCP HTTP requests being answered now, "
+                       "open SSE streams included")
+SESSIONS_OPEN = metric("Gauge", "stream_http_sessions_open", "Handshake-era sessions this process keeps")
+REGISTRATIONS = metric("Counter", "stream_http_client_registrations", "Clients registered at /register")
+CONSENTS = metric("Counter", "stream_http_consents", "Answers on the consent page, by decision", ["decision"])
+SIGN_INS = metric("Counter", "stream_http_sign_ins", "Sign-ins with Google, by outcome (allowed, refused) and "
+                  "reason (cancelled, google_failed, unverified_email, not_allowed)", ["outcome", "reason"])
+TOKENS_ISSUED = metric("Counter", "stream_http_tokens_issued", "Token pairs issued for an authorization code")
+TOKENS_REFRESHED = metric("Counter", "stream_http_tokens_refreshed", "Token pairs issued for a refresh token")
+GRANTS_REVOKED = metric("Counter", "stream_http_grants_revoked", "Grants ended (every token of each), by reason",
+                        ["reason"])
+REFRESH_REUSE = metric("Counter", "stream_http_refresh_token_reuse", "Rotated refresh tokens used again "
+                       "(each ends its grant)")
+CODE_REPLAYS = metric("Counter", "stream_http_code_replays", "Authorization codes used twice (each ends its grant)")
+RATE_LIMITED = metric("Counter", "stream_http_rate_limited", "Requests refused for a used-up budget, by budget "
+                      "(mcp, client, person, register)", ["budget"])
+GOOGLE_REQUESTS = metric("Counter", "stream_http_google_requests", "Requests to Google, by API and outcome",
+                         ["api", "outcome"])
+GOOGLE_DURATION = metric("Histogram", "stream_http_google_request_duration_seconds", "Time Google took to answer",
+                         ["api"], buckets=LATENCY_BUCKETS)
+GOOGLE_REFRESH_FAILURES = metric("Counter", "stream_http_google_refresh_failures", "Google access tokens that "
+                                 "could not be refreshed, by reason (revoked, failed)", ["reason"])
+STORE_UP = metric("Gauge", "stream_http_store_up", "1 while the store answers, 0 during an outage")
+STORE_OPERATIONS = metric("Counter", "stream_http_store_operations", "Store operations, by operation and outcome",
+                          ["operation", "outcome"])
+STORE_DURATION = metric("Histogram", "stream_http_store_operation_duration_seconds", "Time a store operation took",
+                        ["operation"], buckets=LATENCY_BUCKETS)
+
+COUNTED_EVENTS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "client_registered": lambda fields: REGISTRATIONS.inc(),
+    "consent_given": lambda fields: CONSENTS.labels("given").inc(),
+    "consent_denied": lambda fields: CONSENTS.labels("denied").inc(),
+    "sign_in_allowed": lambda fields: SIGN_INS.labels("allowed", "").inc(),
+    "sign_in_refused": lambda fields: SIGN_INS.labels("refused", fields.get("cause", "")).inc(),
+    "token_issued": lambda fields: TOKENS_ISSUED.inc(),
+    "token_refreshed": lambda fields: TOKENS_REFRESHED.inc(),
+    "grant_revoked": lambda fields: GRANTS_REVOKED.labels(str(fields.get("reason", "")).partition(" (")[0]).inc(),
+    "refresh_token_reused": lambda fields: REFRESH_REUSE.inc(),
+    "code_replayed": lambda fields: CODE_REPLAYS.inc(),
+    "rate_limited": lambda fields: RATE_LIMITED.labels(fields.get("budget", "")).inc(),
+}
+
+
+@contextmanager
+def measured(span_name: str, counter: Any, duration: Any, label: str,
+             kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> Iterator[trace.Span]:
+    """A span named `span_name`, and `label`'s latency and outcome (ok, or the exception's class) counted."""
+    started = time.perf_counter()
+    outcome = "ok"
+    with tracer.start_as_current_span(span_name, kind=kind) as span:
+        try:
+            yield span
+        except Exception as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            duration.labels(label).observe(time.perf_counter() - started)
+            counter.labels(label, outcome).inc()
+
+
+def store_operation(action: str) -> AbstractContextManager[trace.Span]:
+    """Measure one store operation; `action` ("taking code") is named by its verb."""
+    return measured(f"store {action}", STORE_OPERATIONS, STORE_DURATION, action.partition(" ")[0])
+
+
+def google_request(api: str) -> AbstractContextManager[trace.Span]:
+    return measured(f"google {api}", GOOGLE_REQUESTS, GOOGLE_DURATION, api, kind=trace.SpanKind.CLIENT)
+
+
+def serve_metrics(settings: Settings) -> None:
+    """Serve /metrics on METRICS_PORT from a thread of its own (prometheus-client's server)."""
+    if not settings.metrics_port:
+        return
+    if prometheus_client is None:
+        raise ConfigError("METRICS_PORT is set but prometheus-client is not installed: uv sync installs it")
+    prometheus_client.start_http_server(settings.metrics_port, settings.metrics_host, registry=METRICS_REGISTRY)
+    logger.info("serving Prometheus metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+
+
+def configure_tracing() -> None:
+    """Export spans over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT (or its traces variant) is set; the
+    exporter reads the other standard OTEL_* variables itself. Otherwise leave OpenTelemetry's no-op default."""
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVER_NAME),
+                                "service.version": VERSION})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    logger.info("exporting traces over OTLP to %s", os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                or os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"])
+
+
+def current_request_id() -> str | None:
+    return _request_id.get()
+
+
+class RequestLogFields(logging.Filter):
+    """Adds the request id and trace id to every log record, for both formats."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = _request_id.get()
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = format(context.trace_id, "032x") if context.is_valid else None
+        return True
+
+
+class TextLogFormat(logging.Formatter):
+    """A readable line, with the request's id when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return f"{line} [request {request_id}]" if request_id else line
+
+
+class JsonLogFormat(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request and trace ids, and an audit
+    line's own fields at the top level, for a log collector to index."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for name in ("request_id", "trace_id"):
+            if value := getattr(record, name, None):
+                line[name] = value
+        if audited := getattr(record, "audit", None):
+            line.update(audited, message=audited["event"])
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+# === 4. Storage ==============================================================
 #
 # One small API for everything the server keeps: typed records, each with a kind, a key, an
 # expiry, and optionally an owner (who lists them, newest first) and a group (ended together).
@@ -1239,7 +1457,8 @@ class SQLiteStore:
                 logger.error("store error: %s: %s", action, exc)
                 raise StorageError(f"{action}: {exc}") from exc
 
-        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        with store_operation(action):
+            return await anyio.to_thread.run_sync(call, limiter=self._limiter)
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
@@ -1280,8 +1499,9 @@ class SQLiteStore:
         if self._reader is None:
             raise StorageError(f"reading {record_type.kind}: the store is not open")
         try:
-            row = self._reader.execute(f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608
-                                       (record_type.kind, key, time.time())).fetchone()
+            with store_operation("reading"):
+                row = self._reader.execute(f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608
+                                           (record_type.kind, key, time.time())).fetchone()
         except sqlite3.Error as exc:
             logger.error("store error: reading %s: %s", record_type.kind, exc)
             raise StorageError(f"reading {record_type.kind}: {exc}") from exc
@@ -1474,7 +1694,8 @@ class RedisStore:
         if self._down is not None and not probe:
             raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({self._down})")
         try:
-            result = await operation()
+            with store_operation(action):
+                result = await operation()
         except self.unreachable as exc:
             self._went_down(str(exc) or type(exc).__name__)
             raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({exc})") from exc
@@ -1814,7 +2035,7 @@ class RedisEventStore(EventStore):
 
 
 
-# === 4. Serving MCP ==========================================================
+# === 5. Serving MCP ==========================================================
 #
 # Handlers reach the running server through `current_user()` (who is calling) and `runtime()`
 # (settings, store, provider, change bus). The SDK hands every message to `handle_message`, the
@@ -1913,6 +2134,8 @@ class Runtime:
             tasks.start_soon(self.purge_expired_records)
             tasks.start_soon(self.watch_store)
             tasks.start_soon(self.relay_changes)
+            STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
+            SESSIONS_OPEN.set_function(lambda: self.changes.session_count)
         except BaseException:
             await self._exit.aclose()
             raise
@@ -2121,14 +2344,30 @@ async def handle_message(ctx: ServerRequestContext[Runtime, Any], call_next: Cal
     completions get no Context), answers what 2025-era sessions need beyond the SDK (resource
     subscriptions, a log level), and names an unknown tool or prompt as the spec says."""
     token = _current_runtime.set(ctx.lifespan_context)
+    started, outcome = time.perf_counter(), "error"
     try:
         if ctx.request_id is None:  # a notification: nothing of ours to add
             return await call_next(ctx)
         if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-            return await serve_handshake_request(ctx, call_next)
-        return await serve_request(ctx, call_next)
+            result = await serve_handshake_request(ctx, call_next)
+        else:
+            result = await serve_request(ctx, call_next)
+        outcome = "tool_error" if isinstance(result, CallToolResult) and result.is_error else "ok"
+        return result
     finally:
         _current_runtime.reset(token)
+        if ctx.request_id is not None:
+            count_request(ctx, outcome, time.perf_counter() - started)
+
+
+def count_request(ctx: ServerRequestContext[Runtime, Any], outcome: str, seconds: float) -> None:
+    """The request's metrics. A tool is named only once known, so a caller cannot mint label values."""
+    tool = ""
+    if ctx.method == "tools/call":
+        name = (ctx.params or {}).get("name")
+        tool = name if isinstance(name, str) and name in ctx.lifespan_context.tools else "unknown"
+    MCP_REQUESTS.labels(ctx.method, tool, outcome).inc()
+    MCP_DURATION.labels(ctx.method).observe(seconds)
 
 
 async def serve_handshake_request(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
@@ -2233,7 +2472,7 @@ async def send_log(ctx: Context, message: str, level: str = "info") -> None:
     await pending
 
 
-# === 5. Google ===============================================================
+# === 6. Google ===============================================================
 #
 # The only code that talks to Google. Authlib fetches Google's discovery document, builds the
 # authorization URL (PKCE and nonce), exchanges the code and verifies the id_token (signature by
@@ -2367,9 +2606,10 @@ class GoogleLogin:
     async def finish(self, code: str, *, nonce: str, verifier: str) -> tuple[GoogleIdentity, dict[str, Any]]:
         """Exchange Google's code and verify its id_token."""
         try:
-            token = await self.client.fetch_access_token(redirect_uri=self.redirect_uri, code=code,
-                                                         code_verifier=verifier)
-            claims = await self.client.parse_id_token(token, nonce=nonce)
+            with google_request("token"):
+                token = await self.client.fetch_access_token(redirect_uri=self.redirect_uri, code=code,
+                                                             code_verifier=verifier)
+                claims = await self.client.parse_id_token(token, nonce=nonce)
         except self.refused as exc:
             raise GoogleError(f"Google refused the sign-in: {exc.error}") from exc
         except self.unverifiable as exc:
@@ -2383,9 +2623,10 @@ class GoogleLogin:
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
         """A fresh Google access token. Raises GoogleRevoked on invalid_grant."""
         try:
-            # scope=None: Authlib would otherwise send the sign-in scopes, narrowing a token the person widened.
-            return dict(await self.client.fetch_access_token(grant_type="refresh_token", refresh_token=refresh_token,
-                                                             scope=None))
+            with google_request("refresh"):
+                # scope=None: Authlib would otherwise send the sign-in scopes, narrowing a token the person widened.
+                return dict(await self.client.fetch_access_token(grant_type="refresh_token",
+                                                                 refresh_token=refresh_token, scope=None))
         except self.refused as exc:
             raise GoogleRevoked(exc.error) if exc.error == "invalid_grant" else GoogleError(str(exc.error)) from exc
         except httpx2.HTTPError as exc:
@@ -2393,33 +2634,22 @@ class GoogleLogin:
 
     async def userinfo(self, access_token: str) -> dict[str, Any]:
         metadata = await self.client.load_server_metadata()
-        response = await self.http.get(metadata["userinfo_endpoint"], timeout=GOOGLE_TIMEOUT_S,
-                                       headers={"Authorization": f"Bearer {access_token}"})
-        if response.status_code == 401:
-            raise GoogleRevoked("the Google access token was refused")
-        response.raise_for_status()
-        return dict(response.json())
+        with google_request("userinfo"):
+            response = await self.http.get(metadata["userinfo_endpoint"], timeout=GOOGLE_TIMEOUT_S,
+                                           headers={"Authorization": f"Bearer {access_token}"})
+            if response.status_code == 401:
+                raise GoogleRevoked("the Google access token was refused")
+            response.raise_for_status()
+            return dict(response.json())
 
     async def api(self, url: str, access_token: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """GET one of Google's REST APIs as the person, with Google's errors named: GoogleUnauthorized (401),
-        GoogleScopeMissing (403 for a scope not granted) and GoogleQuota (quota and rate limits)."""
-        response = await self.http.get(url, params=params, timeout=GOOGLE_TIMEOUT_S,
-                                       headers={"Authorization": f"Bearer {access_token}"})
-        if response.status_code < 400:
-            return dict(response.json())
-        try:
-            error = response.json().get("error") or {}
-        except ValueError:
-            error = {}
-        reasons = {item.get("reason") for item in error.get("errors") or [] if isinstance(item, dict)}
-        message = str(error.get("message") or response.reason_phrase)
-        if response.status_code == 401:
-            raise GoogleUnauthorized(message)
-        if response.status_code == 429 or reasons & GOOGLE_QUOTA_REASONS:
-            raise GoogleQuota(message)
-        if response.status_code == 403 and reasons & {"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"}:
-            raise GoogleScopeMissing(message)
-        raise GoogleError(f"Google answered {response.status_code}: {message}")
+        """GET one of Google's REST APIs as the person; Google's errors are raised as `google_api_error` names them."""
+        with google_request(next((part for part in urlsplit(url).path.split("/") if part), "api")):  # calendar…
+            response = await self.http.get(url, params=params, timeout=GOOGLE_TIMEOUT_S,
+                                           headers={"Authorization": f"Bearer {access_token}"})
+            if response.status_code < 400:
+                return dict(response.json())
+            raise google_api_error(response)
 
     async def revoke(self, token: str) -> None:
         """Revoke a Google token (a refresh token revokes the whole authorization)."""
@@ -2427,10 +2657,29 @@ class GoogleLogin:
         endpoint = metadata.get("revocation_endpoint")
         if not endpoint:
             raise GoogleError("Google's discovery document names no revocation endpoint")
-        response = await self.http.post(endpoint, data={"token": token}, auth=self.credentials,
-                                        timeout=GOOGLE_TIMEOUT_S)
-        if response.status_code >= 400:
-            raise GoogleError(f"Google's revocation endpoint answered {response.status_code}")
+        with google_request("revoke"):
+            response = await self.http.post(endpoint, data={"token": token}, auth=self.credentials,
+                                            timeout=GOOGLE_TIMEOUT_S)
+            if response.status_code >= 400:
+                raise GoogleError(f"Google's revocation endpoint answered {response.status_code}")
+
+
+def google_api_error(response: httpx2.Response) -> GoogleError:
+    """Google's error answer, named: GoogleUnauthorized (401), GoogleScopeMissing (403 for a scope not
+    granted), GoogleQuota (quota and rate limits), else GoogleError with Google's message."""
+    try:
+        error = response.json().get("error") or {}
+    except ValueError:
+        error = {}
+    reasons = {item.get("reason") for item in error.get("errors") or [] if isinstance(item, dict)}
+    message = str(error.get("message") or response.reason_phrase)
+    if response.status_code == 401:
+        return GoogleUnauthorized(message)
+    if response.status_code == 429 or reasons & GOOGLE_QUOTA_REASONS:
+        return GoogleQuota(message)
+    if response.status_code == 403 and reasons & {"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"}:
+        return GoogleScopeMissing(message)
+    return GoogleError(f"Google answered {response.status_code}: {message}")
 
 
 def google_scope(name: str) -> str:
@@ -2570,7 +2819,11 @@ class GoogleGrants:
                 return tokens.access_token
             if not tokens.refresh_token:
                 raise GoogleRevoked("Google gave this server no refresh token")
-            fresh = await self.login.refresh(tokens.refresh_token)
+            try:
+                fresh = await self.login.refresh(tokens.refresh_token)
+            except GoogleError as exc:
+                GOOGLE_REFRESH_FAILURES.labels("revoked" if isinstance(exc, GoogleRevoked) else "failed").inc()
+                raise
             await self.save(subject, fresh)
             return str(fresh["access_token"])
 
@@ -2784,7 +3037,7 @@ def scope_label(scope: str) -> str:
     return GOOGLE_SCOPE_LABELS.get(scope) or GOOGLE_SIGN_IN_SCOPE_LABELS.get(scope) or scope
 
 
-# === 6. OAuth provider =======================================================
+# === 7. OAuth provider =======================================================
 #
 # The server is the OAuth 2.1 authorization server MCP clients talk to: Google cannot register
 # them. One authorization runs /authorize → consent page → Google → /oauth/google/callback → code →
@@ -2825,10 +3078,15 @@ audit_log = logging.getLogger("stream_http.audit")
 
 
 def audit(event: str, **fields: Any) -> None:
-    """One structured log line per security event. Never pass a token, code or secret."""
-    if address := _client_address.get():
+    """One structured log line per security event, counted in the metrics. Never pass a token, code or secret."""
+    if address := client_address():
         fields["ip"] = address
-    audit_log.info("%s", json.dumps({"event": event, **fields}, sort_keys=True, default=str))
+    if request_id := _request_id.get():
+        fields["request_id"] = request_id
+    if count := COUNTED_EVENTS.get(event):
+        count(fields)
+    line = {"event": event, **fields}
+    audit_log.info("%s", json.dumps(line, sort_keys=True, default=str), extra={"audit": line})
 
 
 # --- decisions: pure functions of what was asked and what is allowed
@@ -3457,7 +3715,8 @@ class OAuthProvider:
             raise SignInFailed("This sign-in has expired or was already completed. Start again from your app.")
         pending = at_google.pending
         if error or not code:
-            audit("sign_in_refused", client_id=pending.client_id, reason=f"Google answered {error or 'no code'}")
+            audit("sign_in_refused", client_id=pending.client_id, reason=f"Google answered {error or 'no code'}",
+                  cause="cancelled")
             return LoginOutcome(self.refusal_target(pending, error="access_denied",
                                                     error_description="Sign-in with Google was cancelled"),
                                 refused="Sign-in with Google was cancelled or refused.")
@@ -3465,7 +3724,7 @@ class OAuthProvider:
             identity, google_tokens = await self.google.login.finish(code, nonce=at_google.nonce,
                                                                      verifier=at_google.verifier)
         except GoogleError as exc:
-            audit("sign_in_refused", client_id=pending.client_id, reason=str(exc))
+            audit("sign_in_refused", client_id=pending.client_id, reason=str(exc), cause="google_failed")
             return LoginOutcome(self.refusal_target(pending, error="server_error",
                                                     error_description="Google sign-in failed"),
                                 refused=f"Sign-in with Google failed: {exc}")
@@ -3477,7 +3736,8 @@ class OAuthProvider:
         who = {"subject": identity.subject, "email": identity.email, "client_id": pending.client_id}
         reason = refusal_reason(identity.email, identity.email_verified, identity.hosted_domain, self.settings)
         if reason:
-            audit("sign_in_refused", reason=reason, **who)
+            audit("sign_in_refused", reason=reason, cause="not_allowed" if identity.email_verified else
+                  "unverified_email", **who)
             return LoginOutcome(self.refusal_target(pending, error="access_denied", error_description=reason),
                                 identity=identity, refused=reason)
         if over := await self.over_sign_in_budget(pending, identity):
@@ -3815,8 +4075,8 @@ def bounded(handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
 def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
     """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
     limited = bounded(handler)
-    return RememberClient(CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
-                                        allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"]))
+    return CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
+                          allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"])
 
 
 def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Route]:
@@ -3949,9 +4209,9 @@ class SignInRoutes:
         from starlette.middleware.sessions import SessionMiddleware
 
         limited = bounded(handler)
-        return RememberClient(SessionMiddleware(
+        return SessionMiddleware(
             limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
-            same_site="lax", https_only=self.settings.public_url.startswith("https://")))
+            same_site="lax", https_only=self.settings.public_url.startswith("https://"))
 
     async def authorize(self, request: Request) -> Response:
         """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
@@ -4207,7 +4467,7 @@ class SignInRoutes:
         return Response(status_code=200, headers={"Cache-Control": "no-store"})
 
 
-# === 7. Pages ================================================================
+# === 8. Pages ================================================================
 #
 # Plain, self-contained pages: no script, no external asset, one stylesheet allowed by its hash.
 # `Pages.render` escapes every value; a ready-made fragment is passed under a name ending in `_html`
@@ -4426,7 +4686,7 @@ class Pages:
                                          all_html=ACCOUNT_GOOGLE_ALL.substitute(action=action, csrf=csrf))
 
 
-# === 8. HTTP app =============================================================
+# === 9. HTTP app =============================================================
 #
 # Everything a request meets before the SDK: the request gate on the MCP endpoint (Host, Origin,
 # token, Content-Type, Accept, body), CORS for browser clients, and `build_app`, which assembles
@@ -4637,9 +4897,11 @@ class Drain:
     async def serving(self, message: Mapping[str, Any] | None, method: str) -> AsyncIterator[Served]:
         served = Served(message, method)
         self.served.add(served)
+        MCP_EXCHANGES.inc()
         try:
             yield served
         finally:
+            MCP_EXCHANGES.dec()
             self.served.discard(served)
             await served.finish()
             if self.calls_done is not None and not self.calls():
@@ -4694,6 +4956,7 @@ class RequestGate:
             if problem is None and self.bearer is not None and message is not None:
                 problem = self.bearer.check_scopes(request, message)
         if problem is not None:
+            MCP_REFUSED.labels(str(problem.status_code)).inc()
             await problem(scope, receive, send)
             return
         if request.method == "POST":
@@ -4882,28 +5145,79 @@ class TrimmedHeaders:
 OWS = (b" ", b"\t")
 
 
-# The caller's address, for `audit`: a context variable, since audit lines are written deep in the provider.
-_client_address: ContextVar[str | None] = ContextVar("stream_http_client_address", default=None)
+# The request being served, for `audit` (the caller's address) deep in the provider: a context variable.
+_request_scope: ContextVar[Scope | None] = ContextVar("stream_http_request_scope", default=None)
 
 
-class RememberClient:
-    """Makes the caller's address available to `audit` (the forwarded one, from a proxy in TRUSTED_PROXIES)."""
+def client_address() -> str | None:
+    """The caller's address: the forwarded one when a proxy in TRUSTED_PROXIES sent the request."""
+    scope = _request_scope.get()
+    client = scope.get("client") if scope is not None else None
+    return client[0] if client else None
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class RequestContext:
+    """Around every request: its id (a trusted proxy's X-Request-Id, or a new one), sent back as
+    X-Request-Id and named by every log line written meanwhile; an OpenTelemetry server span that
+    continues the caller's W3C traceparent; and the caller's address for audit lines."""
+
+    def __init__(self, app: ASGIApp, trusted_proxies: Sequence[str], paths: Iterable[str]) -> None:
         self.app = app
+        self.trust_everyone = "*" in trusted_proxies
+        self.proxies = [ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies if proxy != "*"]
+        self.paths = frozenset(paths)  # span names: a route's path, never what a scanner made up
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = scope.get("client")
-        token = _client_address.set(client[0] if client else None)
-        try:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
-        finally:
-            _client_address.reset(token)
+            return
+        headers = dict(scope["headers"])  # the last of a repeated header: enough for these three
+        request_id = self.request_id(scope, headers.get(b"x-request-id"))
+        id_header = (b"x-request-id", request_id.encode())
+        traceparent = headers.get(b"traceparent")
+        parent = propagate.extract({"traceparent": traceparent.decode("latin-1"), "tracestate": headers.get(
+            b"tracestate", b"").decode("latin-1")}) if traceparent else None
+        route = scope["path"] if scope["path"] in self.paths else "other"
+        tokens = _request_id.set(request_id), _request_scope.set(scope)
+        with tracer.start_as_current_span(f"{scope['method']} {route}", context=parent, kind=trace.SpanKind.SERVER,
+                                          attributes={"http.request.method": scope["method"], "http.route": route,
+                                                      "stream_http.request_id": request_id}) as span:
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), id_header]
+                    span.set_attribute("http.response.status_code", message["status"])
+                    if message["status"] >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                _request_scope.reset(tokens[1])
+                _request_id.reset(tokens[0])
+
+    def request_id(self, scope: Scope, offered: bytes | None) -> str:
+        if offered and self.from_proxy(scope):
+            text = offered.decode("latin-1").strip()
+            if REQUEST_ID.match(text):
+                return text
+        return secrets.token_hex(8)
+
+    def from_proxy(self, scope: Scope) -> bool:
+        if self.trust_everyone:
+            return True
+        client = scope.get("client")
+        try:
+            address = ipaddress.ip_address(client[0]) if client else None
+        except ValueError:  # a Unix socket's peer
+            return False
+        return address is not None and any(address in network for network in self.proxies)
 
 
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version",
                       "Mcp-Method", "Mcp-Name", "Last-Event-ID")
-CORS_EXPOSE_HEADERS = ("Mcp-Session-Id", "WWW-Authenticate")
+CORS_EXPOSE_HEADERS = ("Mcp-Session-Id", "WWW-Authenticate", "X-Request-Id")
 
 
 def with_cors(app: ASGIApp, policy: HostPolicy, methods: Sequence[str]) -> ASGIApp:
@@ -4952,32 +5266,56 @@ def build_app(settings: Settings) -> Starlette:
     sign_in = SignInRoutes(running.provider, settings, pages).routes() if running.provider is not None else []
     routes: list[BaseRoute] = [
         *[Route(path, endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]) for path in (MCP_PATH, MCP_PATH + "/")],
-        Route("/healthz", health_endpoint(running), methods=["GET"]),
+        Route("/healthz", liveness_endpoint(running), methods=["GET"]),
+        Route("/readyz", readiness_endpoint(running), methods=["GET"]),
         *sign_in,
         # What else the SDK serves, such as routes added with @mcp.custom_route.
         *(route for route in sdk_app.routes if getattr(route, "path", None) != MCP_PATH),
     ]
+    paths = [path for route in routes if isinstance(path := getattr(route, "path", None), str)]
     app = Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager),
-                    middleware=[Middleware(TrimmedHeaders)],
+                    middleware=[Middleware(RequestContext, trusted_proxies=settings.trusted_proxies, paths=paths),
+                                Middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies)),
+                                Middleware(TrimmedHeaders)],
                     exception_handlers={StorageError: store_failure_handler(policy, pages)})
     app.state.drain = running.drain  # for the server that runs the app, to drain it on shutdown
     return app
 
 
-def health_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Response]]:
+def liveness_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Response]]:
     async def healthz(request: Request) -> Response:
-        """Liveness and the store's health, for load balancers and `doctor`."""
-        try:
-            await running.store.ping()
-        except StorageError:  # logged by the store, once per outage
-            return JSONResponse({"status": "unavailable", "store": "down"}, status_code=503,
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
-        health: dict[str, Any] = {"status": "ok", "store": "ok", "version": VERSION, "mode": running.settings.mode}
+        """Liveness: the process is up and answering. Nothing it depends on is asked, so an outage of the
+        store does not get healthy replicas restarted; /readyz says whether this one can serve."""
+        health: dict[str, Any] = {"status": "ok", "version": VERSION, "mode": running.settings.mode}
         if not running.settings.stateless:  # handshake-era sessions this process keeps for notifications
             health["sessions"] = running.changes.session_count
         return JSONResponse(health)
 
     return healthz
+
+
+def readiness_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Response]]:
+    async def readyz(request: Request) -> Response:
+        """Readiness, for load balancers and orchestrators: 200 when this process can serve (the store
+        answers; with sign-in on, Google's discovery document is loaded; not shutting down), else 503
+        naming what is missing. Google's document is fetched once and then kept, so the probe stays cheap."""
+        checks = {"store": "ok", "shutdown": "no"}
+        try:
+            await running.store.ping()
+        except StorageError:  # logged by the store, once per outage
+            checks["store"] = "unavailable"
+        if running.provider is not None:
+            loaded = await running.provider.google.login.authorization_endpoint() is not None
+            checks["google_discovery"] = "loaded" if loaded else "unavailable"
+        if running.drain.stopping:
+            checks["shutdown"] = "draining"
+        missing = [name for name, state in checks.items() if state not in ("ok", "no", "loaded")]
+        if missing:
+            return JSONResponse({"status": "not ready", "missing": missing, "checks": checks}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse({"status": "ready", "checks": checks})
+
+    return readyz
 
 
 def app_lifespan(running: Runtime, session_manager: StreamableHTTPSessionManager,
@@ -5002,7 +5340,7 @@ def app_lifespan(running: Runtime, session_manager: StreamableHTTPSessionManager
     return lifespan
 
 
-# === 9. Command line =========================================================
+# === 10. Command line ========================================================
 
 REQUEST_HEAD_MAX_BYTES = 32 * 1024  # the request line and headers together; nginx's default is 32 KB too
 REQUEST_HEADERS_MAX = 100
@@ -5032,10 +5370,14 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
     return {name: value for name, value in vars(args).items() if value is not None}
 
 
-def configure_logging(level: str) -> None:
-    """Plain log lines on stderr. The SDK logs every stateless request at INFO; keep it at WARNING
-    unless debugging, since formatting those lines costs more than serving the request."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log lines on stderr, readable text or JSON objects, each naming its request. The SDK logs every
+    stateless request at INFO; keep it at WARNING unless debugging, since formatting those lines costs
+    more than serving the request."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormat() if log_format == "json" else TextLogFormat())
+    handler.addFilter(RequestLogFields())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("mcp").setLevel(level if level == "DEBUG" else "WARNING")
 
 
@@ -5602,7 +5944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"server.py: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if reason := refuse_unsafe_bind(settings):
         print(f"server.py: {reason}", file=sys.stderr)
         return 2
@@ -5618,6 +5960,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.cimd_allow_local:
         logger.warning("CIMD_ALLOW_LOCAL is on: client metadata documents may come from loopback and private "
                        "addresses over http; turn it off outside development")
+    configure_tracing()
+    try:
+        serve_metrics(settings)
+    except (ConfigError, OSError) as exc:
+        print(f"server.py: cannot serve metrics: {exc}", file=sys.stderr)
+        return 2
     app = build_app(settings)
     config = uvicorn.Config(
         app,
@@ -5627,8 +5975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         h11_max_incomplete_event_size=REQUEST_HEAD_MAX_BYTES,  # the bound where h11 is what runs
         log_config=None,
         access_log=False,
-        proxy_headers=True,
-        forwarded_allow_ips=list(settings.trusted_proxies),
+        proxy_headers=False,  # build_app applies TRUSTED_PROXIES itself, after noting the proxy's request id
         timeout_graceful_shutdown=settings.shutdown_grace_s + 1,  # the drain below ends everything before
     )
     server = DrainingServer(config, app.state.drain)

@@ -334,7 +334,8 @@ def test_redis_going_away_gets_503s_then_everything_back(cluster: Cluster) -> No
     try:
         during = [whoami(cluster.replica(n), tokens["access_token"]) for n in (1, 2, 3)]
         refresh = RawClient(cluster.replica(2), client.client_id, client.redirect_uri).refresh(tokens["refresh_token"])
-        health = httpx2.get(cluster.replica(3).base_url + "/healthz")
+        ready = httpx2.get(cluster.replica(3).base_url + "/readyz")
+        alive = httpx2.get(cluster.replica(3).base_url + "/healthz")
         more = [whoami(cluster.replica(n), tokens["access_token"]) for n in (1, 2, 3) for _ in range(3)]
         proxied = whoami(cluster.public, tokens["access_token"])
     finally:
@@ -345,10 +346,13 @@ def test_redis_going_away_gets_503s_then_everything_back(cluster: Cluster) -> No
         assert response.json()["error"]["code"] == -32000
         assert "Traceback" not in response.text
     assert refresh.status_code == 503 and refresh.json()["error"] == "temporarily_unavailable"
-    assert health.status_code == 503 and health.headers["retry-after"] == "2"
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "2"
+    assert ready.json() == {"status": "not ready", "missing": ["store"], "checks": {
+        "store": "unavailable", "shutdown": "no", "google_discovery": "loaded"}}
+    assert alive.status_code == 200, "the process is alive: an orchestrator must not restart it for Redis"
 
     deadline = time.monotonic() + WAIT_S
-    while any(httpx2.get(r.base_url + "/healthz").status_code != 200 for r in cluster.replicas):
+    while any(httpx2.get(r.base_url + "/readyz").status_code != 200 for r in cluster.replicas):
         assert time.monotonic() < deadline, "the replicas did not come back by themselves"
         time.sleep(0.2)
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (1, 2, 3)] == [200] * 3

@@ -193,14 +193,18 @@ def test_extra_allowed_hosts_are_served(tmp_path: Path) -> None:
         assert post(server, INITIALIZE, headers={**mcp_headers(), "host": "gateway.example:1"}).status_code == 421
 
 
-def test_healthz_reports_ok(server: ServerProcess) -> None:
+def test_healthz_says_the_process_is_up_and_readyz_that_it_can_serve(server: ServerProcess) -> None:
     health = httpx2.get(server.base_url + "/healthz")
     assert health.status_code == 200
     body = health.json()
     sessions = {} if "stateless" in server.env["MODE"] else {"sessions": body.get("sessions")}
-    assert body == {"status": "ok", "store": "ok", "version": server_module.VERSION,
+    assert body == {"status": "ok", "version": server_module.VERSION,
                     "mode": server.env["MODE"].replace("-", "+"), **sessions}
     assert "stateless" in server.env["MODE"] or isinstance(body["sessions"], int)
+    ready = httpx2.get(server.base_url + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": {"store": "ok", "shutdown": "no"}}
+    assert len(ready.headers["x-request-id"]) == 16 and ready.headers["x-request-id"] != health.headers["x-request-id"]
 
 
 def test_sigterm_shuts_down_cleanly_with_streams_open(tmp_path: Path) -> None:
