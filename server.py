@@ -1499,7 +1499,7 @@ class SQLiteStore:
         if self._reader is None:
             raise StorageError(f"reading {record_type.kind}: the store is not open")
         try:
-            with store_operation("reading"):
+            with store_operation(f"reading {record_type.kind}"):
                 row = self._reader.execute(f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608
                                            (record_type.kind, key, time.time())).fetchone()
         except sqlite3.Error as exc:
