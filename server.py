@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import html
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -54,13 +55,13 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
     AsyncExitStack,
     asynccontextmanager,
-    contextmanager,
+    nullcontext,
     suppress,
 )
 from contextvars import ContextVar
@@ -1100,6 +1101,8 @@ REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what a proxy's id may be for us to adopt it
 tracer = trace.get_tracer("stream_http", VERSION)
 _request_id: ContextVar[str | None] = ContextVar("stream_http_request_id", default=None)
+REQUEST_ID_PREFIX = secrets.token_hex(4)  # this process's; a counter follows, cheaper than randomness per request
+_request_numbers = itertools.count(1)
 
 
 class NoMetric:
@@ -1152,10 +1155,10 @@ GOOGLE_DURATION = metric("Histogram", "stream_http_google_request_duration_secon
 GOOGLE_REFRESH_FAILURES = metric("Counter", "stream_http_google_refresh_failures", "Google access tokens that "
                                  "could not be refreshed, by reason (revoked, failed)", ["reason"])
 STORE_UP = metric("Gauge", "stream_http_store_up", "1 while the store answers, 0 during an outage")
-STORE_OPERATIONS = metric("Counter", "stream_http_store_operations", "Store operations, by operation and outcome",
-                          ["operation", "outcome"])
-STORE_DURATION = metric("Histogram", "stream_http_store_operation_duration_seconds", "Time a store operation took",
-                        ["operation"], buckets=LATENCY_BUCKETS)
+STORE_DURATION = metric("Histogram", "stream_http_store_operation_duration_seconds", "Time a store operation "
+                        "took (its _count: the operations)", ["operation"], buckets=LATENCY_BUCKETS)
+STORE_FAILURES = metric("Counter", "stream_http_store_failures", "Store operations that failed, by operation and "
+                        "error", ["operation", "error"])
 
 COUNTED_EVENTS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "client_registered": lambda fields: REGISTRATIONS.inc(),
@@ -1172,30 +1175,58 @@ COUNTED_EVENTS: dict[str, Callable[[Mapping[str, Any]], None]] = {
 }
 
 
-@contextmanager
-def measured(span_name: str, counter: Any, duration: Any, label: str,
-             kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> Iterator[trace.Span]:
-    """A span named `span_name`, and `label`'s latency and outcome (ok, or the exception's class) counted."""
-    started = time.perf_counter()
-    outcome = "ok"
-    with tracer.start_as_current_span(span_name, kind=kind) as span:
-        try:
-            yield span
-        except Exception as exc:
-            outcome = type(exc).__name__
-            raise
-        finally:
-            duration.labels(label).observe(time.perf_counter() - started)
-            counter.labels(label, outcome).inc()
+class Tracing:
+    """Whether an OpenTelemetry SDK records spans (configure_tracing's, or an embedding app's), noted when
+    the server starts. Without one, spans are skipped: even a no-op span costs a context switch."""
+
+    on = False
+
+    @classmethod
+    def notice(cls) -> None:
+        cls.on = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
-def store_operation(action: str) -> AbstractContextManager[trace.Span]:
-    """Measure one store operation; `action` ("taking code") is named by its verb."""
-    return measured(f"store {action}", STORE_OPERATIONS, STORE_DURATION, action.partition(" ")[0])
+@cache
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock for each lookup."""
+    return metric.labels(*labels)
 
 
-def google_request(api: str) -> AbstractContextManager[trace.Span]:
-    return measured(f"google {api}", GOOGLE_REQUESTS, GOOGLE_DURATION, api, kind=trace.SpanKind.CLIENT)
+class Measured:
+    """`with Measured(...)`: the block's latency under `label`, its outcome counted (every outcome, or
+    only failures: the exception's class), inside a span named "`system` `what`" while tracing is on."""
+
+    __slots__ = ("counter", "duration", "every_outcome", "kind", "label", "span", "started", "system", "what")
+
+    def __init__(self, system: str, what: str, label: str, duration: Any, counter: Any, *, every_outcome: bool,
+                 kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> None:
+        self.system, self.what, self.label, self.duration, self.counter = system, what, label, duration, counter
+        self.every_outcome, self.kind = every_outcome, kind
+        self.span: AbstractContextManager[trace.Span] | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        if Tracing.on:
+            self.span = tracer.start_as_current_span(f"{self.system} {self.what}", kind=self.kind)
+            self.span.__enter__()
+        self.started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
+        child(self.duration, self.label).observe(time.perf_counter() - self.started)
+        if kind is not None or self.every_outcome:
+            child(self.counter, self.label, "ok" if kind is None else kind.__name__).inc()
+        if self.span is not None:
+            self.span.__exit__(kind, exc, traceback)
+
+
+def store_operation(action: str) -> Measured:
+    """Measure one store operation; `action` ("taking code") is counted by its verb."""
+    return Measured("store", action, action.partition(" ")[0], STORE_DURATION, STORE_FAILURES, every_outcome=False)
+
+
+def google_request(api: str) -> Measured:
+    return Measured("google", api, api, GOOGLE_DURATION, GOOGLE_REQUESTS, every_outcome=True,
+                    kind=trace.SpanKind.CLIENT)
 
 
 def serve_metrics(settings: Settings) -> None:
@@ -2135,6 +2166,7 @@ class Runtime:
             tasks.start_soon(self.watch_store)
             tasks.start_soon(self.relay_changes)
             STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
+            Tracing.notice()
             SESSIONS_OPEN.set_function(lambda: self.changes.session_count)
         except BaseException:
             await self._exit.aclose()
@@ -2366,8 +2398,8 @@ def count_request(ctx: ServerRequestContext[Runtime, Any], outcome: str, seconds
     if ctx.method == "tools/call":
         name = (ctx.params or {}).get("name")
         tool = name if isinstance(name, str) and name in ctx.lifespan_context.tools else "unknown"
-    MCP_REQUESTS.labels(ctx.method, tool, outcome).inc()
-    MCP_DURATION.labels(ctx.method).observe(seconds)
+    child(MCP_REQUESTS, ctx.method, tool, outcome).inc()
+    child(MCP_DURATION, ctx.method).observe(seconds)
 
 
 async def serve_handshake_request(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
@@ -4956,7 +4988,7 @@ class RequestGate:
             if problem is None and self.bearer is not None and message is not None:
                 problem = self.bearer.check_scopes(request, message)
         if problem is not None:
-            MCP_REFUSED.labels(str(problem.status_code)).inc()
+            child(MCP_REFUSED, str(problem.status_code)).inc()
             await problem(scope, receive, send)
             return
         if request.method == "POST":
@@ -5173,36 +5205,49 @@ class RequestContext:
             return
         headers = dict(scope["headers"])  # the last of a repeated header: enough for these three
         request_id = self.request_id(scope, headers.get(b"x-request-id"))
-        id_header = (b"x-request-id", request_id.encode())
+        tokens = _request_id.set(request_id), _request_scope.set(scope)
+        try:
+            with self.span(scope, headers, request_id) as span:
+                await self.app(scope, receive, self.with_id(send, request_id, span))
+        finally:
+            _request_scope.reset(tokens[1])
+            _request_id.reset(tokens[0])
+
+    def span(self, scope: Scope, headers: Mapping[bytes, bytes], request_id: str) -> AbstractContextManager[Any]:
+        """The request's server span, continuing the caller's traceparent. With tracing off, none, unless
+        the caller sent a traceparent: its trace id then still reaches the log lines."""
         traceparent = headers.get(b"traceparent")
+        if not traceparent and not Tracing.on:
+            return nullcontext()
         parent = propagate.extract({"traceparent": traceparent.decode("latin-1"), "tracestate": headers.get(
             b"tracestate", b"").decode("latin-1")}) if traceparent else None
         route = scope["path"] if scope["path"] in self.paths else "other"
-        tokens = _request_id.set(request_id), _request_scope.set(scope)
-        with tracer.start_as_current_span(f"{scope['method']} {route}", context=parent, kind=trace.SpanKind.SERVER,
-                                          attributes={"http.request.method": scope["method"], "http.route": route,
-                                                      "stream_http.request_id": request_id}) as span:
+        return tracer.start_as_current_span(f"{scope['method']} {route}", context=parent, kind=trace.SpanKind.SERVER,
+                                            attributes={"http.request.method": scope["method"], "http.route": route,
+                                                        "stream_http.request_id": request_id})
 
-            async def send_with_id(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message["headers"] = [*message.get("headers", ()), id_header]
+    @staticmethod
+    def with_id(send: Send, request_id: str, span: trace.Span | None) -> Send:
+        id_header = (b"x-request-id", request_id.encode())
+        recording = span is not None and span.is_recording()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), id_header]
+                if recording:
                     span.set_attribute("http.response.status_code", message["status"])
                     if message["status"] >= 500:
                         span.set_status(trace.StatusCode.ERROR)
-                await send(message)
+            await send(message)
 
-            try:
-                await self.app(scope, receive, send_with_id)
-            finally:
-                _request_scope.reset(tokens[1])
-                _request_id.reset(tokens[0])
+        return send_with_id
 
     def request_id(self, scope: Scope, offered: bytes | None) -> str:
         if offered and self.from_proxy(scope):
             text = offered.decode("latin-1").strip()
             if REQUEST_ID.match(text):
                 return text
-        return secrets.token_hex(8)
+        return f"{REQUEST_ID_PREFIX}{next(_request_numbers) & 0xFFFFFFFF:08x}"
 
     def from_proxy(self, scope: Scope) -> bool:
         if self.trust_everyone:

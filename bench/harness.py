@@ -198,10 +198,18 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def ours(port: int, mode: str) -> list[str]:
+def ours(port: int, mode: str, script: Path = REPO / "server.py") -> list[str]:
     """Our server with product defaults but for the mode: stateless JSON as README runs replicas."""
     flags = {"json": ["--stateless", "--json-response"], "sse": ["--stateless"], "stateful": ["--json-response"]}
-    return python(str(REPO / "server.py"), *flags[mode], "--port", str(port))
+    return python(str(script), *flags[mode], "--port", str(port))
+
+
+def ours_at(revision: str, workdir: Path) -> Callable[[int, str], list[str]]:
+    """Our server as it was at a git revision, to measure what a change costs in the same run."""
+    script = workdir / f"server-{revision}.py"
+    script.write_bytes(subprocess.run(["git", "show", f"{revision}:server.py"], cwd=REPO, capture_output=True,
+                                      check=True).stdout)
+    return lambda port, mode: ours(port, mode, script)
 
 
 def bare_sdk(*extra: str) -> Callable[[int, str], list[str]]:
@@ -237,24 +245,34 @@ def all_contenders() -> list[Contender]:
         Contender("ours auth off", ours, modes=ALL_MODES),
         Contender("ours auth on SQLite", ours, modes=ALL_MODES),
         Contender("ours auth on Redis", ours),
+        Contender("ours metrics on", ours, env={"METRICS_PORT": str(free_port())}),  # auth on, SQLite
     ]
 
 
-def chosen_contenders(workdir: Path, only: list[str]) -> tuple[list[Contender], contextlib.ExitStack]:
+def chosen_contenders(workdir: Path, only: list[str], baseline: str | None = None,
+                      ) -> tuple[list[Contender], contextlib.ExitStack]:
     """The contenders whose names start with one of `only` (all when empty), with what they need running:
-    the npm peers for the TypeScript SDK, and for sign-in the Google stand-in and a Redis."""
+    the npm peers for the TypeScript SDK, and for sign-in the Google stand-in and a Redis. With `baseline`,
+    also our server at that git revision, signed in on SQLite."""
     stack = contextlib.ExitStack()
-    chosen = [c for c in all_contenders() if not only or any(c.name.startswith(prefix) for prefix in only)]
-    if any(c.name in ("TS SDK",) or "auth on" in c.name for c in chosen):
+    contenders = all_contenders()
+    if baseline:
+        contenders.append(Contender(f"ours @{baseline} auth on", ours_at(baseline, workdir)))
+    chosen = [c for c in contenders if not only or any(c.name.startswith(prefix) for prefix in only)]
+    if any(c.name in ("TS SDK",) or signs_in(c) for c in chosen):
         from tests.conftest import install_peers
 
         install_peers()
     for contender in chosen:
         if contender.name.startswith("ours"):
             contender.env["MAX_SESSIONS"] = "20000"
-    if any("auth on" in c.name for c in chosen):
-        stack.enter_context(signed_in(workdir, [c for c in chosen if "auth on" in c.name]))
+    if any(signs_in(c) for c in chosen):
+        stack.enter_context(signed_in(workdir, [c for c in chosen if signs_in(c)]))
     return chosen, stack
+
+
+def signs_in(contender: Contender) -> bool:
+    return "auth on" in contender.name or contender.name == "ours metrics on"
 
 
 # One token and one person here make more requests than any real one: the budgets stay on (their cost is

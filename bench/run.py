@@ -179,6 +179,10 @@ def targets(rows: list[dict]) -> list[dict]:
         ratio(f"{era}: auth on SQLite ≥ 2.0 x FastMCP", on, ("FastMCP 4.1.0", "json", era), 2.0)
         ratio(f"{era}: auth on ≥ 0.95 x auth off", on, off, 0.95)
         ratio(f"{era}: Redis ≥ 0.90 x SQLite", ("ours auth on Redis", "json", era), on, 0.90)
+        ratio(f"{era}: metrics on ≥ 0.97 x metrics off", ("ours metrics on", "json", era), on, 0.97)
+        for baseline in {name for name, _, _ in by if name.startswith("ours @")}:
+            ratio(f"{era}: auth on SQLite ≥ 0.97 x {baseline.removesuffix(' auth on')}", on, (baseline, "json", era),
+                  0.97)
         tuned = ("SDK tuned", "json", era)
         if on in by and tuned in by:  # lower is better: the goal is met when 1.25 x theirs ≥ ours
             checks.append((f"{era}: p99 ≤ 1.25 x SDK tuned's", by[tuned]["p99_ms"] * 1.25 / max(by[on]["p99_ms"],
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eras", default=",".join(ERAS))
     parser.add_argument("--modes", default=",".join(MODES), help=f"throughput modes: {', '.join(MODES)}")
     parser.add_argument("--only", default="", help="comma-separated name prefixes of contenders to run")
+    parser.add_argument("--baseline", metavar="REVISION", help="also run server.py as it was at this git revision")
     parser.add_argument("--quick", action="store_true", help="one round of one second, tiny counts elsewhere")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run only the soak, this long")
     parser.add_argument("--soak-clients", type=int, default=64)
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {}
     failed = False
     if "throughput" in parts:
-        chosen, stack = chosen_contenders(workdir, only)
+        chosen, stack = chosen_contenders(workdir, only, args.baseline)
         with stack:
             rows, judged = throughput(chosen, workdir, [m for m in args.modes.split(",") if m],
                               [e for e in args.eras.split(",") if e], args.rounds, args.seconds, args.connections)

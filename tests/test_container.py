@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import REPO, ServerProcess, free_port
+from tests.conftest import REPO, ServerProcess, free_port, start_server
 from tests.signin import ALICE, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, GoogleStandIn, RawClient, mcp_call
 
 pytestmark = pytest.mark.store_of_its_own
@@ -187,3 +188,55 @@ def test_the_image_serves_signs_in_and_stops_cleanly(image: Image, root: Path, g
     assert any(line.get("event") == "sign_in_allowed" and line.get("email") == ALICE["email"] for line in lines)
     assert any(line["message"].startswith("draining:") for line in lines)
     assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+
+
+# --- compose.yaml
+
+
+@pytest.fixture
+def stateless_sqlite(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = start_server(tmp_path / "server", "--stateless", env={"STORE_URL": f"sqlite:///{tmp_path}/s.db"})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def compose() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((REPO / "compose.yaml").read_text())
+
+
+def test_compose_runs_stateless_replicas_on_one_persistent_redis_with_shared_settings() -> None:
+    spec = compose()
+    server, redis = spec["services"]["stream-http"], spec["services"]["redis"]
+    assert server["build"] == "." and server["deploy"]["replicas"] >= 2
+    settings = server["environment"]
+    readme = (REPO / "README.md").read_text()
+    shared = readme[readme.index("**The same on every replica**"):].split("\n- ", 1)[0]
+    must_share = set(re.findall(r"`([A-Z_]+)`", shared))
+    assert must_share and must_share <= settings.keys(), must_share - settings.keys()
+    assert settings["MCP_STATELESS"] == "true" and settings["STORE_URL"].startswith("redis://redis:")
+    subnet = spec["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert settings["TRUSTED_PROXIES"] == subnet, "the proxy's forwarded headers and request ids are believed"
+    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert any(volume.endswith(":/data") for volume in redis["volumes"]) and "redis-data" in spec["volumes"]
+    assert server["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert server["stop_grace_period"] == "15s"
+
+
+def test_composes_proxy_block_serves_through_real_nginx_and_passes_its_request_id(stateless_sqlite: ServerProcess,
+                                                                                  tmp_path: Path) -> None:
+    from tests.nginx import LISTEN, Nginx
+
+    block = compose()["configs"]["nginx"]["content"].replace("$$", "$").replace("listen 80;", LISTEN)
+    block = block.replace("server stream-http:8000", f"server 127.0.0.1:{stateless_sqlite.port}")
+    nginx = Nginx.start(tmp_path / "nginx", block)
+    try:
+        answer = httpx2.get(nginx.base_url + "/healthz")
+        ready = httpx2.get(nginx.base_url + "/readyz")
+    finally:
+        nginx.stop()
+    assert answer.status_code == 200 and ready.json()["status"] == "ready"
+    assert re.fullmatch(r"[0-9a-f]{32}", answer.headers["x-request-id"]), "nginx's $request_id, adopted"

@@ -151,7 +151,8 @@ def test_prometheus_scrapes_sign_ins_tokens_and_tool_calls(metrics_server: tuple
             "stream_http_tokens_refreshed_total": 1,
             'stream_http_google_requests_total{api="token",outcome="ok"}': 2,
             "stream_http_store_up": 1,
-            'sum(stream_http_store_operations_total{outcome="ok"}) > bool 10': 1,
+            "sum(stream_http_store_operation_duration_seconds_count) > bool 10": 1,
+            "sum(stream_http_store_failures_total) or vector(0)": 0,
             'stream_http_mcp_exchanges_open': 0,
         }
         found = {query: prometheus.wait_for(query, value) for query, value in expected.items()}
