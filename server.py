@@ -1244,10 +1244,14 @@ def configure_tracing() -> None:
     exporter reads the other standard OTEL_* variables itself. Otherwise leave OpenTelemetry's no-op default."""
     if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         return
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry's SDK is not installed ({exc}): "
+                          "uv sync installs it") from None
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", SERVER_NAME),
                                 "service.version": VERSION})
@@ -6005,11 +6009,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.cimd_allow_local:
         logger.warning("CIMD_ALLOW_LOCAL is on: client metadata documents may come from loopback and private "
                        "addresses over http; turn it off outside development")
-    configure_tracing()
     try:
+        configure_tracing()
         serve_metrics(settings)
     except (ConfigError, OSError) as exc:
-        print(f"server.py: cannot serve metrics: {exc}", file=sys.stderr)
+        print(f"server.py: cannot start telemetry: {exc}", file=sys.stderr)
         return 2
     app = build_app(settings)
     config = uvicorn.Config(

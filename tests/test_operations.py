@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -18,7 +19,7 @@ import httpx2
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.conftest import REPO, ServerProcess, free_port
+from tests.conftest import REPO, ServerProcess, assert_no_traceback, free_port, run_python
 from tests.signin import ALICE, BOB, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -322,3 +323,18 @@ def test_request_ids_from_untrusted_callers_are_replaced(google: GoogleStandIn, 
     line = next(line for line in log.splitlines() if '"event": "client_registered"' in line)
     assert line.endswith(f"[request {ids[-1]}]"), "plain text lines name their request too"
 
+
+
+def test_a_metrics_port_that_cannot_be_had_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        port = free_port()
+        result = run_python("server.py", "--port", str(port), "--metrics-port", str(busy),
+                            env={"DATA_DIR": str(tmp_path)}, timeout_s=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("server.py: cannot start telemetry: ")
+    assert_no_traceback(result.stderr)
+    same = run_python("server.py", "--port", str(port), "--metrics-port", str(port), env={"DATA_DIR": str(tmp_path)})
+    assert same.returncode == 2 and f"METRICS_PORT={port} is PORT too" in same.stderr
