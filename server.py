@@ -143,9 +143,8 @@ from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-# Authlib, itsdangerous (Starlette's session cookies) and redis are imported where they are used:
-# with sign-in off and the SQLite store, `mcp run server.py` needs nothing but the MCP SDK (`mcp
-# install --name` writes a Claude Desktop entry that installs only that).
+# Authlib, itsdangerous, redis, prometheus-client and OpenTelemetry's SDK are imported where used: with
+# sign-in off and SQLite, `mcp run` needs only the MCP SDK (all that `mcp install --name` installs).
 
 logger = logging.getLogger("stream_http")
 
