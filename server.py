@@ -1133,6 +1133,8 @@ MCP_REFUSED = metric("Counter", "stream_http_mcp_http_refusals", "MCP HTTP reque
                      "server saw them (bad Host or Origin, no token, over budget, store down), by status", ["status"])
 MCP_EXCHANGES = metric("Gauge", "stream_http_mcp_exchanges_open", "MCP HTTP requests being answered now, "
                        "open SSE streams included")
+STREAMS_OPEN = metric("Gauge", "stream_http_streams_open", "Notification streams open now (2025-era GET streams, "
+                      "2026-07-28 subscriptions/listen)")
 SESSIONS_OPEN = metric("Gauge", "stream_http_sessions_open", "Handshake-era sessions this process keeps")
 REGISTRATIONS = metric("Counter", "stream_http_client_registrations", "Clients registered at /register")
 CONSENTS = metric("Counter", "stream_http_consents", "Answers on the consent page, by decision", ["decision"])
@@ -2171,6 +2173,7 @@ class Runtime:
             STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
             Tracing.notice()
             SESSIONS_OPEN.set_function(lambda: self.changes.session_count)
+            STREAMS_OPEN.set_function(lambda: sum(1 for served in list(self.drain.served) if served.stream))
         except BaseException:
             await self._exit.aclose()
             raise

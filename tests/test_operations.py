@@ -19,7 +19,16 @@ import httpx2
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.conftest import REPO, ServerProcess, assert_no_traceback, free_port, run_python
+from tests.conftest import (
+    REPO,
+    ServerProcess,
+    assert_no_traceback,
+    free_port,
+    mcp_headers,
+    open_session,
+    run_python,
+    running_server,
+)
 from tests.signin import ALICE, BOB, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -338,3 +347,21 @@ def test_a_metrics_port_that_cannot_be_had_stops_the_server_with_one_line(tmp_pa
     assert_no_traceback(result.stderr)
     same = run_python("server.py", "--port", str(port), "--metrics-port", str(port), env={"DATA_DIR": str(tmp_path)})
     assert same.returncode == 2 and f"METRICS_PORT={port} is PORT too" in same.stderr
+
+
+def test_open_sessions_and_streams_are_gauges(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    with running_server(tmp_path, env={"METRICS_PORT": str(metrics_port)}) as server, httpx2.Client() as http:
+        session_id = open_session(http, server.mcp_url)
+        listed = http.post(server.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+                           headers=mcp_headers(session_id=session_id))
+        assert listed.status_code == 200
+        headers = {**mcp_headers(session_id=session_id), "accept": "text/event-stream"}
+        with http.stream("GET", server.mcp_url, headers=headers) as stream:
+            assert stream.status_code == 200
+            during = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        time.sleep(0.5)
+        after = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert "stream_http_streams_open 1.0" in during and "stream_http_sessions_open 1.0" in during
+    assert "stream_http_mcp_exchanges_open 1.0" in during
+    assert "stream_http_streams_open 0.0" in after
