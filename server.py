@@ -1278,7 +1278,8 @@ class RequestLogFields(logging.Filter):
 
 
 class TextLogFormat(logging.Formatter):
-    """A readable line, with the request's id when there is one."""
+    """A readable line, ending with the request's id when there is one. An audit line stays the JSON
+    object it is, which names the request itself (`request_id`)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
@@ -1286,7 +1287,7 @@ class TextLogFormat(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         request_id = getattr(record, "request_id", None)
-        return f"{line} [request {request_id}]" if request_id else line
+        return f"{line} [request {request_id}]" if request_id and not hasattr(record, "audit") else line
 
 
 class JsonLogFormat(logging.Formatter):

@@ -26,7 +26,8 @@ def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> 
     rows = results["throughput"]
     measured = {(row["contender"], row["mode"], row["era"]) for row in rows}
     contenders = {"A raw Starlette", "A+ uvloop httptools", "SDK defaults", "SDK tuned", "SDK tuned + bearer",
-                  "TS SDK", "FastMCP 4.1.0", "ours auth off", "ours auth on SQLite", "ours auth on Redis"}
+                  "TS SDK", "FastMCP 4.1.0", "ours auth off", "ours auth on SQLite", "ours auth on Redis",
+                  "ours metrics on"}
     assert {row["contender"] for row in rows} == contenders
     for name in ("SDK defaults", "SDK tuned", "ours auth off", "ours auth on SQLite"):
         assert {(mode, era) for (contender, mode, era) in measured if contender == name} == {

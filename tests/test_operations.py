@@ -325,12 +325,16 @@ def test_request_ids_from_untrusted_callers_are_replaced(google: GoogleStandIn, 
         registered = httpx2.post(server.base_url + "/register", json={
             "client_name": "text logs", "redirect_uris": ["http://127.0.0.1:6777/cb"],
             "token_endpoint_auth_method": "none"}, headers={"X-Request-Id": "spoofed"})
+        refused = httpx2.post(server.base_url + "/register", json={
+            "client_name": "odd scheme", "redirect_uris": ["odd-app://callback"], "token_endpoint_auth_method": "none"})
         log = server.log()
-    ids = [response.headers["x-request-id"] for response in [*answered, registered]]
+    ids = [response.headers["x-request-id"] for response in [*answered, registered, refused]]
     assert all(len(request_id) == 16 and request_id != "spoofed" for request_id in ids), ids
-    assert len(set(ids)) == 4
-    line = next(line for line in log.splitlines() if '"event": "client_registered"' in line)
-    assert line.endswith(f"[request {ids[-1]}]"), "plain text lines name their request too"
+    assert len(set(ids)) == 5
+    audit = next(line for line in log.splitlines() if '"event": "client_registered"' in line)
+    assert json.loads(audit.split("audit: ", 1)[1])["request_id"] == ids[3], "an audit line stays one JSON object"
+    warning = next(line for line in log.splitlines() if "refused the redirect URI 'odd-app://callback'" in line)
+    assert warning.endswith(f"[request {ids[4]}]"), "other lines end with their request's id"
 
 
 
