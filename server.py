@@ -1085,9 +1085,9 @@ def derive_key(secret_key: Secret, purpose: bytes) -> bytes:
 # and served on METRICS_PORT, a port of their own that only operators reach (off by default). Security
 # events are counted where they are audited: COUNTED_EVENTS maps each audit event to its counter.
 # Traces are OpenTelemetry's: the SDK opens a span per MCP message; this server adds one per HTTP request
-# (continuing the caller's W3C `traceparent`), the OAuth steps, every call to Google and every store
-# operation. They leave the process over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise
-# OpenTelemetry's API hands out spans that record nothing. Every log line of a request names its id.
+# (continuing the caller's W3C `traceparent`; the OAuth steps are such requests), every call to Google and
+# every store operation. They leave the process over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set;
+# without an OpenTelemetry SDK no span is made at all. Every log line of a request names its id.
 
 try:
     import prometheus_client
@@ -1095,8 +1095,11 @@ except ImportError:  # `mcp install --name` installs the SDK alone: then the met
     prometheus_client = None
 
 METRICS_REGISTRY = prometheus_client.CollectorRegistry() if prometheus_client else None
+if prometheus_client is not None:  # the process's CPU, memory, descriptors, and Python's GC and version
+    for collector in (prometheus_client.ProcessCollector, prometheus_client.PlatformCollector,
+                      prometheus_client.GCCollector):
+        collector(registry=METRICS_REGISTRY)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what a proxy's id may be for us to adopt it
 tracer = trace.get_tracer("stream_http", VERSION)
 _request_id: ContextVar[str | None] = ContextVar("stream_http_request_id", default=None)

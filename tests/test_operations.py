@@ -179,6 +179,7 @@ def test_metrics_are_not_on_the_public_port(metrics_server: tuple[ServerProcess,
     assert httpx2.get(server.base_url + "/metrics").status_code == 404
     scraped = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics")
     assert scraped.status_code == 200 and "# TYPE stream_http_mcp_requests_total counter" in scraped.text
+    assert "process_cpu_seconds_total" in scraped.text and "python_gc_collections_total" in scraped.text
 
 
 def test_metrics_are_off_unless_a_port_is_given(signin_server: ServerProcess) -> None:
