@@ -66,7 +66,7 @@ from contextlib import (
 )
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
@@ -79,10 +79,11 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dotenv import dotenv_values
 from mcp.server import MCPServer, ServerRequestContext
+from mcp.server._otel import OpenTelemetryMiddleware  # private module: the SDK says to drop it to opt out
 from mcp.server.auth.handlers.metadata import MetadataHandler
 from mcp.server.auth.handlers.register import RegistrationHandler
 from mcp.server.auth.handlers.token import TokenHandler
-from mcp.server.auth.middleware.auth_context import AuthContextMiddleware, get_access_token
+from mcp.server.auth.middleware.auth_context import auth_context_var, get_access_token
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.middleware.client_auth import AuthenticationError, ClientAuthenticator
 from mcp.server.auth.provider import (
@@ -100,7 +101,7 @@ from mcp.server.context import CallNext, HandlerResult
 from mcp.server.mcpserver import Context, Elicit, ElicitationResult, Resolve
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
-from mcp.server.request_state import AESGCMRequestStateCodec, RequestStateSecurity
+from mcp.server.request_state import AESGCMRequestStateCodec, RequestStateBoundary, RequestStateSecurity
 from mcp.server.session import ServerSession
 from mcp.server.streamable_http import EventCallback, EventMessage, EventStore, check_accept_headers
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -129,15 +130,15 @@ from mcp_types import (
     jsonrpc_message_adapter,
 )
 from mcp_types import Tool as MCPTool
+from mcp_types.methods import INPUT_REQUIRED_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from opentelemetry import propagate, trace
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
-from starlette.authentication import AuthCredentials, AuthenticationBackend
+from starlette.authentication import AuthCredentials
 from starlette.middleware import Middleware
-from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, HTTPConnection, Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -1412,7 +1413,12 @@ def decode_records(record_type: type[R], texts: Iterable[str]) -> list[R]:
 class Store(Protocol):
     """Where state lives. A store shared by several processes also carries their change
     announcements (`publish` and `messages`), their locks and their rate counters; the embedded
-    one keeps all three within its process."""
+    one keeps all three within its process.
+
+    `messages()` yields what every process publishes, and FEED_LISTENING or FEED_LOST whenever it
+    starts or stops hearing it: while lost, what is published is missed. `publish` returns how many
+    processes heard the message and, with `confirmed_within_s`, waits that long at most for each to
+    `confirm` the message's "ticket", returning how many did."""
 
     @property
     def available(self) -> bool: ...
@@ -1431,10 +1437,15 @@ class Store(Protocol):
     async def purge_expired(self) -> int: ...
     async def hit(self, bucket: str, window_s: float, count: int = 1) -> tuple[int, float]: ...
     def lock(self, name: str, ttl_s: float) -> AbstractAsyncContextManager[None]: ...
-    async def publish(self, message: dict[str, Any]) -> None: ...
+    async def publish(self, message: dict[str, Any], *, confirmed_within_s: float = 0) -> tuple[int, int]: ...
+    async def confirm(self, ticket: str) -> None: ...
     def messages(self) -> AsyncIterator[dict[str, Any]]: ...
     def event_store(self, max_events: int, ttl_s: float) -> EventStore: ...
 
+
+# What `Store.messages()` yields when this process starts, or stops, hearing what the others publish.
+FEED_LISTENING: dict[str, Any] = {"feed": "listening"}
+FEED_LOST: dict[str, Any] = {"feed": "lost"}
 
 # --- SQLite: the embedded store
 
@@ -1612,12 +1623,16 @@ class SQLiteStore:
         async with self._locks.setdefault(name, anyio.Lock()):
             yield
 
-    async def publish(self, message: dict[str, Any]) -> None:
+    async def publish(self, message: dict[str, Any], *, confirmed_within_s: float = 0) -> tuple[int, int]:
         """Nothing to do: no other process shares this store."""
+        return 0, 0
+
+    async def confirm(self, ticket: str) -> None:
+        """Nothing to do: nobody waits."""
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        yield FEED_LISTENING  # this process hears everything there is: its own changes
         await anyio.sleep_forever()
-        yield {}  # pragma: no cover - makes this an async generator
 
     def event_store(self, max_events: int, ttl_s: float) -> EventStore:
         return MemoryEventStore(max_events)
@@ -1714,10 +1729,15 @@ class RedisStore:
 
         self.unreachable = (redis.ConnectionError, redis.TimeoutError)
         self.failed = redis.RedisError
-        self.client: Any = redis.asyncio.Redis.from_url(
-            urlunsplit(parts._replace(query=urlencode(query))), decode_responses=True,
-            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1))  # one retry: a pooled socket may be stale
+        options = {"decode_responses": True, "socket_timeout": REDIS_TIMEOUT_S,
+                   "socket_connect_timeout": REDIS_TIMEOUT_S}
+        address = urlunsplit(parts._replace(query=urlencode(query)))
+        self.client: Any = redis.asyncio.Redis.from_url(  # one retry: a pooled socket may be stale
+            address, **options, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1))
+        # The subscription's own client never retries: a retry would subscribe again without a word, and
+        # what was published in between would be missed unseen (see `messages`).
+        self.listener: Any = redis.asyncio.Redis.from_url(
+            address, **options, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
         self.channel = f"{self.prefix}:changes"
         self._scripts = {name: self.client.register_script(text) for name, text in REDIS_SCRIPTS.items()}
         self._down: str | None = None
@@ -1779,6 +1799,7 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.listener.aclose()
 
     async def ping(self) -> None:
         await self.call("ping", self.client.ping, probe=True)
@@ -1854,30 +1875,71 @@ class RedisStore:
             with suppress(self.failed):  # expired meanwhile, or Redis went away: it ends by its TTL
                 await lock.release()
 
-    async def publish(self, message: dict[str, Any]) -> None:
-        await self.call("announcing a change", lambda: self.client.publish(self.channel, to_json(message)))
+    async def publish(self, message: dict[str, Any], *, confirmed_within_s: float = 0) -> tuple[int, int]:
+        """Publish to every replica; with `confirmed_within_s`, wait for each one that heard it to confirm."""
+        ticket = f"{self.prefix}:ack:{new_id()}"
+        if confirmed_within_s:
+            message = {**message, "ticket": ticket}
+        heard = await self.call("announcing a change", lambda: self.client.publish(self.channel, to_json(message)))
+        confirmed, deadline = 0, time.monotonic() + confirmed_within_s
+        while confirmed < heard and (left := deadline - time.monotonic()) > 0:
+            wait = partial(self.client.blpop, [ticket], timeout=min(left, REDIS_TIMEOUT_S / 4))  # within the socket's
+            if await self.call("waiting for replicas", wait):
+                confirmed += 1
+        return heard, confirmed if confirmed_within_s else heard
+
+    async def confirm(self, ticket: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            await self.call("confirming a change", lambda: pipe.rpush(ticket, 1).expire(ticket, 60).execute())
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
-        """What every replica publishes, this one included, for as long as it runs (resubscribing
-        after Redis comes back; what was published meanwhile is lost)."""
+        """What every replica publishes, this one included, for as long as it runs. FEED_LOST when the
+        subscription breaks (Redis went away, or stopped answering its heartbeat), FEED_LISTENING once
+        it is back: what was published in between is lost."""
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.listener.pubsub()
+            listening = False
             try:
                 await pubsub.subscribe(self.channel)
-                self._came_back()
-                while True:
-                    message = await pubsub.get_message(timeout=REDIS_RETRY_EVERY_S)
+                async for message in self._heard(pubsub):
+                    if not listening:
+                        listening = True
+                        self._came_back()
+                        yield FEED_LISTENING
                     if message is not None:
-                        try:
-                            yield json.loads(message["data"])
-                        except ValueError:
-                            logger.warning("ignored a message on %s that is not JSON", self.channel)
-            except self.unreachable as exc:
-                self._went_down(str(exc) or type(exc).__name__)
+                        yield message
+            except (*self.unreachable, ConnectionError, TimeoutError) as exc:  # calls say whether Redis is down
+                logger.debug("subscription to %s ended: %s", self.channel, exc)
             finally:
                 with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True), suppress(self.failed):
                     await pubsub.aclose()
+            if listening:
+                yield FEED_LOST
             await anyio.sleep(REDIS_RETRY_EVERY_S)
+
+    async def _heard(self, pubsub: Any) -> AsyncIterator[dict[str, Any] | None]:
+        """The subscription's messages, and None once it is confirmed. Idle, it pings Redis every second and
+        gives up (TimeoutError) when no answer has come for REDIS_TIMEOUT_S: a dead link is noticed too."""
+        last_heard, subscribed = time.monotonic(), False
+        while True:
+            message = await pubsub.get_message(timeout=REDIS_RETRY_EVERY_S)
+            now = time.monotonic()
+            if message is None:
+                if now - last_heard > REDIS_TIMEOUT_S + REDIS_RETRY_EVERY_S:
+                    raise TimeoutError("the subscription stopped answering its heartbeat")
+                await pubsub.ping()
+                continue
+            last_heard = now
+            if message["type"] == "subscribe":
+                if subscribed:  # the connection was made again under us: messages may have been missed
+                    raise ConnectionError("the subscription was renewed")
+                subscribed = True
+                yield None
+            elif message["type"] == "message":
+                try:
+                    yield json.loads(message["data"])
+                except ValueError:
+                    logger.warning("ignored a message on %s that is not JSON", self.channel)
 
     def event_store(self, max_events: int, ttl_s: float) -> EventStore:
         return RedisEventStore(self, max_events, ttl_s)
@@ -2178,6 +2240,7 @@ class Runtime:
             Tracing.notice()
             SESSIONS_OPEN.set_function(lambda: self.changes.session_count)
             STREAMS_OPEN.set_function(lambda: sum(1 for served in list(self.drain.served) if served.stream))
+            MCP_EXCHANGES.set_function(lambda: len(self.drain.served))  # read when scraped: nothing per request
         except BaseException:
             await self._exit.aclose()
             raise
@@ -2214,8 +2277,14 @@ class Runtime:
             logger.warning("other replicas were not told about a resource change: %s", exc)
 
     async def relay_changes(self) -> None:
-        """Pass on what other replicas announce to the connections listening here."""
+        """Pass on what other replicas announce: resource changes to the connections listening here, a
+        grant's end to the provider's cache of verified tokens, and whether this process hears them."""
         async for message in self.store.messages():
+            if self.provider is not None:
+                self.provider.verified.hear(message)  # first, before anything awaits
+                if isinstance(ticket := message.get("ticket"), str):
+                    with suppress(StorageError):
+                        await self.store.confirm(ticket)
             owner, uris = message.get("owner"), message.get("uris")
             if message.get("from") != self.replica and isinstance(owner, str) and isinstance(uris, list):
                 await self.changes.announce(owner, [uri for uri in uris if isinstance(uri, str)])
@@ -2381,25 +2450,46 @@ class ChangeBus:
             self._sessions.pop(session_id, None)
 
 
+# The SDK puts two middlewares of its own ahead of ours: OpenTelemetry's span per message, and the
+# boundary that seals and opens `requestState`. Each is a layer every message goes through, so the
+# server keeps only its own, which runs the SDK's two itself: the span only while tracing is on (even a
+# no-op span costs a context switch), the boundary for the methods it acts on.
+SDK_SPANS = next(m for m in mcp.middleware if isinstance(m, OpenTelemetryMiddleware))
+SDK_REQUEST_STATE = next(m for m in mcp.middleware if isinstance(m, RequestStateBoundary))
+mcp.middleware[:] = [middleware]
+
+
 async def handle_message(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
     """The one MCP middleware. It makes the runtime reachable from every handler (static resources and
     completions get no Context), answers what 2025-era sessions need beyond the SDK (resource
-    subscriptions, a log level), and names an unknown tool or prompt as the spec says."""
+    subscriptions, a log level), names an unknown tool or prompt as the spec says, and counts requests."""
     token = _current_runtime.set(ctx.lifespan_context)
     started, outcome = time.perf_counter(), "error"
     try:
-        if ctx.request_id is None:  # a notification: nothing of ours to add
-            return await call_next(ctx)
-        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-            result = await serve_handshake_request(ctx, call_next)
+        if Tracing.on:
+            result = await SDK_SPANS(ctx, partial(serve_message, call_next=call_next))
         else:
-            result = await serve_request(ctx, call_next)
+            result = await serve_message(ctx, call_next)
         outcome = "tool_error" if isinstance(result, CallToolResult) and result.is_error else "ok"
         return result
     finally:
         _current_runtime.reset(token)
         if ctx.request_id is not None:
             count_request(ctx, outcome, time.perf_counter() - started)
+
+
+async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    if ctx.request_id is None:  # a notification: nothing of ours to add
+        return await call_next(ctx)
+    if ctx.method in INPUT_REQUIRED_METHODS:  # where requestState travels
+        return await SDK_REQUEST_STATE(ctx, partial(serve_by_era, call_next=call_next))
+    return await serve_by_era(ctx, call_next)
+
+
+async def serve_by_era(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        return await serve_handshake_request(ctx, call_next)
+    return await serve_request(ctx, call_next)
 
 
 def count_request(ctx: ServerRequestContext[Runtime, Any], outcome: str, seconds: float) -> None:
@@ -3097,6 +3187,9 @@ REQUIRED_SCOPE = "mcp"  # every MCP request needs it
 TOOL_SCOPES = {"google_profile": "google"}  # tools that need more, and what
 AUTH_CODE_TTL_S = 300
 TRANSACTION_TTL_S = 600
+VERIFIED_TOKENS_MAX = 10_000  # tokens kept in memory, oldest dropped first
+VERIFIED_TOKEN_MAX_AGE_S = 60  # read again from the store at least this often
+GRANT_END_CONFIRM_S = 2  # how long a revocation waits for every replica to confirm it
 REFRESH_RACE_GRACE_S = 2  # the same refresh token used twice this close together is a race, not theft
 CLIENT_DOCUMENT_TTL_S = 3600
 CLIENT_DOCUMENT_MAX_BYTES = 10_240
@@ -3618,6 +3711,55 @@ class ClientDocuments:
                                       ) from exc
 
 
+class VerifiedTokens:
+    """Access tokens this process has found valid in the store, so that the next request with the same
+    token reads nothing. Revocation stays immediate: a grant that ends anywhere is published to every
+    process (`OAuthProvider.end_grant`) and dropped here when heard, and the revoking request waits for
+    every replica to confirm it. While this process does not hear the others (before its subscription
+    starts, or after it broke) it trusts nothing kept and reads every token from the store. A token read
+    while a grant ended is not kept (`epoch`), and none is kept longer than VERIFIED_TOKEN_MAX_AGE_S."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, tuple[GrantAccessToken, float]] = {}  # by token hash: the token, kept until
+        self.epoch = 0  # counts the grant ends (and losses of the feed) heard
+        self.trusted = False
+
+    def get(self, key: str) -> GrantAccessToken | None:
+        kept = self.tokens.get(key) if self.trusted else None
+        if kept is None:
+            return None
+        token, until = kept
+        if until <= time.time():
+            del self.tokens[key]
+            return None
+        return token
+
+    def keep(self, key: str, token: GrantAccessToken, read_in_epoch: int) -> None:
+        if not self.trusted or read_in_epoch != self.epoch:
+            return  # a grant ended while the token was read: it may be that one
+        if len(self.tokens) >= VERIFIED_TOKENS_MAX:
+            self.tokens.pop(next(iter(self.tokens)))
+        self.tokens[key] = token, min(float(token.expires_at or 0), time.time() + VERIFIED_TOKEN_MAX_AGE_S)
+
+    def forget_grant(self, grant_id: str) -> None:
+        self.epoch += 1
+        for key in [key for key, (token, _) in self.tokens.items() if token.grant_id == grant_id]:
+            del self.tokens[key]
+
+    def hear(self, message: Mapping[str, Any]) -> None:
+        """One message of the store's feed: a grant that ended, or whether the feed is heard at all."""
+        if isinstance(grant_id := message.get("ended_grant"), str):
+            self.forget_grant(grant_id)
+        elif message is FEED_LISTENING:
+            self.trusted = True
+            logger.info("hearing other replicas' revocations: verified tokens are kept in memory")
+        elif message is FEED_LOST:
+            self.trusted, self.epoch = False, self.epoch + 1
+            self.tokens.clear()
+            logger.warning("stopped hearing other replicas' revocations: every token is read from the store "
+                           "until the subscription is back")
+
+
 def build_provider(settings: Settings, store: Store, http: httpx2.AsyncClient,
                    limits: RateLimits) -> "OAuthProvider":
     if settings.secret_key is None:
@@ -3644,6 +3786,7 @@ class OAuthProvider:
         self.resource = resource_of(settings.public_url)
         # The resources its tokens are good for: the public URL's, and its loopback names' (one server).
         self.resources = frozenset(resource_of(url) for url in settings.public_urls)
+        self.verified = VerifiedTokens()
 
     # --- clients
 
@@ -3976,19 +4119,27 @@ class OAuthProvider:
                         ttl_s=max(1.0, current.expires_at - time.time()), group=current.grant_id)
         gone = [Gone(IssuedAccessToken, successor.access)] if successor.access else []
         retired = dataclasses.replace(successor, status="retired", rotated_at=time.time())
-        return await self.store.swap(current.successor, successor, retired, then=[renamed, *gone, *then])
+        won = await self.store.swap(current.successor, successor, retired, then=[renamed, *gone, *then])
+        if won and gone:  # a replica reading the retired access token at that instant may have kept it
+            await self.end_grant(current.grant_id)
+        return won
 
     async def load_access_token(self, token: str) -> GrantAccessToken | None:
         key = token_hash(token)
+        if (verified := self.verified.get(key)) is not None:
+            return verified
+        epoch = self.verified.epoch
         record = await self.store.get(IssuedAccessToken, key)
         if record is None:
             return None
         if not record.used:
             record = await self.mark_pair_used(key, record)
-        return GrantAccessToken(token=token, client_id=record.client_id, scopes=list(record.scopes),
-                                expires_at=record.expires_at, resource=record.resource,
-                                subject=record.subject, grant_id=record.grant_id,
-                                claims={**record.claims, "iss": self.settings.issuer})
+        verified = GrantAccessToken(token=token, client_id=record.client_id, scopes=list(record.scopes),
+                                    expires_at=record.expires_at, resource=record.resource,
+                                    subject=record.subject, grant_id=record.grant_id,
+                                    claims={**record.claims, "iss": self.settings.issuer})
+        self.verified.keep(key, verified, epoch)
+        return verified
 
     async def mark_pair_used(self, key: str, record: IssuedAccessToken) -> IssuedAccessToken:
         """Note, once, that the client has this pair: from now on the refresh token before it is stale
@@ -4012,10 +4163,21 @@ class OAuthProvider:
         their Google authorization is revoked too (best effort)."""
         grant = await self.store.get(Grant, grant_id)
         removed = await self.store.delete_group(grant_id)
+        await self.end_grant(grant_id)
         audit("grant_revoked", grant_id=grant_id, reason=reason, records=removed,
               subject=grant and grant.subject, client_id=grant and grant.client_id)
         if grant and not await self.store.find(Grant, grant.subject):
             await self.google.revoke(grant.subject)
+
+    async def end_grant(self, grant_id: str) -> None:
+        """Drop the grant's tokens from every replica's cache of verified tokens, this one first; return
+        once each replica that heard it has confirmed (waiting GRANT_END_CONFIRM_S at most)."""
+        self.verified.forget_grant(grant_id)
+        heard, confirmed = await self.store.publish({"ended_grant": grant_id}, confirmed_within_s=GRANT_END_CONFIRM_S)
+        if confirmed < heard:
+            logger.warning("%d of %d replicas did not confirm the end of a grant within %d s (one that cannot "
+                           "hear Redis stops trusting its kept tokens within %d s)", heard - confirmed, heard,
+                           GRANT_END_CONFIRM_S, REDIS_TIMEOUT_S + REDIS_RETRY_EVERY_S)
 
     async def end_access(self, subject: str, *, reason: str) -> None:
         """End every grant of `subject` (when Google has withdrawn their authorization)."""
@@ -4828,24 +4990,26 @@ class BearerPolicy:
         return oauth_error(403, "insufficient_scope", description, headers={"WWW-Authenticate": challenge})
 
 
-class BearerTokens(AuthenticationBackend):
+class BearerTokens:
     """Who a request's bearer token stands for: a token this server issued, unexpired, for this server
     (under any of its names). Anything else is no one, and the gate answers 401."""
 
     def __init__(self, provider: OAuthProvider) -> None:
         self.provider = provider
 
-    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, AuthenticatedUser] | None:
-        header = conn.headers.get("authorization", "")
+    async def identify(self, request: Request) -> None:
+        """Set the request's `user` and `auth` (as Starlette's AuthenticationMiddleware would) when its
+        token stands for someone."""
+        header = request.headers.get("authorization", "")
         if header[:7].lower() != "bearer ":
-            return None
+            return
         token = await self.provider.load_access_token(header[7:].strip())
         if token is None or (token.expires_at and token.expires_at < time.time()):
-            return None
+            return
         if token.resource not in self.provider.resources:
             logger.warning("refused a token issued for %s, not this server", token.resource)
-            return None
-        return AuthCredentials(token.scopes), AuthenticatedUser(token)
+            return
+        request.scope["user"], request.scope["auth"] = AuthenticatedUser(token), AuthCredentials(token.scopes)
 
 
 class Served:
@@ -4858,28 +5022,35 @@ class Served:
         self.started: dict[str, Any] | None = None  # the response's start message, once sent
         self.finished = False
         self.answered = False  # the drain answered for it: the app's own sends are dropped
-        self.ended = anyio.Event()  # set: the app is told its client went away
+        self.ended = False  # the app is told its client went away
+        self.waiting: set[anyio.CancelScope] = set()  # the app's receives that wait for the client
 
     def receive(self, receive: Receive) -> Receive:
         async def receive_until_ended() -> Message:
-            result: list[Message] = []
-            async with anyio.create_task_group() as tasks:
-                async def read() -> None:
-                    result.append(await receive())
-                    tasks.cancel_scope.cancel()
-
-                tasks.start_soon(read)
-                await self.ended.wait()
-                tasks.cancel_scope.cancel()
-            return result[0] if result else {"type": "http.disconnect"}
+            if not self.ended:
+                with anyio.CancelScope() as waiting:
+                    self.waiting.add(waiting)
+                    try:
+                        return await receive()
+                    finally:
+                        self.waiting.discard(waiting)
+            return {"type": "http.disconnect"}
 
         return receive_until_ended
 
-    def send(self, send: Send) -> Send:
+    def end(self) -> None:
+        """Tell the app its client went away: what it waits to receive is a disconnect."""
+        self.ended = True
+        for waiting in self.waiting:
+            waiting.cancel()
+
+    def send(self, send: Send, *, vary: bool) -> Send:
         async def tracked(message: Message) -> None:
             if self.answered:
                 return
             if message["type"] == "http.response.start":
+                if vary:
+                    message["headers"] = [*message.get("headers", ()), VARY_ORIGIN]
                 self.started = dict(message)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 self.finished = True
@@ -4911,7 +5082,10 @@ class Served:
                 event = b"event: message\r\ndata: " + json.dumps(error).encode() + b"\r\n\r\n"
                 await self.raw_send({"type": "http.response.body", "body": event, "more_body": False})
         self.finished = True
-        self.ended.set()
+        self.end()
+
+
+VARY_ORIGIN = (b"vary", b"Origin")  # CORS headers depend on it, so caches must too
 
 
 async def _nothing_to_receive() -> Message:
@@ -4939,11 +5113,9 @@ class Drain:
     async def serving(self, message: Mapping[str, Any] | None, method: str) -> AsyncIterator[Served]:
         served = Served(message, method)
         self.served.add(served)
-        MCP_EXCHANGES.inc()
         try:
             yield served
         finally:
-            MCP_EXCHANGES.dec()
             self.served.discard(served)
             await served.finish()
             if self.calls_done is not None and not self.calls():
@@ -4955,7 +5127,7 @@ class Drain:
         logger.info("draining: %d open streams end now, %d calls in flight get %d s", len(streams),
                     len(self.calls()), self.grace_s)
         for served in streams:
-            served.ended.set()
+            served.end()
         if not self.calls():
             self.calls_done.set()
         with anyio.move_on_after(max(0.5, self.grace_s - DRAIN_MARGIN_S)):
@@ -4973,20 +5145,30 @@ class RequestGate:
     Content-Type or Accept, an oversized or malformed body. It also marks which session a request
     belongs to, for the event store."""
 
-    def __init__(self, app: ASGIApp, *, running: Runtime, policy: HostPolicy, bearer: BearerPolicy | None) -> None:
+    def __init__(self, app: ASGIApp, *, running: Runtime, policy: HostPolicy) -> None:
         self.app = app
+        self.tokens = BearerTokens(running.provider) if running.provider is not None else None
+        self.bearer = BearerPolicy(running.settings) if running.provider is not None else None
+        self.cors = with_cors(partial(self.admit, vary=False), policy, ["GET", "POST", "DELETE"])
         self.store = running.store
         self.changes = running.changes
         self.limits, self.rate_limit = running.limits, running.settings.rate_limit_mcp
         self.drain = running.drain
         self.policy = policy
-        self.bearer = bearer
         self.max_body_bytes = running.settings.max_request_bytes
         self.json_response = running.settings.json_response
         self.stateless = running.settings.stateless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if any(name == b"origin" for name, _ in scope["headers"]):  # a browser's: CORS preflight and headers
+            await self.cors(scope, receive, send)
+        else:  # CORS would only add `Vary: Origin`, which Served.send adds itself
+            await self.admit(scope, receive, send, vary=True)
+
+    async def admit(self, scope: Scope, receive: Receive, send: Send, *, vary: bool) -> None:
         request = Request(scope, receive)
+        if self.tokens is not None:
+            await self.tokens.identify(request)
         problem = (self.check_origin(request) or self.check_draining() or self.check_token(request)
                    or self.check_method(request) or self.check_store() or await self.check_budget(request))
         body, message = b"", None
@@ -5001,12 +5183,24 @@ class RequestGate:
             child(MCP_REFUSED, str(problem.status_code)).inc()
             await problem(scope, receive, send)
             return
-        if request.method == "POST":
-            receive = _replay(body, receive)
         async with self.drain.serving(message, request.method) as served:
-            await self.serve(request, served.receive(receive), served.send(send))
+            receive = served.receive(receive)
+            if request.method == "POST":  # the body is here already: no wait, nothing to interrupt
+                receive = _replay(body, receive)
+            await self.serve(request, receive, served.send(send, vary=vary))
 
     async def serve(self, request: Request, receive: Receive, send: Send) -> None:
+        user = request.scope.get("user")
+        if not isinstance(user, AuthenticatedUser):
+            await self.serve_session(request, receive, send)
+            return
+        token = auth_context_var.set(user)  # what get_access_token() and current_user() read
+        try:
+            await self.serve_session(request, receive, send)
+        finally:
+            auth_context_var.reset(token)
+
+    async def serve_session(self, request: Request, receive: Receive, send: Send) -> None:
         scope = request.scope
         if self.stateless:  # no sessions, so no event store that needs to know the session
             await self.app(scope, receive, send)
@@ -5283,16 +5477,11 @@ def with_cors(app: ASGIApp, policy: HostPolicy, methods: Sequence[str]) -> ASGIA
 
 
 def mcp_endpoint(running: Runtime, policy: HostPolicy, session_manager: StreamableHTTPSessionManager) -> ASGIApp:
-    """The MCP endpoint: CORS, then (with sign-in) the bearer token, then the request gate, then the SDK."""
-    handler: ASGIApp = session_manager.handle_request
-    bearer = None
-    if running.provider is not None:
-        handler = AuthContextMiddleware(handler)  # makes the token reachable from tools (get_access_token)
-        bearer = BearerPolicy(running.settings)
-    gate: ASGIApp = RequestGate(handler, running=running, policy=policy, bearer=bearer)
-    if running.provider is not None:
-        gate = AuthenticationMiddleware(gate, backend=BearerTokens(running.provider))
-    return with_cors(gate, policy, ["GET", "POST", "DELETE"])
+    """The MCP endpoint: the request gate (CORS, the bearer token, every check), then the SDK. The SDK's
+    public `handle_request` reads and bounds the body again before its own handler; the gate has done
+    both and hands over the body it read, so it calls that handler directly when the SDK has it."""
+    handler: ASGIApp = getattr(session_manager, "_handle_request", session_manager.handle_request)
+    return RequestGate(handler, running=running, policy=policy)
 
 
 def build_app(settings: Settings) -> Starlette:

@@ -233,7 +233,8 @@ class RawClient:
 
 
 def mcp_call(server: ServerProcess, access_token: str | None, method: str = "tools/call",
-             params: dict[str, Any] | None = None, **headers: str) -> httpx2.Response:
+             params: dict[str, Any] | None = None, *, http: httpx2.Client | None = None,
+             **headers: str) -> httpx2.Response:
     """One stateless-style MCP request with a bearer token (the 2026-07-28 envelope)."""
     body = {"jsonrpc": "2.0", "id": 1, "method": method,
             "params": {**(params or {}), "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -244,7 +245,7 @@ def mcp_call(server: ServerProcess, access_token: str | None, method: str = "too
         request_headers["mcp-name"] = params["name"]
     if access_token:
         request_headers["authorization"] = f"Bearer {access_token}"
-    return httpx2.post(server.mcp_url, json=body, headers=request_headers, timeout=30)
+    return (http or httpx2).post(server.mcp_url, json=body, headers=request_headers, timeout=30)
 
 
 def browser_program(workdir: Path, decision: str = "approve") -> tuple[str, Path]:

@@ -397,3 +397,77 @@ def test_a_rate_limit_holds_across_replicas(cluster: Cluster, tmp_path: Path) ->
     statuses = [answer.status_code for answer in answers]
     assert statuses.count(200) == 30 and statuses.count(429) == 10, statuses
     assert {answer.status_code for answer in answers[1::2]} >= {200}, "the second replica served its share too"
+
+
+# --- the verified-token cache: each replica keeps the tokens it has read, and a revocation reaches all
+
+
+def hammer(server: ServerProcess, access_token: str, stop: threading.Event) -> list[tuple[float, float, int]]:
+    """whoami again and again until `stop`: when each request started and ended, and its status."""
+    seen = []
+    with httpx2.Client() as http:  # keep-alive: as many requests as the replica answers
+        while not stop.is_set():
+            started = time.monotonic()
+            status = mcp_call(server, access_token, "tools/call", {"name": "whoami", "arguments": {}},
+                              http=http).status_code
+            seen.append((started, time.monotonic(), status))
+    return seen
+
+
+def test_a_revocation_racing_requests_on_three_replicas_ends_the_token_on_all_at_once(cluster: Cluster) -> None:
+    client, tokens = cluster.sign_in()
+    assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (1, 2, 3)] == [200] * 3
+    stop = threading.Event()
+    with ThreadPoolExecutor(REPLICAS * 2) as pool:  # two callers per replica, every replica's cache warm
+        runs = [(n, pool.submit(hammer, cluster.replica(n), tokens["access_token"], stop))
+                for n in (1, 2, 3) for _ in range(2)]
+        time.sleep(0.5)
+        asked = time.monotonic()
+        revoked = httpx2.post(cluster.replica(2).base_url + "/revoke",
+                              data={"token": tokens["refresh_token"], "client_id": client.client_id})
+        answered = time.monotonic()
+        time.sleep(0.5)
+        stop.set()
+        seen = [(n, *request) for n, run in runs for request in run.result()]
+    assert revoked.status_code == 200, revoked.text
+    before = [status for _, _, ended, status in seen if ended < asked]
+    during = [status for _, started, ended, status in seen if ended >= asked and started <= answered]
+    after = [(n, status) for n, started, _, status in seen if started > answered]
+    for n in (1, 2, 3):
+        mine = [status for replica, status in after if replica == n]
+        print(f"replica {n}: {sum(1 for r, s, e, _ in seen if r == n and e < asked)} requests answered 200 before "
+              f"the revocation; {len(mine)} started after it was answered: {sorted(set(mine))}")
+    print(f"racing the revocation ({(answered - asked) * 1000:.1f} ms): {len(during)} requests, "
+          f"{during.count(200)} answered 200, {during.count(401)} answered 401")
+    assert set(before) == {200} and len(before) > 30
+    assert all(n in {r for r, _ in after} for n in (1, 2, 3)), "every replica was asked after the revocation"
+    assert {status for _, status in after} == {401}, "a replica served a revoked token from its cache"
+    assert set(during) <= {200, 401}
+
+
+def test_a_replica_that_stops_hearing_revocations_trusts_no_kept_token_until_it_hears_again(
+        cluster: Cluster) -> None:
+    import redis
+
+    client, tokens = cluster.sign_in()
+    assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (1, 2, 3)] == [200] * 3
+    lost, heard = "stopped hearing other replicas' revocations", "hearing other replicas' revocations: verified"
+    before = [(replica.log().count(lost), replica.log().count(heard)) for replica in cluster.replicas]
+    with redis.Redis.from_url(cluster.redis.url) as control:  # every replica's subscription, cut at once
+        assert control.client_kill_filter(_type="pubsub") == REPLICAS
+    revoked = httpx2.post(cluster.replica(1).base_url + "/revoke",
+                          data={"token": tokens["refresh_token"], "client_id": client.client_id})
+    assert revoked.status_code == 200
+    assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (2, 3)] == [401, 401]
+    assert [replica.log().count(lost) for replica in cluster.replicas] == [n + 1 for n, _ in before]
+
+    deadline = time.monotonic() + WAIT_S  # each subscribes again by itself, and trusts its cache again
+    while [replica.log().count(heard) for replica in cluster.replicas] != [n + 1 for _, n in before]:
+        assert time.monotonic() < deadline, "a replica did not subscribe again"
+        time.sleep(0.1)
+    client, tokens = cluster.sign_in()
+    assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (2, 3, 2, 3)] == [200] * 4
+    revoked = httpx2.post(cluster.replica(1).base_url + "/revoke",
+                          data={"token": tokens["refresh_token"], "client_id": client.client_id})
+    assert revoked.status_code == 200
+    assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (2, 3)] == [401, 401]

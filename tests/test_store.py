@@ -8,6 +8,7 @@ under races), per-owner listing newest first, groups ended together, rate counte
 from __future__ import annotations
 
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -162,30 +163,53 @@ async def test_a_lock_has_one_holder_at_a_time(backend: server.Store) -> None:
     assert overlaps == []
 
 
-async def test_redis_replicas_hear_each_others_announcements(redis_server: RedisServer) -> None:
-    """The embedded store has no other process to tell; a shared one carries announcements to all."""
+async def test_redis_replicas_hear_each_others_announcements_and_confirm_them(redis_server: RedisServer) -> None:
+    """The embedded store has no other process to tell; a shared one carries announcements to all, says
+    when it starts hearing them, and lets a speaker wait until each listener confirmed one."""
     prefix = f"contract-{uuid.uuid4().hex[:8]}"
     speaker, listener = (server.RedisStore(f"{redis_server.url}?prefix={prefix}") for _ in range(2))
     await speaker.open()
     await listener.open()
-    heard: list[dict[str, Any]] = []
+    sending, heard = anyio.create_memory_object_stream[dict[str, Any]](10)
+    confirming = True
 
     async def listen() -> None:
         async for message in listener.messages():
-            heard.append(message)
-            return
+            await sending.send(message)
+            if confirming and isinstance(message.get("ticket"), str):
+                await listener.confirm(message["ticket"])
 
     try:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(listen)
             with anyio.fail_after(5):
-                while not heard:
-                    await speaker.publish({"hello": "replicas"})
-                    await anyio.sleep(0.1)
-        assert heard == [{"hello": "replicas"}]
+                assert await heard.receive() is server.FEED_LISTENING
+                assert await speaker.publish({"hello": "replicas"}) == (1, 1)
+                assert await heard.receive() == {"hello": "replicas"}
+                assert await speaker.publish({"confirm": "please"}, confirmed_within_s=2) == (1, 1)
+                confirmed = await heard.receive()
+            assert confirmed["confirm"] == "please" and confirmed["ticket"].startswith(f"{prefix}:ack:")
+            confirming, started = False, time.monotonic()  # heard, never confirmed: waited for, up to the limit
+            assert await speaker.publish({"confirm": "please"}, confirmed_within_s=0.6) == (1, 0)
+            assert 0.6 <= time.monotonic() - started < 2
+            tasks.cancel_scope.cancel()
     finally:
         await speaker.close()
         await listener.close()
+
+
+async def test_the_embedded_store_hears_everything_there_is_from_the_start(tmp_path: Path) -> None:
+    store = server.SQLiteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        feed = store.messages()
+        assert await anext(feed) is server.FEED_LISTENING
+        assert await store.publish({"ended_grant": "g"}, confirmed_within_s=2) == (0, 0)
+        with anyio.move_on_after(0.2) as waited:
+            await anext(feed)
+        assert waited.cancelled_caught, "nothing else to hear: no other process shares the file"
+    finally:
+        await store.close()
 
 
 # --- stores written by version 0.1 open with everything in them
