@@ -4,6 +4,7 @@ how a request of each era looks, and what the kernel says about a process (CPU t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ PEERS = REPO / "tests" / "peers"
 ERAS = ("legacy", "2026-07-28")
 LEGACY_VERSION = "2025-11-25"
 MODES = {"json": "stateless JSON", "sse": "stateless SSE", "stateful": "stateful JSON, one session"}
-FASTMCP = "fastmcp==4.1.0"  # 4.1.4+ needs a newer certifi than the package mirror has
+FASTMCP_WANTED, FASTMCP_FALLBACK = "fastmcp>=4.2,<4.3", "fastmcp==4.1.0"  # the fallback: what installed before
 TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, LOAD_CPU = "0", "1"
 STARTUP_TIMEOUT_S = 180  # FastMCP's environment is built on first use
@@ -222,10 +223,30 @@ def ts_sdk(port: int, mode: str) -> list[str]:
     return [Peers(PEERS).node22, str(CONTENDERS / "ts_sdk.cjs"), str(port), str(PEERS)]
 
 
+def in_fastmcp_env(requirement: str, *args: str) -> list[str]:
+    """A command in an environment of FastMCP's own (it pins its own `mcp`), built by uv on first use."""
+    return ["uv", "run", "--no-project", "--isolated", "--quiet", "--with", requirement, "python", *args]
+
+
+@functools.cache
+def fastmcp_release() -> tuple[str, str]:
+    """The FastMCP release the bench runs: the newest 4.2.x when it installs from the registry here, else
+    4.1.0. Its requirement and its version."""
+    for requirement in (FASTMCP_WANTED, FASTMCP_FALLBACK):
+        found = subprocess.run(in_fastmcp_env(requirement, "-c", "import fastmcp; print(fastmcp.__version__)"),
+                               capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, check=False)
+        if found.returncode == 0 and found.stdout.strip():
+            return requirement, found.stdout.strip().splitlines()[-1]
+        print(f"bench: {requirement} does not install here: {found.stderr.strip()[-300:]}", file=sys.stderr)
+    raise RuntimeError("FastMCP installs in no version the bench knows")
+
+
 def fastmcp(port: int, mode: str) -> list[str]:
-    """FastMCP in an environment of its own (it pins its own `mcp`), built by uv on first use."""
-    return ["uv", "run", "--no-project", "--isolated", "--quiet", "--with", FASTMCP, "python",
-            str(CONTENDERS / "fastmcp_server.py"), str(port)]
+    return in_fastmcp_env(fastmcp_release()[0], str(CONTENDERS / "fastmcp_server.py"), str(port))
+
+
+def is_fastmcp(name: str) -> bool:
+    return name.startswith("FastMCP")
 
 
 BENCH_TOKEN = "bench-token-for-the-in-memory-verifier"
@@ -241,7 +262,7 @@ def all_contenders() -> list[Contender]:
         Contender("SDK tuned", bare_sdk("--tuned"), modes=ALL_MODES),
         Contender("SDK tuned + bearer", bare_sdk("--tuned", "--bearer", BENCH_TOKEN), token=BENCH_TOKEN),
         Contender("TS SDK", ts_sdk, eras=("legacy",)),
-        Contender("FastMCP 4.1.0", fastmcp),
+        Contender("FastMCP", fastmcp),  # named by its version once chosen (chosen_contenders)
         Contender("ours auth off", ours, modes=ALL_MODES),
         Contender("ours auth on SQLite", ours, modes=ALL_MODES),
         Contender("ours auth on Redis", ours),
@@ -259,6 +280,9 @@ def chosen_contenders(workdir: Path, only: list[str], baseline: str | None = Non
     if baseline:
         contenders.append(Contender(f"ours @{baseline} auth on", ours_at(baseline, workdir)))
     chosen = [c for c in contenders if not only or any(c.name.startswith(prefix) for prefix in only)]
+    for contender in chosen:
+        if is_fastmcp(contender.name):
+            contender.name = f"FastMCP {fastmcp_release()[1]}"
     if any(c.name in ("TS SDK",) or signs_in(c) for c in chosen):
         from tests.conftest import install_peers
 
