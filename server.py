@@ -2506,10 +2506,10 @@ async def serve_handshake_request(ctx: ServerRequestContext[Runtime, Any], call_
     """What 2025-era sessions get beyond the SDK: list-changed and resource-updated notifications on
     their GET stream, resource subscriptions, and a log level they can set."""
     settings = ctx.lifespan_context.settings
-    # Over stdio the process serves one client: its whole life is one session.
-    session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else STDIO_SESSION
-    known = None
-    if session_id and not settings.stateless:
+    known, session_id = None, None
+    if not settings.stateless:  # over stdio the process serves one client: its whole life is one session
+        session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else STDIO_SESSION
+    if session_id:
         known = ctx.lifespan_context.changes.session(session_id, current_user().subject, ctx.session,
                                                      settings.max_sessions, settings.session_idle_timeout_s)
     params = ctx.params or {}
@@ -3720,26 +3720,28 @@ class VerifiedTokens:
     while a grant ended is not kept (`epoch`), and none is kept longer than VERIFIED_TOKEN_MAX_AGE_S."""
 
     def __init__(self) -> None:
-        self.tokens: dict[str, tuple[GrantAccessToken, float]] = {}  # by token hash: the token, kept until
+        # By the token itself (held in memory anyway, by the requests that carry it): a hit hashes nothing.
+        self.tokens: dict[str, tuple[GrantAccessToken, float]] = {}  # the token, and until when it is kept
         self.epoch = 0  # counts the grant ends (and losses of the feed) heard
         self.trusted = False
 
-    def get(self, key: str) -> GrantAccessToken | None:
-        kept = self.tokens.get(key) if self.trusted else None
+    def get(self, token: str) -> GrantAccessToken | None:
+        kept = self.tokens.get(token) if self.trusted else None
         if kept is None:
             return None
-        token, until = kept
+        verified, until = kept
         if until <= time.time():
-            del self.tokens[key]
+            del self.tokens[token]
             return None
-        return token
+        return verified
 
-    def keep(self, key: str, token: GrantAccessToken, read_in_epoch: int) -> None:
+    def keep(self, verified: GrantAccessToken, read_in_epoch: int) -> None:
         if not self.trusted or read_in_epoch != self.epoch:
             return  # a grant ended while the token was read: it may be that one
         if len(self.tokens) >= VERIFIED_TOKENS_MAX:
             self.tokens.pop(next(iter(self.tokens)))
-        self.tokens[key] = token, min(float(token.expires_at or 0), time.time() + VERIFIED_TOKEN_MAX_AGE_S)
+        until = min(float(verified.expires_at or 0), time.time() + VERIFIED_TOKEN_MAX_AGE_S)
+        self.tokens[verified.token] = verified, until
 
     def forget_grant(self, grant_id: str) -> None:
         self.epoch += 1
@@ -4125,10 +4127,9 @@ class OAuthProvider:
         return won
 
     async def load_access_token(self, token: str) -> GrantAccessToken | None:
-        key = token_hash(token)
-        if (verified := self.verified.get(key)) is not None:
+        if (verified := self.verified.get(token)) is not None:
             return verified
-        epoch = self.verified.epoch
+        epoch, key = self.verified.epoch, token_hash(token)
         record = await self.store.get(IssuedAccessToken, key)
         if record is None:
             return None
@@ -4138,7 +4139,7 @@ class OAuthProvider:
                                     expires_at=record.expires_at, resource=record.resource,
                                     subject=record.subject, grant_id=record.grant_id,
                                     claims={**record.claims, "iss": self.settings.issuer})
-        self.verified.keep(key, verified, epoch)
+        self.verified.keep(verified, epoch)
         return verified
 
     async def mark_pair_used(self, key: str, record: IssuedAccessToken) -> IssuedAccessToken:
@@ -5109,17 +5110,16 @@ class Drain:
     def calls(self) -> list[Served]:
         return [served for served in self.served if not served.stream]
 
-    @asynccontextmanager
-    async def serving(self, message: Mapping[str, Any] | None, method: str) -> AsyncIterator[Served]:
+    def open(self, message: Mapping[str, Any] | None, method: str) -> Served:
         served = Served(message, method)
         self.served.add(served)
-        try:
-            yield served
-        finally:
-            self.served.discard(served)
-            await served.finish()
-            if self.calls_done is not None and not self.calls():
-                self.calls_done.set()
+        return served
+
+    async def close(self, served: Served) -> None:
+        self.served.discard(served)
+        await served.finish()
+        if self.calls_done is not None and not self.calls():
+            self.calls_done.set()
 
     async def run(self) -> None:
         self.stopping, self.calls_done = True, anyio.Event()
@@ -5183,28 +5183,24 @@ class RequestGate:
             child(MCP_REFUSED, str(problem.status_code)).inc()
             await problem(scope, receive, send)
             return
-        async with self.drain.serving(message, request.method) as served:
-            receive = served.receive(receive)
-            if request.method == "POST":  # the body is here already: no wait, nothing to interrupt
-                receive = _replay(body, receive)
-            await self.serve(request, receive, served.send(send, vary=vary))
-
-    async def serve(self, request: Request, receive: Receive, send: Send) -> None:
-        user = request.scope.get("user")
-        if not isinstance(user, AuthenticatedUser):
-            await self.serve_session(request, receive, send)
-            return
-        token = auth_context_var.set(user)  # what get_access_token() and current_user() read
+        served = self.drain.open(message, request.method)
+        receive = served.receive(receive)
+        if request.method == "POST":  # the body is here already: no wait, nothing to interrupt
+            receive = _replay(body, receive)
+        user = scope.get("user")
+        token = auth_context_var.set(user) if isinstance(user, AuthenticatedUser) else None  # get_access_token()
         try:
-            await self.serve_session(request, receive, send)
+            if self.stateless:  # no sessions, so no event store that needs to know the session
+                await self.app(scope, receive, served.send(send, vary=vary))
+            else:
+                await self.serve_session(request, receive, served.send(send, vary=vary))
         finally:
-            auth_context_var.reset(token)
+            if token is not None:
+                auth_context_var.reset(token)
+            await self.drain.close(served)
 
     async def serve_session(self, request: Request, receive: Receive, send: Send) -> None:
         scope = request.scope
-        if self.stateless:  # no sessions, so no event store that needs to know the session
-            await self.app(scope, receive, send)
-            return
         session_id = request.headers.get("mcp-session-id")
         stream_scope = StreamScope(session_id=session_id)
         token = _stream_scope.set(stream_scope)
@@ -5277,13 +5273,19 @@ class RequestGate:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return b"", None, self.too_large()
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body_bytes:
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            part = await request.receive()
+            if part["type"] == "http.disconnect":
+                raise ClientDisconnect
+            chunks.append(part.get("body", b""))
+            size, more = size + len(chunks[-1]), part.get("more_body", False)
+            if size > self.max_body_bytes:
                 return b"", None, self.too_large()
-        message, problem = parse_json_rpc(bytes(body))
-        return bytes(body), message, problem
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        message, problem = parse_json_rpc(body)
+        return body, message, problem
 
     def too_large(self) -> Response:
         return json_rpc_error(413, INVALID_REQUEST, f"Request body is larger than {self.max_body_bytes} bytes")
@@ -5365,20 +5367,8 @@ def store_failure_handler(policy: HostPolicy, pages: Pages) -> Callable[[Request
     return answer
 
 
-class TrimmedHeaders:
-    """Header values without their optional whitespace (RFC 9110 §5.5: `Mcp-Name: echo  ` names echo).
-    h11 strips it; httptools, the faster parser the server runs on, keeps it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(value[:1] in OWS or value[-1:] in OWS for _, value in scope["headers"]):
-            scope = {**scope, "headers": [(name, value.strip(b" \t")) for name, value in scope["headers"]]}
-        await self.app(scope, receive, send)
-
-
 OWS = (b" ", b"\t")
+FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")
 
 
 # The request being served, for `audit` (the caller's address) deep in the provider: a context variable.
@@ -5393,12 +5383,16 @@ def client_address() -> str | None:
 
 
 class RequestContext:
-    """Around every request: its id (a trusted proxy's X-Request-Id, or a new one), sent back as
-    X-Request-Id and named by every log line written meanwhile; an OpenTelemetry server span that
+    """Around every request: its header values without their optional whitespace (RFC 9110 §5.5:
+    `Mcp-Name: echo  ` names echo; h11 strips it, httptools keeps what trails); the caller's address
+    and scheme as a trusted proxy's X-Forwarded-For and -Proto give them (uvicorn's middleware, only
+    for a request that carries them); its id (a trusted proxy's X-Request-Id, or a new one), sent back
+    as X-Request-Id and named by every log line written meanwhile; an OpenTelemetry server span that
     continues the caller's W3C traceparent; and the caller's address for audit lines."""
 
     def __init__(self, app: ASGIApp, trusted_proxies: Sequence[str], paths: Iterable[str]) -> None:
         self.app = app
+        self.forwarded = ProxyHeadersMiddleware(app, trusted_hosts=list(trusted_proxies))
         self.trust_everyone = "*" in trusted_proxies
         self.proxies = [ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies if proxy != "*"]
         self.paths = frozenset(paths)  # span names: a route's path, never what a scanner made up
@@ -5407,12 +5401,18 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])  # the last of a repeated header: enough for these three
+        if any(value.endswith(OWS) for _, value in scope["headers"]):
+            scope = {**scope, "headers": [(name, value.strip(b" \t")) for name, value in scope["headers"]]}
+        headers = dict(scope["headers"])  # the last of a repeated header: enough for these four
+        app = self.forwarded if FORWARDED[0] in headers or FORWARDED[1] in headers else self.app
         request_id = self.request_id(scope, headers.get(b"x-request-id"))
         tokens = _request_id.set(request_id), _request_scope.set(scope)
         try:
-            with self.span(scope, headers, request_id) as span:
-                await self.app(scope, receive, self.with_id(send, request_id, span))
+            if b"traceparent" not in headers and not Tracing.on:
+                await app(scope, receive, self.with_id(send, request_id, None))
+            else:
+                with self.span(scope, headers, request_id) as span:
+                    await app(scope, receive, self.with_id(send, request_id, span))
         finally:
             _request_scope.reset(tokens[1])
             _request_id.reset(tokens[0])
@@ -5518,9 +5518,7 @@ def build_app(settings: Settings) -> Starlette:
     ]
     paths = [path for route in routes if isinstance(path := getattr(route, "path", None), str)]
     app = Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager),
-                    middleware=[Middleware(RequestContext, trusted_proxies=settings.trusted_proxies, paths=paths),
-                                Middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies)),
-                                Middleware(TrimmedHeaders)],
+                    middleware=[Middleware(RequestContext, trusted_proxies=settings.trusted_proxies, paths=paths)],
                     exception_handlers={StorageError: store_failure_handler(policy, pages)})
     app.state.drain = running.drain  # for the server that runs the app, to drain it on shutdown
     return app
