@@ -9,22 +9,27 @@ Run it:
     uv run server.py                 # http://127.0.0.1:8000/mcp, stateful, no configuration
     uv run server.py --stateless     # every POST stands alone: for replicas behind a balancer
     uv run server.py --help          # every setting, its environment variable and default
-    mcp dev server.py                # the MCP Inspector, over stdio
-    mcp run server.py                # stdio, for clients that launch their servers
+    uv run mcp dev server.py         # the MCP Inspector, over stdio
+    uv run mcp run server.py         # stdio, for clients that launch their servers
 
-Map (`grep -n '^# ===' server.py`):
+Map (`grep -n '^# ===' server.py`). Section 1 is yours; the machinery after it is in layers, each
+using only the sections above it (tests/test_layers.py holds it to that):
     1. Your server         the server object, then its tools, resources, prompts, completions and
                            the notes demo's data: what you edit to make the server yours
-    The rest is the server's machinery, which adding a tool needs none of:
-    2. Settings            every knob: environment, .env and command line, from one table
-    3. Telemetry           Prometheus metrics, OpenTelemetry spans, text or JSON logs with request ids
-    4. Storage             typed records with expiry, in SQLite (one process) or Redis (replicas)
-    5. Serving MCP         what handlers reach (caller, runtime), change notifications, the middleware
-    6. Google              Authlib and the person's Google tokens: the only code that talks to Google
-    7. OAuth provider      this server as the authorization server for MCP clients, and its routes
-    8. Pages               consent, account and message pages
-    9. HTTP app            request checks, CORS, probes, build_app()
-    10. Command line       main(), claude-config, doctor
+    2. Settings            every knob, declared once: Settings, load_settings, ConfigError
+    3. Telemetry           metrics, spans, text or JSON logs with request ids, audit()
+    4. Storage             typed records with expiry (Store) in SQLite or Redis; new_id; event stores
+    5. What handlers reach current_user(), runtime(), can_ask_user(), send_log(), the change bus,
+                           rate limits
+    6. Google              the only code that talks to Google: sign-in, the person's tokens, a tool's
+                           scopes asked for when it is called, call_google()
+    7. OAuth provider      this server as the authorization server: Clients, SignIns, Grants and
+                           the SDK's OAuthProvider over them (no HTTP)
+    8. Pages and errors    consent, account and message pages; the OAuth, JSON-RPC and 503 answers
+    9. OAuth routes        discovery documents, the OAuth endpoints, /account, Google grant pages
+    10. Serving MCP        Runtime (what the server runs on), the MCP middleware, the request gate,
+                           the drain, build_app()
+    11. Command line       main(), claude-config, doctor
 """
 
 
@@ -65,8 +70,9 @@ from contextlib import (
     suppress,
 )
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cache, partial
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
@@ -79,7 +85,6 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dotenv import dotenv_values
 from mcp.server import MCPServer, ServerRequestContext
-from mcp.server._otel import OpenTelemetryMiddleware  # private module: the SDK says to drop it to opt out
 from mcp.server.auth.handlers.metadata import MetadataHandler
 from mcp.server.auth.handlers.register import RegistrationHandler
 from mcp.server.auth.handlers.token import TokenHandler
@@ -101,9 +106,9 @@ from mcp.server.context import CallNext, HandlerResult
 from mcp.server.mcpserver import Context, Elicit, ElicitationResult, Resolve
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
-from mcp.server.request_state import AESGCMRequestStateCodec, RequestStateBoundary, RequestStateSecurity
+from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp.server.session import ServerSession
-from mcp.server.streamable_http import EventCallback, EventMessage, EventStore, check_accept_headers
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
@@ -130,7 +135,6 @@ from mcp_types import (
     jsonrpc_message_adapter,
 )
 from mcp_types import Tool as MCPTool
-from mcp_types.methods import INPUT_REQUIRED_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from opentelemetry import propagate, trace
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
@@ -169,19 +173,9 @@ GOOGLE_SCOPE_LABELS = {  # what a person is asked to allow (and sees on /account
 # === 1. Your server: tools, resources, prompts (edit here) ===================
 #
 # `mcp` is what `mcp run server.py` and `mcp dev server.py` load, and what `build_app` serves over
-# HTTP. The SDK takes the server's lifespan, middleware, change feed and request-state codec when
-# it is built, here at import; the machinery behind them needs the settings, which exist only once
-# the server starts, so these four forward to it (section 5).
-
-
-@asynccontextmanager
-async def lifespan(server: "MCPServer[Runtime]") -> "AsyncIterator[Runtime]":
-    async with serving_runtime() as running:
-        yield running
-
-
-async def middleware(ctx: "ServerRequestContext[Runtime, Any]", call_next: CallNext) -> HandlerResult:
-    return await handle_message(ctx, call_next)
+# HTTP. The SDK takes the server's lifespan and its change feed when `mcp` is built, here at import;
+# both belong to the running server, which exists only once it starts (section 10), so the two below
+# reach it when they are called.
 
 
 class ChangeFeed:
@@ -194,23 +188,6 @@ class ChangeFeed:
         await runtime().changes.publish(event)
 
 
-class RequestStateSeal:
-    """The SDK's request-state codec, under the key the running server derives from SECRET_KEY, so
-    that a replica can open what another sealed. Until then (stdio), a key of this process's own."""
-
-    codec = AESGCMRequestStateCodec([secrets.token_bytes(32)])
-
-    @classmethod
-    def use_key(cls, key: bytes) -> None:
-        cls.codec = AESGCMRequestStateCodec([key])
-
-    def seal(self, payload: bytes) -> str:
-        return self.codec.seal(payload)
-
-    def unseal(self, token: str) -> bytes:
-        return self.codec.unseal(token)
-
-
 mcp: "MCPServer[Runtime]" = MCPServer(
     SERVER_NAME,
     title="stream-http",
@@ -221,13 +198,11 @@ mcp: "MCPServer[Runtime]" = MCPServer(
     ),
     # What `mcp install` and `mcp dev` install to run this file outside the project: pyproject.toml's
     # dependencies (a test keeps the two lists equal).
-    dependencies=["mcp[cli]>=2.3,<3", "authlib>=1.9", "starlette>=1.0", "uvicorn[standard]>=0.54",
+    dependencies=["mcp[cli]>=2.3,<3", "authlib>=1.9", "starlette>=1.0", "uvicorn[standard]>=0.54,<0.55",
                   "python-dotenv>=1.2", "itsdangerous>=2.2", "httpx2>=2.16", "redis>=8.1", "rich>=15",
                   "prometheus-client>=0.26", "opentelemetry-sdk>=1.45", "opentelemetry-exporter-otlp-proto-http>=1.45"],
-    lifespan=lifespan,
-    middleware=[middleware],
+    lifespan=lambda server: serving_runtime(),
     subscriptions=ChangeFeed(),
-    request_state_security=RequestStateSecurity(codec=RequestStateSeal()),
 )
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
@@ -238,8 +213,13 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempot
 #
 # Plain functions: their docstrings and `Field` descriptions are what the model reads. A tool that
 # does no blocking work is `async def`: the SDK runs a plain `def` tool in a worker thread, a hop
-# that costs more than these tools themselves. `current_user()` says who is calling, `runtime()`
-# reaches the store and settings.
+# that costs more than these tools themselves. What a tool may call:
+#   current_user()          who is calling (.subject is stable; .email, .name with sign-in on)
+#   runtime()               the running server: .store (keep data: see the notes demo below), .settings
+#   call_google(request)    call a Google API as the person (declare its scopes: meta={GOOGLE_SCOPES: [...]})
+#   send_log(ctx, text)     a log message to the client, at the level its session asked for
+#   can_ask_user(ctx)       whether this connection can put a question to the person mid-call (Elicit)
+#   raise ToolError(text)   a problem the model can fix, as a tool result it reads
 
 
 @mcp.tool(title="Echo", annotations=READ_ONLY)
@@ -278,14 +258,14 @@ async def whoami() -> Identity:
 
 class NoteView(BaseModel):
     id: str = Field(description="Identifier to pass to delete_note or read as notes://{id}.")
-    title: str
-    body: str
-    tags: list[str]
+    title: str = Field(description="The note's short title.")
+    body: str = Field(description="The note itself, in Markdown.")
+    tags: list[str] = Field(description="The note's labels, lower-case.")
     created_at: float = Field(description="Unix time the note was written.")
 
 
 class NoteList(BaseModel):
-    notes: list[NoteView]
+    notes: list[NoteView] = Field(description="The matching notes, newest first.")
     total: int = Field(description="How many notes matched, before the limit.")
 
 
@@ -336,8 +316,8 @@ async def ask_before_deleting(note_id: str, ctx: Context) -> Elicit[DeleteConfir
 
 
 class DeleteOutcome(BaseModel):
-    deleted: bool
-    note_id: str
+    deleted: bool = Field(description="Whether the note is gone now (false: it was kept, or did not exist).")
+    note_id: str = Field(description="The note asked about.")
     confirmation: Literal["confirmed", "declined", "cancelled", "not asked"] = Field(
         description="What the user said; 'not asked' when the connection cannot ask "
         "(stateless or JSON-response HTTP, or a client without elicitation).")
@@ -361,8 +341,8 @@ async def delete_note(
 
 
 class TaskReport(BaseModel):
-    steps_completed: int
-    seconds: float
+    steps_completed: int = Field(description="How many steps ran.")
+    seconds: float = Field(description="How long the task took, in seconds.")
 
 
 @mcp.tool(title="Run a long task", annotations=READ_ONLY)
@@ -383,12 +363,12 @@ async def long_task(
 
 class GoogleProfile(BaseModel):
     subject: str = Field(description="The Google account's stable id.")
-    email: str | None
-    email_verified: bool | None
-    name: str | None
+    email: str | None = Field(description="The account's email address.")
+    email_verified: bool | None = Field(description="Whether Google has verified that address.")
+    name: str | None = Field(description="The person's name as Google shows it.")
     picture: str | None = Field(description="URL of the profile picture.")
     hosted_domain: str | None = Field(description="Google Workspace domain, when there is one.")
-    locale: str | None = None
+    locale: str | None = Field(None, description="The person's language, e.g. en-GB.")
 
 
 GOOGLE_READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
@@ -407,12 +387,21 @@ async def google_profile() -> GoogleProfile:
 
 
 class CalendarEvent(BaseModel):
-    id: str
+    id: str = Field(description="Google Calendar's id of the event.")
     summary: str = Field(description="The event's title ('(no title)' when it has none).")
     start: str = Field(description="When it starts: an RFC 3339 time, or a date for an all-day event.")
-    end: str
-    location: str | None = None
+    end: str = Field(description="When it ends, in the same form as start.")
+    location: str | None = Field(None, description="Where it takes place, as written in the event.")
     link: str | None = Field(None, description="The event in Google Calendar.")
+
+    @classmethod
+    def from_google(cls, item: Mapping[str, Any]) -> "CalendarEvent":
+        """An event as Calendar API v3 gives it (events.list)."""
+        def when(edge: Mapping[str, Any] | None) -> str:  # a time, or a date for an all-day event
+            return (edge or {}).get("dateTime") or (edge or {}).get("date") or ""
+
+        return cls(id=str(item.get("id")), summary=item.get("summary") or "(no title)", start=when(item.get("start")),
+                   end=when(item.get("end")), location=item.get("location"), link=item.get("htmlLink"))
 
 
 class UpcomingEvents(BaseModel):
@@ -430,27 +419,30 @@ async def calendar_upcoming(
     server see their calendar."""
     now = datetime.datetime.now(datetime.UTC)
     until = (now + datetime.timedelta(days=days)).isoformat()
-    found = await call_google(lambda google, token: google.api(
-        f"{runtime().settings.google_calendar_api}/calendars/primary/events", token,
-        {"timeMin": now.isoformat(), "timeMax": until, "singleEvents": "true", "orderBy": "startTime",
-         "maxResults": limit}))
-    return UpcomingEvents(events=[CalendarEvent(
-        id=str(item.get("id")), summary=item.get("summary") or "(no title)", location=item.get("location"),
-        start=(item.get("start") or {}).get("dateTime") or (item.get("start") or {}).get("date") or "",
-        end=(item.get("end") or {}).get("dateTime") or (item.get("end") or {}).get("date") or "",
-        link=item.get("htmlLink")) for item in found.get("items", [])[:limit]], until=until)
+    events = f"{runtime().settings.google_calendar_api}/calendars/primary/events"
+    query = {"timeMin": now.isoformat(), "timeMax": until, "singleEvents": "true", "orderBy": "startTime",
+             "maxResults": limit}
+    found = await call_google(lambda google, token: google.api(events, token, query))
+    return UpcomingEvents(events=[CalendarEvent.from_google(item) for item in found.get("items", [])[:limit]],
+                          until=until)
 
 
 class DriveFile(BaseModel):
-    id: str
-    name: str
+    id: str = Field(description="Google Drive's id of the file.")
+    name: str = Field(description="The file's name.")
     mime_type: str = Field(description="Google's kind of file, e.g. application/vnd.google-apps.document.")
     modified: str | None = Field(None, description="When it last changed (RFC 3339).")
     link: str | None = Field(None, description="The file in Google Drive.")
 
+    @classmethod
+    def from_google(cls, item: Mapping[str, Any]) -> "DriveFile":
+        """A file as Drive API v3 gives it (files.list)."""
+        return cls(id=str(item.get("id")), name=item.get("name") or "", mime_type=item.get("mimeType") or "",
+                   modified=item.get("modifiedTime"), link=item.get("webViewLink"))
+
 
 class DriveFiles(BaseModel):
-    files: list[DriveFile]
+    files: list[DriveFile] = Field(description="The matching files, most recently changed first.")
 
 
 @mcp.tool(title="Search Google Drive", annotations=GOOGLE_READ_ONLY, meta={GOOGLE_SCOPES: [DRIVE_METADATA_READONLY]})
@@ -462,13 +454,11 @@ async def drive_search(
     Returns names, kinds and links, never the files' contents. The first time, the person is asked to let
     this server see their Drive's file names."""
     words = query.strip().replace("\\", "\\\\").replace("'", "\\'")  # Drive's query language escapes these
-    found = await call_google(lambda google, token: google.api(
-        f"{runtime().settings.google_drive_api}/files", token,
-        {"q": f"name contains '{words}' and trashed = false", "pageSize": limit, "orderBy": "modifiedTime desc",
-         "fields": "files(id,name,mimeType,modifiedTime,webViewLink)"}))
-    return DriveFiles(files=[DriveFile(
-        id=str(item.get("id")), name=item.get("name") or "", mime_type=item.get("mimeType") or "",
-        modified=item.get("modifiedTime"), link=item.get("webViewLink")) for item in found.get("files", [])[:limit]])
+    files = f"{runtime().settings.google_drive_api}/files"
+    search = {"q": f"name contains '{words}' and trashed = false", "pageSize": limit, "orderBy": "modifiedTime desc",
+              "fields": "files(id,name,mimeType,modifiedTime,webViewLink)"}
+    found = await call_google(lambda google, token: google.api(files, token, search))
+    return DriveFiles(files=[DriveFile.from_google(item) for item in found.get("files", [])[:limit]])
 
 
 # --- resources
@@ -637,99 +627,25 @@ def confirmation_of(answer: Any) -> Literal["confirmed", "declined", "cancelled"
 
 
 # === 2. Settings =============================================================
+#
+# Every knob, declared once: each field of `Settings` names its environment variable, default, help
+# text, parser and optional flag, and `load_settings` is a loop over that table (the environment,
+# then ./.env, under the command line's flags), collecting every problem into one ConfigError.
+# Offers below: Settings, load_settings, ConfigError, Secret, derive_key, is_loopback_host, MCP_PATH.
 
 MCP_PATH = "/mcp"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
 HERE = Path(__file__).resolve().parent  # where server.py is
-
-class ConfigError(Exception):
-    """The configuration cannot work; the message names every problem found."""
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting: its environment variable, default, help text and optional flag."""
-
-    env: str
-    default: str
-    help: str
-    flag: str | None = None
-    switch: bool = False  # a flag that takes no value and means "true"
-
-
-OPTIONS: tuple[Option, ...] = (
-    Option("HOST", "127.0.0.1", "Address to listen on. Anything but loopback needs sign-in "
-           "or ALLOW_UNAUTHENTICATED.", "--host"),
-    Option("PORT", "8000", "TCP port to listen on.", "--port"),
-    Option("PUBLIC_URL", "", "The URL clients reach this server at (scheme, host, port, any path "
-           "prefix); the MCP endpoint is PUBLIC_URL/mcp. Default: http://HOST:PORT.", "--public-url"),
-    Option("DATA_DIR", "", "Directory for the embedded SQLite store and the generated SECRET_KEY. Default: data/ "
-           "beside server.py, or the per-user data folder where that is not writable.", "--data-dir"),
-    Option("STORE_URL", "", "Where state lives: sqlite:///path/to/file.db, or redis://[:password@]host:port/db "
-           "(rediss:// for TLS) shared by several replicas, with ?prefix=name to share one Redis between "
-           "deployments. Default: a SQLite file in DATA_DIR.", "--store-url"),
-    Option("MCP_STATELESS", "false", "Serve every POST on its own, without Mcp-Session-Id "
-           "(for several replicas).", "--stateless", switch=True),
-    Option("MCP_JSON_RESPONSE", "false", "Answer each POST with one JSON body instead of an SSE "
-           "stream; progress and mid-call questions are dropped.", "--json-response", switch=True),
-    Option("CORS_ORIGINS", "", "Comma-separated browser origins allowed besides localhost, "
-           "e.g. https://inspector.example.com."),
-    Option("ALLOWED_HOSTS", "", "Comma-separated extra Host header values to accept "
-           "(host, host:port, or host:* for any port)."),
-    Option("TRUSTED_PROXIES", "127.0.0.1,::1", "Comma-separated addresses or networks of the reverse "
-           "proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; * believes anyone."),
-    Option("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.", "--log-level"),
-    Option("LOG_FORMAT", "text", "text (one readable line per event) or json (one JSON object per line, "
-           "for a log collector).", "--log-format"),
-    Option("METRICS_PORT", "0", "Serve Prometheus metrics at /metrics on this port, apart from the public "
-           "one, for operators only; 0: off.", "--metrics-port"),
-    Option("METRICS_HOST", "127.0.0.1", "Address the metrics port listens on (0.0.0.0 in a container, "
-           "so the scraper reaches it)."),
-    Option("ALLOW_UNAUTHENTICATED", "false", "Serve a non-loopback address without sign-in: "
-           "anyone who reaches the port can use every tool.", "--allow-unauthenticated", switch=True),
-    Option("MAX_REQUEST_BYTES", "1048576", "Largest request body accepted, in bytes."),
-    Option("SESSION_IDLE_TIMEOUT", "1800", "Seconds before an idle stateful session is closed."),
-    Option("MAX_SESSIONS", "10000", "Most stateful sessions open at once."),
-    Option("EVENT_STORE_MAX_EVENTS", "10000", "Most stream events kept for clients that "
-           "reconnect with Last-Event-ID."),
-    Option("SHUTDOWN_GRACE", "5", "Seconds a call in flight gets to finish when the server is asked to stop; "
-           "after that it is answered with an error. Open streams end at once."),
-    Option("GOOGLE_CLIENT_ID", "", "OAuth client id of your Google Cloud web application. With "
-           "GOOGLE_CLIENT_SECRET it turns on sign-in: every MCP request then needs a token from this server."),
-    Option("GOOGLE_CLIENT_SECRET", "", "Its client secret."),
-    Option("GOOGLE_DISCOVERY_URL", GOOGLE_DISCOVERY_URL, "Google's OpenID discovery document (a stand-in's, "
-           "for tests)."),
-    Option("GOOGLE_CALENDAR_API", "https://www.googleapis.com/calendar/v3", "Where Google's Calendar API v3 "
-           "answers (a stand-in's, for tests)."),
-    Option("GOOGLE_DRIVE_API", "https://www.googleapis.com/drive/v3", "Where Google's Drive API v3 answers "
-           "(a stand-in's, for tests)."),
-    Option("SECRET_KEY", "", "Signs cookies and encrypts stored Google tokens. Default: generated once "
-           "into DATA_DIR/secret_key (owner-only)."),
-    Option("ALLOWED_EMAILS", "", "Comma-separated email addresses allowed to sign in (verified addresses "
-           "only). Empty with ALLOWED_DOMAINS empty: any verified Google account."),
-    Option("ALLOWED_DOMAINS", "", "Comma-separated Google Workspace domains (the verified hd claim) "
-           "allowed to sign in."),
-    Option("ACCESS_TOKEN_TTL", "3600", "Seconds an access token lives."),
-    Option("REFRESH_TOKEN_TTL", "2592000", "Seconds a refresh token lives (it rotates on every use)."),
-    Option("REDIRECT_URI_PATTERNS", "", "Comma-separated patterns (* wildcards) a client's redirect URI "
-           "must match to register, e.g. https://claude.ai/*,http://127.0.0.1:*/*. A pattern may also admit "
-           "an app scheme such as myapp://*. Empty: any https or loopback URI, and the app callbacks of "
-           "Cursor and Claude's desktop app."),
-    Option("CIMD_ALLOW_LOCAL", "false", "Accept client metadata documents from loopback and private "
-           "addresses, over http too. For developing a client only."),
-    Option("SERVER_ICON", "", "A small image file (PNG, SVG, ICO, JPEG or WebP, up to 32 KB) shown beside "
-           "the server's name on every page; embedded in the page, never fetched."),
-    Option("RATE_LIMIT_MCP", "1200", "MCP requests per minute per signed-in grant (token); 0: no limit."),
-    Option("RATE_LIMIT_CLIENT", "600", "Requests per minute per client at /authorize, /token and /revoke "
-           "(hosted clients share one client_id among their users); 0: no limit."),
-    Option("RATE_LIMIT_PERSON", "120", "Sign-ins and token refreshes per hour per person; 0: no limit."),
-    Option("RATE_LIMIT_REGISTER", "120", "Client registrations per minute, all clients together; 0: no limit."),
-)
+STORE_SCHEMES = ("sqlite", "redis", "rediss")  # what STORE_URL may start with (section 4 opens each)
 ICON_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".ico": "image/x-icon", ".jpg": "image/jpeg",
               ".jpeg": "image/jpeg", ".webp": "image/webp"}
 ICON_MAX_BYTES = 32 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration cannot work; the message names every problem found."""
 
 
 @dataclass(frozen=True)
@@ -742,47 +658,205 @@ class Secret:
         return "Secret('********')"
 
 
+# A parser turns a setting's text into its value, adding what is wrong to `problems`.
+Parser = Callable[[str, str, list[str]], Any]
+
+
+def as_text(name: str, raw: str, problems: list[str]) -> str:
+    return raw
+
+
+def whole_number(minimum: int = 0, maximum: int = 2**31) -> Parser:
+    def parse(name: str, raw: str, problems: list[str]) -> int:
+        try:
+            number = int(raw)
+        except ValueError:
+            problems.append(f"{name}={raw!r} is not a whole number")
+            return minimum
+        if not minimum <= number <= maximum:
+            problems.append(f"{name}={number} is outside {minimum}..{maximum}")
+        return number
+
+    return parse
+
+
+def true_or_false(name: str, raw: str, problems: list[str]) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        problems.append(f"{name}={value!r} is not true or false")
+    return False
+
+
+def comma_list(name: str, raw: str, problems: list[str]) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def lowercase_set(name: str, raw: str, problems: list[str]) -> frozenset[str]:
+    return frozenset(item.lower() for item in comma_list(name, raw, problems))
+
+
+def secret_text(name: str, raw: str, problems: list[str]) -> Secret | None:
+    return Secret(raw) if raw else None
+
+
+def one_of(*choices: str) -> Parser:
+    """One of `choices`, in any case, as `choices` spells it."""
+    def parse(name: str, raw: str, problems: list[str]) -> str:
+        spelled = {choice.upper(): choice for choice in choices}
+        if raw.upper() not in spelled:
+            problems.append(f"{name}={raw.upper()!r} is not one of {', '.join(choices)}")
+        return spelled.get(raw.upper(), choices[0])
+
+    return parse
+
+
+def http_url(name: str, raw: str, problems: list[str]) -> str:
+    """An http(s) URL with a host and no query or fragment, without its trailing slash ("" stays "")."""
+    parts = urlsplit(raw)
+    if not raw:
+        return ""
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append(f"{name}={raw!r} must be an http:// or https:// URL with a host")
+    elif parts.query or parts.fragment:
+        problems.append(f"{name}={raw!r} must not have a query or fragment")
+    return raw.rstrip("/")
+
+
+def http_urls(name: str, raw: str, problems: list[str]) -> tuple[str, ...]:
+    return tuple(http_url(name, item, problems) for item in comma_list(name, raw, problems))
+
+
+def image_file(name: str, raw: str, problems: list[str]) -> str:
+    """A small image file, as a data: URI the pages embed."""
+    if not raw:
+        return ""
+    path = Path(raw)
+    kind = ICON_TYPES.get(path.suffix.lower())
+    try:
+        data = path.read_bytes() if kind else b""
+    except OSError as exc:
+        problems.append(f"{name}={str(path)!r} cannot be read ({exc.strerror})")
+        return ""
+    if kind is None:
+        problems.append(f"{name}={str(path)!r} must be one of {', '.join(ICON_TYPES)}")
+    elif len(data) > ICON_MAX_BYTES:
+        problems.append(f"{name}={str(path)!r} is {len(data)} bytes; at most {ICON_MAX_BYTES}")
+    else:
+        return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its environment variable, default, help text, parser and optional flag."""
+
+    env: str
+    default: str
+    help: str
+    parse: Parser = as_text
+    flag: str | None = None
+    switch: bool = False  # a flag that takes no value and means "true"
+
+
+def option(env: str, default: str, help: str, parse: Parser = as_text, *, flag: str | None = None,
+           switch: bool = False) -> Any:
+    """A field of Settings, read from the setting `env`."""
+    return field(metadata={"option": Option(env, default, help, parse, flag, switch)})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, parsed and checked. Build it with `load_settings`."""
 
-    host: str
-    port: int
-    public_url: str
-    data_dir: Path
-    store_url: str
-    stateless: bool
-    json_response: bool
-    cors_origins: tuple[str, ...]
-    allowed_hosts: tuple[str, ...]
-    trusted_proxies: tuple[str, ...]
-    log_level: str
-    log_format: str
-    metrics_port: int
-    metrics_host: str
-    allow_unauthenticated: bool
-    max_request_bytes: int
-    session_idle_timeout_s: int
-    max_sessions: int
-    event_store_max_events: int
-    shutdown_grace_s: int
-    google_client_id: str
-    google_client_secret: Secret | None
-    google_discovery_url: str
-    google_calendar_api: str
-    google_drive_api: str
-    secret_key: Secret | None
-    allowed_emails: frozenset[str]
-    allowed_domains: frozenset[str]
-    access_token_ttl_s: int
-    refresh_token_ttl_s: int
-    redirect_uri_patterns: tuple[str, ...]
-    cimd_allow_local: bool
-    rate_limit_mcp: int
-    rate_limit_client: int
-    rate_limit_person: int
-    rate_limit_register: int
-    server_icon: str = ""  # a data: URI
+    host: str = option("HOST", "127.0.0.1", "Address to listen on. Anything but loopback needs sign-in or "
+                       "ALLOW_UNAUTHENTICATED.", flag="--host")
+    port: int = option("PORT", "8000", "TCP port to listen on.", whole_number(0, 65535), flag="--port")
+    public_url: str = option("PUBLIC_URL", "", "The URL clients reach this server at (scheme, host, port, any "
+                             "path prefix); the MCP endpoint is PUBLIC_URL/mcp. Default: http://HOST:PORT.", http_url,
+                             flag="--public-url")
+    data_dir: Path = option("DATA_DIR", "", "Directory for the embedded SQLite store and the generated SECRET_KEY. "
+                            "Default: data/ beside server.py, or the per-user data folder where that is not "
+                            "writable.", flag="--data-dir")
+    store_url: str = option("STORE_URL", "", "Where state lives: sqlite:///path/to/file.db, or "
+                            "redis://[:password@]host:port/db (rediss:// for TLS) shared by several replicas, with "
+                            "?prefix=name to share one Redis between deployments. Default: a SQLite file in "
+                            "DATA_DIR.", flag="--store-url")
+    stateless: bool = option("MCP_STATELESS", "false", "Serve every POST on its own, without Mcp-Session-Id (for "
+                             "several replicas).", true_or_false, flag="--stateless", switch=True)
+    json_response: bool = option("MCP_JSON_RESPONSE", "false", "Answer each POST with one JSON body instead of an "
+                                 "SSE stream; progress and mid-call questions are dropped.", true_or_false,
+                                 flag="--json-response", switch=True)
+    cors_origins: tuple[str, ...] = option("CORS_ORIGINS", "", "Comma-separated browser origins allowed besides "
+                                           "localhost, e.g. https://inspector.example.com.", http_urls)
+    allowed_hosts: tuple[str, ...] = option("ALLOWED_HOSTS", "", "Comma-separated extra Host header values to "
+                                            "accept (host, host:port, or host:* for any port).", comma_list)
+    trusted_proxies: tuple[str, ...] = option("TRUSTED_PROXIES", "127.0.0.1,::1", "Comma-separated addresses or "
+                                              "networks of the reverse proxies whose X-Forwarded-For and "
+                                              "X-Forwarded-Proto are believed; * believes anyone.", comma_list)
+    log_level: str = option("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.",
+                            one_of("DEBUG", "INFO", "WARNING", "ERROR"), flag="--log-level")
+    log_format: str = option("LOG_FORMAT", "text", "text (one readable line per event) or json (one JSON object "
+                             "per line, for a log collector).", one_of("text", "json"), flag="--log-format")
+    metrics_port: int = option("METRICS_PORT", "0", "Serve Prometheus metrics at /metrics on this port, apart from "
+                               "the public one, for operators only; 0: off.", whole_number(0, 65535),
+                               flag="--metrics-port")
+    metrics_host: str = option("METRICS_HOST", "127.0.0.1", "Address the metrics port listens on (0.0.0.0 in a "
+                               "container, so the scraper reaches it).")
+    allow_unauthenticated: bool = option("ALLOW_UNAUTHENTICATED", "false", "Serve a non-loopback address without "
+                                         "sign-in: anyone who reaches the port can use every tool.", true_or_false,
+                                         flag="--allow-unauthenticated", switch=True)
+    max_request_bytes: int = option("MAX_REQUEST_BYTES", "1048576", "Largest request body accepted, in bytes.",
+                                    whole_number(1024))
+    session_idle_timeout_s: int = option("SESSION_IDLE_TIMEOUT", "1800", "Seconds before an idle stateful session "
+                                         "is closed.", whole_number(1))
+    max_sessions: int = option("MAX_SESSIONS", "10000", "Most stateful sessions open at once.", whole_number(1))
+    event_store_max_events: int = option("EVENT_STORE_MAX_EVENTS", "10000", "Most stream events kept for clients "
+                                         "that reconnect with Last-Event-ID.", whole_number(10))
+    shutdown_grace_s: int = option("SHUTDOWN_GRACE", "5", "Seconds a call in flight gets to finish when the server "
+                                   "is asked to stop; after that it is answered with an error. Open streams end at "
+                                   "once.", whole_number(1, 3600))
+    google_client_id: str = option("GOOGLE_CLIENT_ID", "", "OAuth client id of your Google Cloud web application. "
+                                   "With GOOGLE_CLIENT_SECRET it turns on sign-in: every MCP request then needs a "
+                                   "token from this server.")
+    google_client_secret: Secret | None = option("GOOGLE_CLIENT_SECRET", "", "Its client secret.", secret_text)
+    google_discovery_url: str = option("GOOGLE_DISCOVERY_URL", GOOGLE_DISCOVERY_URL, "Google's OpenID discovery "
+                                       "document (a stand-in's, for tests).", http_url)
+    google_calendar_api: str = option("GOOGLE_CALENDAR_API", "https://www.googleapis.com/calendar/v3", "Where "
+                                      "Google's Calendar API v3 answers (a stand-in's, for tests).", http_url)
+    google_drive_api: str = option("GOOGLE_DRIVE_API", "https://www.googleapis.com/drive/v3", "Where Google's "
+                                   "Drive API v3 answers (a stand-in's, for tests).", http_url)
+    secret_key: Secret | None = option("SECRET_KEY", "", "Signs cookies and encrypts stored Google tokens. "
+                                       "Default: generated once into DATA_DIR/secret_key (owner-only).", secret_text)
+    allowed_emails: frozenset[str] = option("ALLOWED_EMAILS", "", "Comma-separated email addresses allowed to sign "
+                                            "in (verified addresses only). Empty with ALLOWED_DOMAINS empty: any "
+                                            "verified Google account.", lowercase_set)
+    allowed_domains: frozenset[str] = option("ALLOWED_DOMAINS", "", "Comma-separated Google Workspace domains "
+                                             "(the verified hd claim) allowed to sign in.", lowercase_set)
+    access_token_ttl_s: int = option("ACCESS_TOKEN_TTL", "3600", "Seconds an access token lives.", whole_number(1))
+    refresh_token_ttl_s: int = option("REFRESH_TOKEN_TTL", "2592000", "Seconds a refresh token lives (it rotates "
+                                      "on every use).", whole_number(60))
+    redirect_uri_patterns: tuple[str, ...] = option(
+        "REDIRECT_URI_PATTERNS", "", "Comma-separated patterns (* wildcards) a client's redirect URI must match to "
+        "register, e.g. https://claude.ai/*,http://127.0.0.1:*/*. A pattern may also admit an app scheme such as "
+        "myapp://*. Empty: any https or loopback URI, and the app callbacks of Cursor and Claude's desktop app.",
+        comma_list)
+    cimd_allow_local: bool = option("CIMD_ALLOW_LOCAL", "false", "Accept client metadata documents from loopback "
+                                    "and private addresses, over http too. For developing a client only.",
+                                    true_or_false)
+    server_icon: str = option("SERVER_ICON", "", "A small image file (PNG, SVG, ICO, JPEG or WebP, up to 32 KB) "
+                              "shown beside the server's name on every page; embedded in the page, never fetched.",
+                              image_file)
+    rate_limit_mcp: int = option("RATE_LIMIT_MCP", "1200", "MCP requests per minute per signed-in grant (token); "
+                                 "0: no limit.", whole_number())
+    rate_limit_client: int = option("RATE_LIMIT_CLIENT", "600", "Requests per minute per client at /authorize, "
+                                    "/token and /revoke (hosted clients share one client_id among their users); 0: "
+                                    "no limit.", whole_number())
+    rate_limit_person: int = option("RATE_LIMIT_PERSON", "120", "Sign-ins and token refreshes per hour per person; "
+                                    "0: no limit.", whole_number())
+    rate_limit_register: int = option("RATE_LIMIT_REGISTER", "120", "Client registrations per minute, all clients "
+                                      "together; 0: no limit.", whole_number())
     data_dir_is_default: bool = False  # DATA_DIR was not set
     public_url_is_default: bool = True  # PUBLIC_URL was not set
 
@@ -836,74 +910,7 @@ class Settings:
         return "stateful+json" if self.json_response else "stateful"
 
 
-class _Reader:
-    """Parses raw setting strings, collecting every problem instead of stopping at the first."""
-
-    def __init__(self, raw: Mapping[str, str]) -> None:
-        self.raw = raw
-        self.problems: list[str] = []
-
-    def text(self, name: str) -> str:
-        return self.raw[name].strip()
-
-    def integer(self, name: str, minimum: int = 0, maximum: int = 2**31) -> int:
-        value = self.text(name)
-        try:
-            number = int(value)
-        except ValueError:
-            self.problems.append(f"{name}={value!r} is not a whole number")
-            return minimum
-        if not minimum <= number <= maximum:
-            self.problems.append(f"{name}={number} is outside {minimum}..{maximum}")
-        return number
-
-    def boolean(self, name: str) -> bool:
-        value = self.text(name).lower()
-        if value in ("1", "true", "yes", "on"):
-            return True
-        if value in ("", "0", "false", "no", "off"):
-            return False
-        self.problems.append(f"{name}={value!r} is not true or false")
-        return False
-
-    def items(self, name: str) -> tuple[str, ...]:
-        return tuple(item.strip() for item in self.text(name).split(",") if item.strip())
-
-    def secret(self, name: str) -> Secret | None:
-        return Secret(self.text(name)) if self.text(name) else None
-
-    def choice(self, name: str, choices: Sequence[str]) -> str:
-        value = self.text(name).upper()
-        if value not in choices:
-            self.problems.append(f"{name}={value!r} is not one of {', '.join(choices)}")
-        return value
-
-    def image(self, name: str) -> str:
-        """A small image file, as a data: URI the pages embed."""
-        path = Path(self.text(name)) if self.text(name) else None
-        if path is None:
-            return ""
-        kind = ICON_TYPES.get(path.suffix.lower())
-        try:
-            data = path.read_bytes() if kind else b""
-        except OSError as exc:
-            self.problems.append(f"{name}={str(path)!r} cannot be read ({exc.strerror})")
-            return ""
-        if kind is None:
-            self.problems.append(f"{name}={str(path)!r} must be one of {', '.join(ICON_TYPES)}")
-        elif len(data) > ICON_MAX_BYTES:
-            self.problems.append(f"{name}={str(path)!r} is {len(data)} bytes; at most {ICON_MAX_BYTES}")
-        else:
-            return f"data:{kind};base64,{base64.b64encode(data).decode()}"
-        return ""
-
-    def url(self, name: str, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            self.problems.append(f"{name}={value!r} must be an http:// or https:// URL with a host")
-        elif parts.query or parts.fragment:
-            self.problems.append(f"{name}={value!r} must not have a query or fragment")
-        return value.rstrip("/")
+OPTIONS: tuple[Option, ...] = tuple(spec.metadata["option"] for spec in fields(Settings) if "option" in spec.metadata)
 
 
 def read_environment() -> dict[str, str]:
@@ -916,57 +923,21 @@ def load_settings(
     environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
 ) -> Settings:
     """Settings from `environ` (default: the environment and .env) with `overrides` on top."""
-    source = read_environment() if environ is None else environ
-    raw = {option.env: source.get(option.env, option.default) for option in OPTIONS}
-    raw.update(overrides or {})
-    read = _Reader(raw)
-    host = read.text("HOST")
-    port = read.integer("PORT", minimum=0, maximum=65535)
-    data_dir = Path(read.text("DATA_DIR")) if read.text("DATA_DIR") else default_data_dir()
-    settings = Settings(
-        host=host,
-        port=port,
-        public_url=read.url("PUBLIC_URL", read.text("PUBLIC_URL") or default_public_url(host, port)),
-        data_dir=data_dir,
-        store_url=read.text("STORE_URL") or f"sqlite:///{data_dir / 'stream-http.db'}",
-        stateless=read.boolean("MCP_STATELESS"),
-        json_response=read.boolean("MCP_JSON_RESPONSE"),
-        cors_origins=tuple(read.url("CORS_ORIGINS", origin) for origin in read.items("CORS_ORIGINS")),
-        allowed_hosts=read.items("ALLOWED_HOSTS"),
-        trusted_proxies=read.items("TRUSTED_PROXIES"),
-        log_level=read.choice("LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR")),
-        log_format=read.choice("LOG_FORMAT", ("TEXT", "JSON")).lower(),
-        metrics_port=read.integer("METRICS_PORT", maximum=65535),
-        metrics_host=read.text("METRICS_HOST"),
-        allow_unauthenticated=read.boolean("ALLOW_UNAUTHENTICATED"),
-        max_request_bytes=read.integer("MAX_REQUEST_BYTES", minimum=1024),
-        session_idle_timeout_s=read.integer("SESSION_IDLE_TIMEOUT", minimum=1),
-        max_sessions=read.integer("MAX_SESSIONS", minimum=1),
-        event_store_max_events=read.integer("EVENT_STORE_MAX_EVENTS", minimum=10),
-        shutdown_grace_s=read.integer("SHUTDOWN_GRACE", minimum=1, maximum=3600),
-        google_client_id=read.text("GOOGLE_CLIENT_ID"),
-        google_client_secret=read.secret("GOOGLE_CLIENT_SECRET"),
-        google_discovery_url=read.url("GOOGLE_DISCOVERY_URL", read.text("GOOGLE_DISCOVERY_URL")),
-        google_calendar_api=read.url("GOOGLE_CALENDAR_API", read.text("GOOGLE_CALENDAR_API")),
-        google_drive_api=read.url("GOOGLE_DRIVE_API", read.text("GOOGLE_DRIVE_API")),
-        secret_key=read.secret("SECRET_KEY"),
-        allowed_emails=frozenset(email.lower() for email in read.items("ALLOWED_EMAILS")),
-        allowed_domains=frozenset(domain.lower() for domain in read.items("ALLOWED_DOMAINS")),
-        access_token_ttl_s=read.integer("ACCESS_TOKEN_TTL", minimum=1),
-        refresh_token_ttl_s=read.integer("REFRESH_TOKEN_TTL", minimum=60),
-        redirect_uri_patterns=read.items("REDIRECT_URI_PATTERNS"),
-        cimd_allow_local=read.boolean("CIMD_ALLOW_LOCAL"),
-        rate_limit_mcp=read.integer("RATE_LIMIT_MCP"),
-        rate_limit_client=read.integer("RATE_LIMIT_CLIENT"),
-        rate_limit_person=read.integer("RATE_LIMIT_PERSON"),
-        rate_limit_register=read.integer("RATE_LIMIT_REGISTER"),
-        server_icon=read.image("SERVER_ICON"),
-        data_dir_is_default=not read.text("DATA_DIR"),
-        public_url_is_default=not read.text("PUBLIC_URL"),
-    )
-    read.problems += check_settings(settings)
-    if read.problems:
-        raise ConfigError("; ".join(read.problems))
+    source = {**(read_environment() if environ is None else environ), **(overrides or {})}
+    problems: list[str] = []
+    values = {}
+    for spec in fields(Settings):
+        if (setting := spec.metadata.get("option")) is not None:
+            values[spec.name] = setting.parse(setting.env, source.get(setting.env, setting.default).strip(), problems)
+    data_dir = Path(values["data_dir"]) if values["data_dir"] else default_data_dir()
+    settings = Settings(**{
+        **values, "data_dir": data_dir, "data_dir_is_default": not values["data_dir"],
+        "store_url": values["store_url"] or f"sqlite:///{data_dir / 'stream-http.db'}",
+        "public_url": values["public_url"] or default_public_url(values["host"], values["port"]),
+        "public_url_is_default": not values["public_url"]})
+    problems += check_settings(settings)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return settings
 
 
@@ -974,7 +945,7 @@ def check_settings(settings: Settings) -> list[str]:
     """The problems only visible when settings are seen together."""
     problems = []
     store = urlsplit(settings.store_url).scheme
-    if store not in STORE_BACKENDS:
+    if store not in STORE_SCHEMES:
         problems.append(f"STORE_URL={settings.store_url!r} must start with sqlite:///, redis:// or rediss://")
     elif store != "sqlite" and settings.secret_key is None:
         problems.append("STORE_URL is Redis, which several replicas share, so they need one SECRET_KEY: set it "
@@ -1074,7 +1045,6 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-
 def derive_key(secret_key: Secret, purpose: bytes) -> bytes:
     """A 32-byte key for one purpose, so SECRET_KEY itself is never used directly."""
     return HKDF(algorithm=SHA256(), length=32, salt=None, info=purpose).derive(secret_key.value.encode())
@@ -1104,6 +1074,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what a proxy's id may be for us to adopt it
 tracer = trace.get_tracer("stream_http", VERSION)
 _request_id: ContextVar[str | None] = ContextVar("stream_http_request_id", default=None)
+# The request being served (its ASGI scope), set by section 10's RequestContext: the caller's address for audit lines.
+_request_scope: ContextVar[dict[str, Any] | None] = ContextVar("stream_http_request_scope", default=None)
 REQUEST_ID_PREFIX = secrets.token_hex(4)  # this process's; a counter follows, cheaper than randomness per request
 _request_numbers = itertools.count(1)
 
@@ -1267,10 +1239,6 @@ def configure_tracing() -> None:
                 or os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"])
 
 
-def current_request_id() -> str | None:
-    return _request_id.get()
-
-
 class RequestLogFields(logging.Filter):
     """Adds the request id and trace id to every log record, for both formats."""
 
@@ -1312,20 +1280,48 @@ class JsonLogFormat(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def client_address() -> str | None:
+    """The caller's address: the forwarded one when a proxy in TRUSTED_PROXIES sent the request."""
+    scope = _request_scope.get()
+    client = scope.get("client") if scope is not None else None
+    return client[0] if client else None
+
+
+audit_log = logging.getLogger("stream_http.audit")
+
+
+def audit(event: str, **fields: Any) -> None:
+    """One structured log line per security event, counted in the metrics. Never pass a token, code or secret."""
+    if address := client_address():
+        fields["ip"] = address
+    if request_id := _request_id.get():
+        fields["request_id"] = request_id
+    if count := COUNTED_EVENTS.get(event):
+        count(fields)
+    line = {"event": event, **fields}
+    audit_log.info("%s", json.dumps(line, sort_keys=True, default=str), extra={"audit": line})
+
+
 # === 4. Storage ==============================================================
 #
 # One small API for everything the server keeps: typed records, each with a kind, a key, an
 # expiry, and optionally an owner (who lists them, newest first) and a group (ended together).
 # A record type is a dataclass or pydantic model with a `kind` class attribute; values go in and
-# come out typed. The OAuth provider and the notes demo both keep their data this way, and so can
-# your own tools. Every change is atomic: `take` reads and deletes in one step, so a one-time
-# value cannot be used twice, and `swap` is compare-and-swap; the `then` entries either call
-# writes (or, with `Gone`, deletes) are saved in the same step, or not at all.
+# come out typed. The tools of section 1 and the OAuth provider keep their data this way. Every
+# change is atomic: `take` reads and deletes in one step, so a one-time value cannot be used twice,
+# and `swap` is compare-and-swap; the `then` entries either call writes (or, with `Gone`, deletes)
+# are saved in the same step, or not at all. Offers below: Store and its two backends (`open_store`),
+# Entry, Gone, StorageError, new_id, and the event stores behind Last-Event-ID.
 
 SERVER_UNAVAILABLE = -32000  # JSON-RPC's implementation-defined server error; over HTTP, 503
 STORE_FAILED = "The server's storage is unavailable right now; retry in a few seconds"
 RETRY_AFTER_S = 2
 PURGE_INTERVAL_S = 600
+
+
+def new_id() -> str:
+    """A random key for a record: 192 bits, URL-safe."""
+    return secrets.token_urlsafe(24)
 
 
 class StorageError(MCPError):
@@ -1463,19 +1459,13 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_by_owner ON records (kind, owner, ord DESC) WHERE owner IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_by_group ON records (grp) WHERE grp IS NOT NULL;
 """
-# Version 0.1 named the columns after grants and people and kept notes in a table of their own.
+# Version 0.1 named the columns after grants and people.
 SQLITE_UPGRADE_FROM_0_1 = """
 ALTER TABLE records RENAME COLUMN grant_id TO grp;
 ALTER TABLE records RENAME COLUMN subject TO owner;
 ALTER TABLE records ADD COLUMN ord REAL NOT NULL DEFAULT 0;
 DROP INDEX IF EXISTS records_by_grant;
 DROP INDEX IF EXISTS records_by_subject;
-"""
-SQLITE_NOTES_FROM_0_1 = """
-INSERT OR IGNORE INTO records (kind, key, value, expires_at, owner, grp, ord)
-SELECT 'note', owner || ' ' || id, json_object('id', id, 'title', title, 'body', body, 'tags', json(tags),
-       'created_at', created_at), NULL, owner, NULL, created_at FROM notes;
-DROP TABLE notes;
 """
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
@@ -1644,9 +1634,9 @@ def upgrade_sqlite(db: sqlite3.Connection) -> None:
     if "grant_id" in columns:
         db.executescript(SQLITE_UPGRADE_FROM_0_1)
         logger.info("upgraded the store's records table from version 0.1")
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'notes'").fetchone():
-        db.executescript(SQLITE_NOTES_FROM_0_1)
-        logger.info("moved version 0.1's notes table into the store's records")
+    others = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'records'")]
+    if others:
+        logger.warning("the store holds tables this version does not read, left as they are: %s", ", ".join(others))
 
 
 def _write(db: sqlite3.Connection, entries: Sequence[Entry | Gone]) -> None:
@@ -1945,8 +1935,8 @@ class RedisStore:
         return RedisEventStore(self, max_events, ttl_s)
 
     async def _upgrade_from_0_1(self) -> None:
-        """Version 0.1 indexed records per person in plain sets and kept notes under keys of their own:
-        move both into this version's layout, once (the old keys go as they are moved)."""
+        """Version 0.1 indexed records per owner in plain sets: move them into this version's sorted sets, once
+        (each old set goes as it is moved)."""
         async with self.client.lock(f"{self.prefix}:lock:upgrade", timeout=60, blocking_timeout=61):
             moved = 0
             async for index in self.client.scan_iter(f"{self.prefix}:s:*"):
@@ -1956,24 +1946,8 @@ class RedisStore:
                     await self.client.zadd(self._owner_index(kind, owner), dict.fromkeys(members, 0))
                 await self.client.delete(index)
                 moved += 1
-            async for index in self.client.scan_iter(f"{self.prefix}:notes:*"):
-                moved += await self._move_notes(index.removeprefix(f"{self.prefix}:notes:"), index)
             if moved:
                 logger.info("upgraded %d of version 0.1's Redis keys to this version's layout", moved)
-
-    async def _move_notes(self, owner: str, index: str) -> int:
-        scored = await self.client.zrange(index, 0, -1, withscores=True)
-        old_keys = [f"{self.prefix}:n:{owner}:{note_id}" for note_id, _ in scored]
-        values = await self.client.mget(old_keys) if old_keys else []
-        async with self.client.pipeline(transaction=True) as pipe:
-            for (note_id, created_at), value in zip(scored, values, strict=True):
-                if value is not None:  # the same JSON as a Note record
-                    key = self._key("note", f"{owner} {note_id}")
-                    pipe.set(key, value)
-                    pipe.zadd(self._owner_index("note", owner), {key: created_at})
-            pipe.delete(index, *old_keys)
-            await pipe.execute()
-        return len(scored) + 1
 
 
 STORE_BACKENDS: dict[str, Callable[[str], Store]] = {
@@ -2136,12 +2110,13 @@ class RedisEventStore(EventStore):
         return await self.store.call("replaying a stream", read)
 
 
-
-# === 5. Serving MCP ==========================================================
+# === 5. What handlers reach ==================================================
 #
-# Handlers reach the running server through `current_user()` (who is calling) and `runtime()`
-# (settings, store, provider, change bus). The SDK hands every message to `handle_message`, the
-# one middleware, which makes the runtime reachable and adds what the SDK leaves out.
+# Tools, resources and prompts reach the running server through `current_user()` (who is calling) and
+# `runtime()` (its settings, store and provider); `can_ask_user` and `send_log` talk back to the
+# client. The change bus delivers resource notifications to the right person's connections in both
+# protocol eras, and rate limits count requests in the store. Offers below: User, current_user,
+# runtime, ChangeBus, RateLimits, can_ask_user, send_log, tool_error.
 
 LIST_NOTIFY_TIMEOUT_S = 1.0
 RATE_BUCKETS_MAX = 100_000  # past this many, the budgets of ended windows are dropped
@@ -2182,112 +2157,12 @@ def current_user() -> User:
 # The runtime of the message being handled; the SDK hands it to the middleware as its lifespan
 # context, and static resources and completions, which get no Context, read it from here.
 _current_runtime: "ContextVar[Runtime]" = ContextVar("stream_http_runtime")
-# The HTTP app's runtime, which the MCP lifespan (run inside the app's lifespan) serves.
-_serving_runtime: "ContextVar[Runtime]" = ContextVar("stream_http_serving_runtime")
 
 
 def runtime() -> "Runtime":
     """The running server's shared state (settings, store, provider) for the message being handled."""
     return _current_runtime.get()
 
-
-@asynccontextmanager
-async def serving_runtime() -> "AsyncIterator[Runtime]":
-    """The HTTP app's runtime, or under `mcp run` (stdio) one opened from the environment."""
-    serving = _serving_runtime.get(None)
-    if serving is not None:
-        yield serving
-        return
-    async with Runtime(load_settings()) as opened:
-        yield opened
-
-
-class Runtime:
-    """What tools and routes share while the server runs: settings, the store, the event store, the
-    change bus and, with sign-in on, the OAuth provider. Built without I/O; `async with runtime:` opens
-    the store, starts housekeeping, and closes everything again."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.store = open_store(settings)
-        self.events = None if settings.stateless else self.store.event_store(settings.event_store_max_events,
-                                                                               settings.session_idle_timeout_s)
-        self.changes = ChangeBus()
-        self.limits = RateLimits(self.store)
-        self.drain = Drain(settings.shutdown_grace_s)
-        self.replica = new_id()  # tells this process's change announcements from other replicas'
-        self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False, verify=tls_context())
-        self.provider = build_provider(settings, self.store, self.http, self.limits) if settings.auth_enabled else None
-        self.tools: dict[str, MCPTool] = {}  # as listed: see tool_named
-        self._exit = AsyncExitStack()
-
-    async def __aenter__(self) -> "Runtime":
-        await self._exit.__aenter__()
-        try:
-            await self.store.open()
-            if isinstance(self.store, SQLiteStore):
-                logger.info("keeping data in %s (%s)", self.settings.data_dir, data_dir_reason(self.settings))
-            self._exit.push_async_callback(self.store.close)
-            self._exit.push_async_callback(self.http.aclose)
-            if self.settings.secret_key is not None:
-                RequestStateSeal.use_key(derive_key(self.settings.secret_key, b"stream-http/request-state"))
-            tasks = await self._exit.enter_async_context(anyio.create_task_group())
-            self._exit.callback(tasks.cancel_scope.cancel)
-            tasks.start_soon(self.purge_expired_records)
-            tasks.start_soon(self.watch_store)
-            tasks.start_soon(self.relay_changes)
-            STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
-            Tracing.notice()
-            SESSIONS_OPEN.set_function(lambda: self.changes.session_count)
-            STREAMS_OPEN.set_function(lambda: sum(1 for served in list(self.drain.served) if served.stream))
-            MCP_EXCHANGES.set_function(lambda: len(self.drain.served))  # read when scraped: nothing per request
-        except BaseException:
-            await self._exit.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._exit.aclose()
-
-    async def purge_expired_records(self) -> None:
-        while True:
-            await anyio.sleep(PURGE_INTERVAL_S)
-            try:
-                removed = await self.store.purge_expired()
-            except StorageError as exc:
-                logger.warning("purging expired records failed: %s", exc)
-                continue
-            logger.debug("purged %d expired records", removed)
-
-    async def watch_store(self) -> None:
-        """While the store is unreachable, ping it every second so service resumes by itself."""
-        while True:
-            await anyio.sleep(REDIS_RETRY_EVERY_S)
-            if not self.store.available:
-                with suppress(StorageError):
-                    await self.store.ping()
-
-    async def announce_resources_changed(self, owner: str, uris: Sequence[str]) -> None:
-        """Tell `owner`'s listening connections, here and on other replicas, that their resource list
-        and the resources at `uris` changed."""
-        await self.changes.announce(owner, uris)
-        try:
-            await self.store.publish({"owner": owner, "uris": list(uris), "from": self.replica})
-        except StorageError as exc:
-            logger.warning("other replicas were not told about a resource change: %s", exc)
-
-    async def relay_changes(self) -> None:
-        """Pass on what other replicas announce: resource changes to the connections listening here, a
-        grant's end to the provider's cache of verified tokens, and whether this process hears them."""
-        async for message in self.store.messages():
-            if self.provider is not None:
-                self.provider.verified.hear(message)  # first, before anything awaits
-                if isinstance(ticket := message.get("ticket"), str):
-                    with suppress(StorageError):
-                        await self.store.confirm(ticket)
-            owner, uris = message.get("owner"), message.get("uris")
-            if message.get("from") != self.replica and isinstance(owner, str) and isinstance(uris, list):
-                await self.changes.announce(owner, [uri for uri in uris if isinstance(uri, str)])
 
 
 @dataclass
@@ -2450,138 +2325,6 @@ class ChangeBus:
             self._sessions.pop(session_id, None)
 
 
-# The SDK puts two middlewares of its own ahead of ours: OpenTelemetry's span per message, and the
-# boundary that seals and opens `requestState`. Each is a layer every message goes through, so the
-# server keeps only its own, which runs the SDK's two itself: the span only while tracing is on (even a
-# no-op span costs a context switch), the boundary for the methods it acts on.
-SDK_SPANS = next(m for m in mcp.middleware if isinstance(m, OpenTelemetryMiddleware))
-SDK_REQUEST_STATE = next(m for m in mcp.middleware if isinstance(m, RequestStateBoundary))
-mcp.middleware[:] = [middleware]
-
-
-async def handle_message(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
-    """The one MCP middleware. It makes the runtime reachable from every handler (static resources and
-    completions get no Context), answers what 2025-era sessions need beyond the SDK (resource
-    subscriptions, a log level), names an unknown tool or prompt as the spec says, and counts requests."""
-    token = _current_runtime.set(ctx.lifespan_context)
-    started, outcome = time.perf_counter(), "error"
-    try:
-        if Tracing.on:
-            result = await SDK_SPANS(ctx, partial(serve_message, call_next=call_next))
-        else:
-            result = await serve_message(ctx, call_next)
-        outcome = "tool_error" if isinstance(result, CallToolResult) and result.is_error else "ok"
-        return result
-    finally:
-        _current_runtime.reset(token)
-        if ctx.request_id is not None:
-            count_request(ctx, outcome, time.perf_counter() - started)
-
-
-async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
-    if ctx.request_id is None:  # a notification: nothing of ours to add
-        return await call_next(ctx)
-    if ctx.method in INPUT_REQUIRED_METHODS:  # where requestState travels
-        return await SDK_REQUEST_STATE(ctx, partial(serve_by_era, call_next=call_next))
-    return await serve_by_era(ctx, call_next)
-
-
-async def serve_by_era(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
-    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-        return await serve_handshake_request(ctx, call_next)
-    return await serve_request(ctx, call_next)
-
-
-def count_request(ctx: ServerRequestContext[Runtime, Any], outcome: str, seconds: float) -> None:
-    """The request's metrics. A tool is named only once known, so a caller cannot mint label values."""
-    tool = ""
-    if ctx.method == "tools/call":
-        name = (ctx.params or {}).get("name")
-        tool = name if isinstance(name, str) and name in ctx.lifespan_context.tools else "unknown"
-    child(MCP_REQUESTS, ctx.method, tool, outcome).inc()
-    child(MCP_DURATION, ctx.method).observe(seconds)
-
-
-async def serve_handshake_request(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
-    """What 2025-era sessions get beyond the SDK: list-changed and resource-updated notifications on
-    their GET stream, resource subscriptions, and a log level they can set."""
-    settings = ctx.lifespan_context.settings
-    known, session_id = None, None
-    if not settings.stateless:  # over stdio the process serves one client: its whole life is one session
-        session_id = ctx.request.headers.get("mcp-session-id") if ctx.request is not None else STDIO_SESSION
-    if session_id:
-        known = ctx.lifespan_context.changes.session(session_id, current_user().subject, ctx.session,
-                                                     settings.max_sessions, settings.session_idle_timeout_s)
-    params = ctx.params or {}
-    if ctx.method == "logging/setLevel":
-        if params.get("level") not in LOG_LEVELS:
-            raise MCPError(INVALID_PARAMS, f"level must be one of {', '.join(LOG_LEVELS)}")
-        if known is not None:
-            known.log_level = params["level"]
-        return {}
-    if ctx.method in ("resources/subscribe", "resources/unsubscribe"):
-        uri = params.get("uri")
-        if not isinstance(uri, str) or not uri:
-            raise MCPError(INVALID_PARAMS, "uri must be a non-empty string")
-        if known is not None and ctx.method == "resources/subscribe":
-            known.watched.add(uri)
-        elif known is not None:
-            known.watched.discard(uri)
-        return {}
-    result = await serve_request(ctx, call_next)
-    if ctx.method == "initialize" and isinstance(result, dict):
-        capabilities = result.setdefault("capabilities", {})
-        capabilities.setdefault("resources", {}).update(listChanged=not settings.stateless,
-                                                        subscribe=not settings.stateless)
-        capabilities["logging"] = {}
-    return result
-
-
-async def serve_request(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
-    """Answer an unknown tool or prompt, or a prompt that cannot render, with the spec's -32602 (the SDK
-    reports the first as a tool result and the others with error code 0); and before a tool that acts on
-    the person's Google account runs, have them grant the Google scopes it needs."""
-    if ctx.method == "tools/call":
-        name = (ctx.params or {}).get("name")
-        tool = await tool_named(ctx.lifespan_context, name) if isinstance(name, str) else None
-        if isinstance(name, str) and tool is None:
-            raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
-        needed = google_scopes((tool.meta or {}).get(GOOGLE_SCOPES, ())) if tool else frozenset()
-        if needed and ctx.lifespan_context.provider is not None and current_user() is not LOCAL_USER:
-            token = _tool_google_scopes.set(needed)
-            try:
-                return await ctx.lifespan_context.provider.google_access.admit(ctx, call_next, needed)
-            finally:
-                _tool_google_scopes.reset(token)
-    if ctx.method != "prompts/get":
-        return await call_next(ctx)
-    try:
-        return await call_next(ctx)
-    except ValueError as exc:
-        raise MCPError(INVALID_PARAMS, str(exc)) from exc
-
-
-async def tools_by_google_scope() -> dict[str, list[str]]:
-    """Each Google scope the tools declare (their meta, GOOGLE_SCOPES), and the tools that need it."""
-    users: dict[str, list[str]] = {}
-    for tool in await mcp.list_tools():
-        for scope in sorted(google_scopes((tool.meta or {}).get(GOOGLE_SCOPES, ()))):
-            users.setdefault(scope, []).append(tool.name)
-    return users
-
-
-async def tool_named(running: Runtime, name: str) -> MCPTool | None:
-    """The tool called `name`, or None. Listing the tools builds every tool's schema, which cost more than
-    the call itself, so they are remembered and listed again only for a name not seen before (a tool added
-    while serving is found; a removed one is left to the SDK, which answers it as a tool error)."""
-    if name not in running.tools:
-        running.tools = {tool.name: tool for tool in await mcp.list_tools()}
-    return running.tools.get(name)
-
-
-# The Google scopes of the tool being called, for call_google (the SDK hands a tool nothing of its own
-# registration).
-_tool_google_scopes: ContextVar[frozenset[str]] = ContextVar("stream_http_tool_google_scopes", default=frozenset())
 
 
 def can_ask_user(ctx: Context) -> bool:
@@ -2602,6 +2345,11 @@ async def send_log(ctx: Context, message: str, level: str = "info") -> None:
         warnings.simplefilter("ignore", MCPDeprecationWarning)
         pending = ctx.session.send_log_message(level, message, SERVER_NAME, related_request_id=ctx.request_id)
     await pending
+
+
+def tool_error(text: str) -> CallToolResult:
+    """A tool result that failed, for the model to read (what the middleware answers in the tool's place)."""
+    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
 
 
 # === 6. Google ===============================================================
@@ -2628,6 +2376,7 @@ GOOGLE_QUOTA_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded", 
                                   "dailyLimitExceeded", "RATE_LIMIT_EXCEEDED"})
 GOOGLE_CONSENT_WAIT_S = 180  # how long a tool call waits for the person to answer Google's consent
 GOOGLE_CONSENT_POLL_S = 0.5
+TRANSACTION_TTL_S = 600  # how long a trip through Google (a sign-in, or a grant of more scopes) may take
 T = TypeVar("T")
 
 
@@ -3018,6 +2767,9 @@ class GoogleGrants:
         await self.store.put(Entry(state, GoogleScopeTrip(request.id, nonce, verifier), ttl_s=TRANSACTION_TTL_S))
         return url
 
+    async def scope_request(self, request_id: str) -> GoogleScopeRequest | None:
+        return await self.store.get(GoogleScopeRequest, request_id) if request_id else None
+
     async def take_trip(self, state: str) -> GoogleScopeTrip | None:
         return await self.store.take(GoogleScopeTrip, state) if state else None
 
@@ -3124,9 +2876,32 @@ class GoogleAccess:
         return await call_next(ctx)
 
 
-def tool_error(text: str) -> CallToolResult:
-    """A tool result that failed, for the model to read (what the middleware answers in the tool's place)."""
-    return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+def google_scopes_of(tool: MCPTool) -> frozenset[str]:
+    """The Google scopes a tool declares it needs (its meta, GOOGLE_SCOPES)."""
+    return google_scopes((tool.meta or {}).get(GOOGLE_SCOPES, ()))
+
+
+def acts_with_sign_in_scopes_only(tool: MCPTool) -> bool:
+    """Whether a tool acts on the person's Google account with nothing but what they granted at sign-in (openid
+    email profile). Google asks them nothing more for it, so this server asks instead: the client must hold
+    the scope that lets it use the person's Google profile (GOOGLE_TOOLS_SCOPE, section 7). A tool that needs
+    more is asked for at Google, on Google's own consent screen, when it is first called."""
+    needed = google_scopes_of(tool)
+    return bool(needed) and needed <= google_scopes(GOOGLE_SIGN_IN_SCOPES)
+
+
+async def tools_by_google_scope() -> dict[str, list[str]]:
+    """Each Google scope the tools declare, and the tools that need it."""
+    users: dict[str, list[str]] = {}
+    for tool in await mcp.list_tools():
+        for scope in sorted(google_scopes_of(tool)):
+            users.setdefault(scope, []).append(tool.name)
+    return users
+
+
+# The Google scopes of the tool being called, for call_google (the SDK hands a tool nothing of its own
+# registration).
+_tool_google_scopes: ContextVar[frozenset[str]] = ContextVar("stream_http_tool_google_scopes", default=frozenset())
 
 
 async def call_google(request: Callable[[GoogleLogin, str], Awaitable[T]]) -> T:
@@ -3175,18 +2950,19 @@ def scope_label(scope: str) -> str:
 # them. One authorization runs /authorize → consent page → Google → /oauth/google/callback → code →
 # /token, and each step is a single-use record in the store. Tokens are random strings stored only
 # as SHA-256 hashes; each belongs to a grant (one person, one client), and revocation ends a grant
-# as a whole. The SDK's handlers do client authentication, PKCE and registration parsing; the pure
-# functions first in this section decide, the provider keeps the records, and `SignInRoutes` at the
-# end are the HTTP handlers.
+# as a whole. The pure functions first decide; the records follow; then the provider in four parts,
+# one per sub-banner: `Clients` (registrations and metadata documents), `SignIns` (consent, Google
+# and back), `Grants` (codes, tokens, rotation, revocation) and `OAuthProvider`, the SDK's interface
+# over them. Nothing here touches HTTP: section 9 holds the routes. Offers below: OAuthProvider
+# (`build_provider`), SCOPES, the records /account shows, and the decisions the routes apply.
 
 SCOPES = {
     "mcp": "Use this server's tools, notes and prompts as you",
-    "google": "Read your Google profile (name, email, picture) through the google_profile tool",
+    "google": "Read your Google profile (name, email, picture) through this server's tools",
 }
 REQUIRED_SCOPE = "mcp"  # every MCP request needs it
-TOOL_SCOPES = {"google_profile": "google"}  # tools that need more, and what
+GOOGLE_TOOLS_SCOPE = "google"  # what a client needs to call a tool that uses the person's Google sign-in (section 6)
 AUTH_CODE_TTL_S = 300
-TRANSACTION_TTL_S = 600
 VERIFIED_TOKENS_MAX = 10_000  # tokens kept in memory, oldest dropped first
 VERIFIED_TOKEN_MAX_AGE_S = 60  # read again from the store at least this often
 GRANT_END_CONFIRM_S = 2  # how long a revocation waits for every replica to confirm it
@@ -3205,30 +2981,9 @@ PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # BASE64URL(SHA-256(verifie
 PKCE_VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")  # RFC 7636 §4.1
 SUPPORTED_GRANT_TYPES = frozenset({"authorization_code", "refresh_token"})
 SECRET_DIGEST_PREFIX = "sha256:"  # noqa: S105 - how a stored secret's hash begins, not a secret
-OAUTH_BODY_MAX_BYTES = 65_536
-SESSION_COOKIE = "stream_http_session"
-SESSION_MAX_AGE_S = 30 * 24 * 3600
-ACCOUNT_SIGN_IN_MAX_AGE_S = 3600  # /account asks Google again after this, so the access policy is fresh
-audit_log = logging.getLogger("stream_http.audit")
-
-
-def audit(event: str, **fields: Any) -> None:
-    """One structured log line per security event, counted in the metrics. Never pass a token, code or secret."""
-    if address := client_address():
-        fields["ip"] = address
-    if request_id := _request_id.get():
-        fields["request_id"] = request_id
-    if count := COUNTED_EVENTS.get(event):
-        count(fields)
-    line = {"event": event, **fields}
-    audit_log.info("%s", json.dumps(line, sort_keys=True, default=str), extra={"audit": line})
 
 
 # --- decisions: pure functions of what was asked and what is allowed
-
-
-def new_id() -> str:
-    return secrets.token_urlsafe(24)
 
 
 def token_hash(token: str) -> str:
@@ -3768,45 +3523,39 @@ def build_provider(settings: Settings, store: Store, http: httpx2.AsyncClient,
         raise ConfigError("sign-in needs a SECRET_KEY: set it, or pass the settings through with_secret_key()")
     google = GoogleGrants(GoogleLogin(settings, http), store, TokenCipher(settings.secret_key))
     redirects = RedirectPolicy(settings.redirect_uri_patterns)
-    return OAuthProvider(settings, store, google, ClientDocuments(settings, store, http, redirects), redirects,
-                         limits, settings.secret_key)
+    clients = Clients(store, ClientDocuments(settings, store, http, redirects), redirects)
+    grants = Grants(settings, store, google)
+    return OAuthProvider(settings, clients, SignIns(settings, store, google, limits), grants, google, limits)
 
 
-class OAuthProvider:
-    """The SDK's `OAuthAuthorizationServerProvider` for MCP clients, with Google as the identity provider."""
+# --- clients: who may ask, by registration (RFC 7591) or metadata document
 
-    def __init__(self, settings: Settings, store: Store, google: GoogleGrants, documents: ClientDocuments,
-                 redirects: RedirectPolicy, limits: RateLimits, secret_key: Secret) -> None:
-        self.settings = settings
-        self.redirects = redirects
-        self.limits = limits
-        self.google_access = GoogleAccess(google, settings)
-        self.secret_key = secret_key
+
+class Clients:
+    """The MCP clients this server knows: those that registered, and those that describe themselves in a
+    metadata document at their https client_id."""
+
+    def __init__(self, store: Store, documents: ClientDocuments, redirects: RedirectPolicy) -> None:
         self.store = store
-        self.google = google
         self.documents = documents
-        self.resource = resource_of(settings.public_url)
-        # The resources its tokens are good for: the public URL's, and its loopback names' (one server).
-        self.resources = frozenset(resource_of(url) for url in settings.public_urls)
-        self.verified = VerifiedTokens()
+        self.redirects = redirects
 
-    # --- clients
 
-    async def find_client(self, client_id: str) -> OAuthClientInformationFull | None:
+    async def find(self, client_id: str) -> OAuthClientInformationFull | None:
         """The client with this id, from its registration or its metadata document (which raises
         ClientDocumentError when it cannot be used)."""
         if is_document_client_id(client_id):
             return await self.documents.client(client_id)
         return await self.store.get(RegisteredClient, client_id)
 
-    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+    async def get(self, client_id: str) -> OAuthClientInformationFull | None:
         try:
-            return await self.find_client(client_id)
+            return await self.find(client_id)
         except ClientDocumentError as exc:
             logger.info("client metadata document %s refused: %s", client_id, exc)
             return None
 
-    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
+    async def register(self, client_info: OAuthClientInformationFull) -> None:
         for uri in client_info.redirect_uris or []:
             if problem := self.redirects.problem(str(uri), f"the client registering as {client_info.client_name!r}"):
                 raise RegistrationError("invalid_redirect_uri", problem)
@@ -3838,12 +3587,20 @@ class OAuthProvider:
     async def remember_registration(self, fingerprint: str, client_id: str) -> None:
         await self.store.put(Entry(fingerprint, RegistrationFingerprint(client_id)))
 
-    # --- authorization: /authorize, consent, Google, and back to the client
 
-    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
-        return await self.start_authorization(client, params, signed_in=None)
+# --- sign-ins: /authorize, the consent page, Google, and back to the client with a code
 
-    async def start_authorization(self, client: OAuthClientInformationFull, params: AuthorizationParams,
+
+class SignIns:
+    """The authorization in progress: where the browser goes at each step, and the code at the end."""
+
+    def __init__(self, settings: Settings, store: Store, google: GoogleGrants, limits: RateLimits) -> None:
+        self.settings = settings
+        self.store = store
+        self.google = google
+        self.limits = limits
+
+    async def start(self, client: OAuthClientInformationFull, params: AuthorizationParams,
                                   signed_in: Mapping[str, str] | None, issuer: str | None = None) -> str:
         """Start an authorization and return where the browser goes next: the consent page, or
         straight to Google when the person signed in here has already approved this client."""
@@ -3984,7 +3741,29 @@ class OAuthProvider:
         approved = await self.approved_scopes(subject, client_id)
         return bool(approved) and set(scopes) <= set(approved)
 
-    # --- tokens: /token and every MCP request
+    async def start_account_sign_in(self, login_hint: str | None) -> str:
+        """The Google URL that signs a person in to /account (the same access policy, no client)."""
+        pending = PendingAuthorization(
+            id=new_id(), client_id="", client_name="", redirect_uri=f"{self.settings.public_url}/account",
+            redirect_uri_explicit=False, state=None, code_challenge="", scopes=(),
+            resource=resource_of(self.settings.public_url), csrf=new_id(), consented=True, purpose="account")
+        return await self.send_to_google(pending, login_hint=login_hint)
+
+
+# --- grants: codes, tokens, their rotation and revocation
+
+
+class Grants:
+    """What signed-in clients hold: authorization codes, and access and refresh tokens, each belonging to a
+    grant (one person, one client) that ends as a whole."""
+
+    def __init__(self, settings: Settings, store: Store, google: GoogleGrants) -> None:
+        self.settings = settings
+        self.store = store
+        self.google = google
+        self.resource = resource_of(settings.public_url)
+        self.verified = VerifiedTokens()
+
 
     async def load_authorization_code(self, client: OAuthClientInformationFull,
                                       authorization_code: str) -> GrantCode | None:
@@ -4154,11 +3933,6 @@ class OAuthProvider:
                 break
         return used
 
-    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
-        grant_id = getattr(token, "grant_id", None)
-        if grant_id:
-            await self.revoke_grant(grant_id, reason="revoked by the client")
-
     async def revoke_grant(self, grant_id: str, *, reason: str) -> None:
         """End a grant: every token of it stops working at once. When it was the person's last grant,
         their Google authorization is revoked too (best effort)."""
@@ -4186,16 +3960,6 @@ class OAuthProvider:
             await self.revoke_grant(grant.id, reason=reason)
         await self.google.forget(subject)
 
-    # --- /account: the person's own view of the applications connected to them
-
-    async def start_account_sign_in(self, login_hint: str | None) -> str:
-        """The Google URL that signs a person in to /account (the same access policy, no client)."""
-        pending = PendingAuthorization(
-            id=new_id(), client_id="", client_name="", redirect_uri=f"{self.settings.public_url}/account",
-            redirect_uri_explicit=False, state=None, code_challenge="", scopes=(), resource=self.resource,
-            csrf=new_id(), consented=True, purpose="account")
-        return await self.send_to_google(pending, login_hint=login_hint)
-
     async def connected_apps(self, subject: str) -> list[ConnectedApp]:
         """Every grant `subject` has given, newest first, with what the page shows about its client."""
         apps = []
@@ -4210,13 +3974,6 @@ class OAuthProvider:
                 last_used_at=grant.last_used_at or grant.created_at))
         return sorted(apps, key=lambda app: app.authorised_at, reverse=True)
 
-    async def google_permissions(self, subject: str) -> list[GooglePermission]:
-        """The Google scopes `subject` has granted this server, sign-in's first, with the tools using each."""
-        sign_in, users = google_scopes(GOOGLE_SIGN_IN_SCOPES), await tools_by_google_scope()
-        granted = sorted(await self.google.granted(subject), key=lambda scope: (scope not in sign_in, scope))
-        return [GooglePermission(scope, scope_label(scope), tuple(users.get(scope, ())),
-                                 scope in sign_in) for scope in granted]
-
     async def disconnect(self, subject: str, which: str) -> int:
         """End grant `which` of `subject`, or all of them for "all" (never anyone else's); how many ended."""
         owned = [grant.id for grant in await self.store.find(Grant, subject)]
@@ -4226,457 +3983,76 @@ class OAuthProvider:
         return len(ended)
 
 
-# --- the provider's HTTP side: discovery documents, the OAuth endpoints, the sign-in pages
+# --- the SDK's interface to all of it
 
 
-def authorization_server_metadata(issuer: str) -> OAuthMetadata:
-    """RFC 8414, with what the SDK leaves out: public clients, `iss` in responses, metadata documents."""
-    metadata = build_metadata(AnyHttpUrl(issuer), None, ClientRegistrationOptions(
-        enabled=True, valid_scopes=list(SCOPES)), RevocationOptions(enabled=True))
-    methods = ["none", "client_secret_post", "client_secret_basic"]
-    return OAuthMetadata.model_validate({  # from strings, so the issuer keeps its exact spelling (RFC 8414 §3.3)
-        **metadata.model_dump(mode="json", exclude_none=True), "issuer": issuer,
-        "token_endpoint_auth_methods_supported": methods, "revocation_endpoint_auth_methods_supported": methods,
-        "authorization_response_iss_parameter_supported": True, "client_id_metadata_document_supported": True})
+class OAuthProvider:
+    """The SDK's `OAuthAuthorizationServerProvider` for MCP clients, with Google as the identity provider:
+    what its handlers ask of clients, sign-ins and grants, answered by the three parts above."""
 
-
-def protected_resource_metadata(public_url: str) -> ProtectedResourceMetadata:
-    """RFC 9728: the canonical resource (no trailing slash) and who issues tokens for it."""
-    return ProtectedResourceMetadata.model_validate({
-        "resource": resource_of(public_url), "authorization_servers": [public_url],
-        "scopes_supported": list(SCOPES), "resource_name": SERVER_NAME})
-
-
-def resource_metadata_url(public_url: str) -> str:
-    """Where RFC 9728 puts the metadata of PUBLIC_URL/mcp: /.well-known/oauth-protected-resource inserted
-    between the origin and the path."""
-    public = urlsplit(public_url)
-    return f"{public.scheme}://{public.netloc}/.well-known/oauth-protected-resource{public.path}{MCP_PATH}"
-
-
-def per_public_url(settings: Settings, document: Callable[[str], Any]) -> Callable[[Request], Awaitable[Response]]:
-    """A discovery document's endpoint, naming this server as the requesting client knows it."""
-    handlers = {url: MetadataHandler(document(url)) for url in settings.public_urls}
-
-    async def handle(request: Request) -> Response:
-        return await handlers[settings.public_url_for(request.headers.get("host"))].handle(request)
-
-    return handle
-
-
-def bounded(handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
-    """A handler as an ASGI app with a bounded body, which drops quietly a request whose client left before
-    sending all of it: nobody is there to answer, and nothing was done (no traceback floods the log)."""
-
-    async def handle(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except ClientDisconnect:
-            return Response(status_code=400)
-
-    return RequestBodyLimitMiddleware(request_response(handle), OAUTH_BODY_MAX_BYTES)
-
-
-def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
-    """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
-    limited = bounded(handler)
-    return CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
-                          allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"])
-
-
-def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Route]:
-    """The RFC 8414 and RFC 9728 documents: the protected resource at the path-aware URL, at the root
-    for older clients, and with a trailing slash for clients that add one. With `at_origin`, for a parent
-    app that mounts this server under PUBLIC_URL's path: both RFCs put the well-known segment before
-    that path, so the documents live at the origin's root."""
-    prefix = urlsplit(settings.public_url).path if at_origin else ""
-    metadata = for_clients(per_public_url(settings, authorization_server_metadata), "GET")
-    resource = for_clients(per_public_url(settings, protected_resource_metadata), "GET")
-    resource_path = "/.well-known/oauth-protected-resource"
-    resource_paths = [resource_path + prefix + MCP_PATH, resource_path + prefix + MCP_PATH + "/"]
-    if not prefix:
-        resource_paths.append(resource_path)
-    return [Route("/.well-known/oauth-authorization-server" + prefix, metadata, methods=["GET", "OPTIONS"]),
-            *[Route(path, resource, methods=["GET", "OPTIONS"]) for path in resource_paths]]
-
-
-def well_known_routes(settings: Settings) -> list[Route]:
-    """What a parent app that mounts this server under a path adds at its own root, with sign-in on."""
-    return discovery_routes(settings, at_origin=True)
-
-
-def redirect_to(url: str, status: int = 302) -> Response:
-    return RedirectResponse(url, status_code=status, headers={"Cache-Control": "no-store"})
-
-
-def from_this_site(request: Request, settings: Settings) -> bool:
-    """Whether a form post came from this server's own page (browsers say so; other clients don't try).
-    Fetch metadata decides where the browser sends it: our pages' no-referrer policy makes Chromium
-    send `Origin: null` even for a same-origin form."""
-    fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None:
-        return fetch_site == "same-origin"
-    origin = request.headers.get("origin")
-    return origin is None or origin == origin_of(settings.public_url_for(request.headers.get("host")))
-
-
-def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
-    """The client_id and secret of HTTP Basic client authentication (RFC 6749 §2.3.1), or None."""
-    if not authorization or authorization[:6].lower() != "basic ":
-        return None
-    try:
-        user, _, password = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return unquote(user), unquote(password)
-
-
-class ClientCredentials(ClientAuthenticator):
-    """Client authentication at /token and /revoke (RFC 6749 §2.3), as the SDK's, but with secrets stored
-    as hashes: the presented secret is hashed and compared in constant time."""
-
-    provider: OAuthProvider
-
-    async def authenticate_request(self, request: Request) -> OAuthClientInformationFull:
-        form = await request.form()
-        basic = basic_credentials(request.headers.get("authorization"))
-        client_id = form.get("client_id") or (basic[0] if basic else None)
-        if not isinstance(client_id, str) or not client_id:
-            raise AuthenticationError("Missing client_id")
-        client = await self.provider.get_client(client_id)
-        if client is None:
-            raise AuthenticationError("Invalid client_id")
-        method = client.token_endpoint_auth_method
-        if method == "none":
-            return client
-        if method == "client_secret_basic":
-            presented = basic[1] if basic and basic[0] == client_id else None
-        elif method == "client_secret_post":
-            presented = form.get("client_secret")
-        else:
-            raise AuthenticationError(f"Unsupported auth method: {method}")
-        if not isinstance(presented, str) or not presented:
-            raise AuthenticationError(f"The client_secret is required ({method})")
-        if not await self.provider.secret_matches(client, presented):
-            raise AuthenticationError("Invalid client_secret")
-        if client.client_secret_expires_at and client.client_secret_expires_at < time.time():
-            raise AuthenticationError("The client_secret has expired")
-        return client
-
-
-def too_many(retry_after_s: float, whose: str) -> Response:
-    """429 in the OAuth shape, saying when to come back (RFC 6585 §4)."""
-    wait = int(retry_after_s + 0.999)
-    return oauth_error(429, "temporarily_unavailable", f"Too many requests {whose}; retry in {wait} s",
-                       headers={"Retry-After": str(wait)})
-
-
-def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
-    """An OAuth error response (RFC 6749 §5.2, RFC 6750 §3)."""
-    return JSONResponse({"error": error, "error_description": description}, status_code=status,
-                        headers={"Cache-Control": "no-store", **(headers or {})})
-
-
-class SignInRoutes:
-    """The OAuth endpoints MCP clients call, and the pages a person sees while signing in.
-
-    The SDK's handlers parse registrations and token requests, authenticate clients and check PKCE;
-    what they cannot do (loopback ports, metadata-document clients, `iss` on every answer, consent
-    pages, public-client revocation, the `resource` check at /token) is done here and in the provider.
-    """
-
-    def __init__(self, provider: OAuthProvider, settings: Settings, pages: "Pages") -> None:
-        self.provider = provider
+    def __init__(self, settings: Settings, clients: Clients, sign_ins: SignIns, grants: Grants,
+                 google: GoogleGrants, limits: RateLimits) -> None:
         self.settings = settings
-        self.pages = pages
-        self.authenticator = ClientCredentials(provider)
-        self.tokens = TokenHandler(provider, self.authenticator)
-        self.registration = RegistrationHandler(provider, options=ClientRegistrationOptions(
-            enabled=True, valid_scopes=list(SCOPES), default_scopes=list(SCOPES)))
-        self.cookie_key = derive_key(provider.secret_key, b"stream-http/cookies").hex()
+        self.limits = limits
+        self.clients = clients
+        self.sign_ins = sign_ins
+        self.grants = grants
+        self.google = google
+        self.google_access = GoogleAccess(google, settings)
+        # The resources its tokens are good for: the public URL's, and its loopback names' (one server).
+        self.resources = frozenset(resource_of(url) for url in settings.public_urls)
 
-    def routes(self) -> list[Route]:
-        api = for_clients
-        return [
-            *discovery_routes(self.settings),
-            Route("/register", api(self.register, "POST"), methods=["POST", "OPTIONS"]),
-            Route("/token", api(self.token, "POST"), methods=["POST", "OPTIONS"]),
-            Route("/revoke", api(self.revoke, "POST"), methods=["POST", "OPTIONS"]),
-            Route("/authorize", self.for_browsers(self.authorize), methods=["GET", "POST"]),
-            Route("/consent", self.for_browsers(self.consent), methods=["GET", "POST"]),
-            Route(GOOGLE_CALLBACK_PATH, self.for_browsers(self.google_callback), methods=["GET"]),
-            Route(GOOGLE_GRANT_PATH, self.for_browsers(self.google_grant), methods=["GET"]),
-            Route("/account", self.for_browsers(self.account), methods=["GET", "POST"]),
-        ]
+    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
+        return await self.clients.get(client_id)
 
-    def for_browsers(self, handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
-        """Pages a person visits: they get the signed session cookie that remembers who signed in."""
-        from starlette.middleware.sessions import SessionMiddleware
+    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
+        await self.clients.register(client_info)
 
-        limited = bounded(handler)
-        return SessionMiddleware(
-            limited, secret_key=self.cookie_key, session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
-            same_site="lax", https_only=self.settings.public_url.startswith("https://"))
+    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
+        return await self.sign_ins.start(client, params, signed_in=None)
 
-    async def authorize(self, request: Request) -> Response:
-        """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
-        person; after that they go back to the client with `state` and `iss`."""
-        params = request.query_params if request.method == "GET" else await request.form()
-        repeated = repeated_parameter(params)
-        if repeated in ("client_id", "redirect_uri"):
-            return self.pages.message("Ambiguous sign-in link", f"The application gave {repeated} more than once, "
-                                      "so this sign-in stops here.", status=400)
-        client_id = params.get("client_id")
-        if not isinstance(client_id, str) or not client_id:
-            return self.pages.message("Incomplete sign-in link", "The application did not say who it is "
-                                      "(client_id is missing).", status=400)
-        if wait := await self.provider.limits.spend(f"client:{client_id}", self.settings.rate_limit_client, 60):
-            audit("rate_limited", client_id=client_id, budget="client")
-            return self.pages.too_many(wait)
-        try:
-            client = await self.provider.find_client(client_id)
-        except ClientDocumentError as exc:
-            return self.pages.message("Unknown application", f"The application's metadata document at "
-                                      f"{client_id} cannot be used: {exc}", status=400)
-        if client is None:
-            logger.info("an authorization for the unknown client %r: sent to register again", client_id[:100])
-            return self.pages.unknown_client(client_id)
-        redirect_uri = pick_redirect_uri([str(uri) for uri in client.redirect_uris or []],
-                                         str(params["redirect_uri"]) if "redirect_uri" in params else None)
-        if redirect_uri is None:
-            return self.pages.message("Unexpected return address", f"{display_name(client)} asked to return to "
-                                      "an address it did not register, so this sign-in stops here.", status=400)
-        issuer = self.settings.public_url_for(request.headers.get("host"))
-        checked = check_authorization_request(params, redirect_uri, resource_of(issuer))
-        if repeated and not isinstance(checked, tuple):
-            checked = "invalid_request", f"{repeated} is given more than once"
-        if isinstance(checked, tuple):
-            error, description = checked
-            state = params.get("state")
-            return redirect_to(authorization_response(redirect_uri, issuer=issuer, error=error,
-                                                      error_description=description,
-                                                      state=state if isinstance(state, str) else None))
-        return redirect_to(await self.provider.start_authorization(client, checked, request.session.get("user"),
-                                                                   issuer=issuer))
+    async def load_authorization_code(self, client: OAuthClientInformationFull,
+                                      authorization_code: str) -> GrantCode | None:
+        return await self.grants.load_authorization_code(client, authorization_code)
 
-    async def consent(self, request: Request) -> Response:
-        if request.method == "POST":
-            return await self.answer_consent(request)
-        pending = await self.provider.pending_consent(request.query_params.get("txn", ""))
-        if pending is None:
-            return self.pages.message("This page has expired", "This consent page has expired or was already "
-                                      "answered. Start again from your application.", status=400)
-        google = await self.provider.google.login.authorization_endpoint() or self.settings.google_discovery_url
-        return self.pages.consent(pending, google_origin=google)
+    async def exchange_authorization_code(self, client: OAuthClientInformationFull,
+                                          authorization_code: GrantCode) -> OAuthToken:
+        return await self.grants.exchange_authorization_code(client, authorization_code)
 
-    async def answer_consent(self, request: Request) -> Response:
-        if not from_this_site(request, self.settings):
-            return self.pages.message("Request refused", "This answer did not come from this server's own "
-                                      "consent page, so it was ignored.", status=403)
-        form = await request.form()
-        try:
-            next_url = await self.provider.answer_consent(str(form.get("txn", "")), str(form.get("csrf", "")),
-                                                          approve=form.get("decision") == "approve")
-        except SignInFailed as exc:
-            return self.pages.message("This page has expired", str(exc), status=400)
-        return redirect_to(next_url, status=303)
+    async def load_refresh_token(self, client: OAuthClientInformationFull,
+                                 refresh_token: str) -> GrantRefreshToken | None:
+        return await self.grants.load_refresh_token(client, refresh_token)
 
-    async def google_grant(self, request: Request) -> Response:
-        """A tool's link for more Google permissions: on to Google, for just those."""
-        asked = await self.provider.store.get(GoogleScopeRequest, request.query_params.get("r", ""))
-        if asked is None or asked.status != "waiting":
-            return self.pages.message("This link has expired", "This link was already used, or it is too old. Ask "
-                                      "your application to call the tool again for a new one.", status=400)
-        try:
-            return redirect_to(await self.provider.google.send_for(asked))
-        except GoogleError as exc:
-            logger.error("cannot send a person to Google for more scopes: %s", exc)
-            return self.pages.message("Google is unavailable", "Google cannot be reached just now; try the link "
-                                      "again in a moment.", status=503)
+    async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: GrantRefreshToken,
+                                     scopes: list[str]) -> OAuthToken:
+        return await self.grants.exchange_refresh_token(client, refresh_token, scopes)
 
-    async def scopes_answered(self, trip: GoogleScopeTrip, code: str | None, error: str | None) -> Response:
-        try:
-            answered, identity = await self.provider.google.finish_trip(trip, code, error)
-        except GoogleError as exc:
-            return self.pages.message("Google could not finish", f"Google did not complete this: {exc}", status=400)
-        if answered is None:
-            return self.pages.message("This link has expired", "Ask your application to call the tool again.",
-                                      status=400)
-        if answered.status == "wrong_account":
-            someone = identity.email if identity else "another account"
-            return self.pages.message("A different Google account", f"You answered Google as {someone}, but the "
-                                      f"tool acts for {answered.email}. Call the tool again and choose "
-                                      f"{answered.email} at Google.", status=403)
-        if answered.missing:
-            return self.pages.message("Not everything was granted", f"You did not allow this server to "
-                                      f"{scope_labels(answered.missing)}, which the tool needs. Return to your "
-                                      "application; calling the tool again asks once more.", status=200)
-        return self.pages.message("You can return to your application", f"This server may now "
-                                  f"{scope_labels(answered.scopes)}. Return to your application: the tool carries "
-                                  "on by itself, or call it again if your application asks you to.", status=200)
+    async def load_access_token(self, token: str) -> GrantAccessToken | None:
+        return await self.grants.load_access_token(token)
 
-    async def google_callback(self, request: Request) -> Response:
-        query = request.query_params
-        if trip := await self.provider.google.take_trip(query.get("state", "")):
-            return await self.scopes_answered(trip, query.get("code"), query.get("error"))
-        try:
-            outcome = await self.provider.return_from_google(query.get("state", ""), query.get("code"),
-                                                             query.get("error"))
-        except SignInFailed as exc:
-            return self.pages.message("Sign-in could not finish", str(exc), status=400)
-        if outcome.refused:
-            return self.pages.message("Access refused", outcome.refused, status=outcome.status,
-                                      continue_to=outcome.redirect or None)
-        if outcome.identity is not None:
-            request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email,
-                                       "at": int(time.time())}
-        return redirect_to(outcome.redirect)
+    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
+        if grant_id := getattr(token, "grant_id", None):
+            await self.grants.revoke_grant(grant_id, reason="revoked by the client")
 
-    async def account(self, request: Request) -> Response:
-        """/account: the signed-in person's connected applications (GET), or disconnecting some (POST)."""
-        user = request.session.get("user") or {}
-        if time.time() - user.get("at", 0) > ACCOUNT_SIGN_IN_MAX_AGE_S:  # sign in (again) with Google first
-            return redirect_to(await self.provider.start_account_sign_in(login_hint=user.get("email")), status=303)
-        action = f"{self.settings.public_url}/account"
-        csrf = request.session.setdefault("account_csrf", new_id())
-        if request.method == "POST":
-            return await self.change_account(request, user["sub"], csrf=csrf, action=action)
-        shown, withdrawn = request.query_params.get("removed", ""), request.query_params.get("withdrawn")
-        apps = await self.provider.connected_apps(user["sub"])
-        permissions = await self.provider.google_permissions(user["sub"])
-        return self.pages.account(user.get("email") or user["sub"], apps, permissions, csrf=csrf, action=action,
-                                  removed=int(shown) if shown.isdigit() else None, withdrawn=withdrawn)
-
-    async def change_account(self, request: Request, subject: str, *, csrf: str, action: str) -> Response:
-        """A form on /account: disconnect applications, or withdraw Google permissions."""
-        form = await request.form()
-        if not from_this_site(request, self.settings) or not hmac.compare_digest(str(form.get("csrf_token", "")),
-                                                                                  csrf):
-            return self.pages.message("Request refused", "This did not come from your own account page, so "
-                                      "nothing was changed.", status=403, continue_to=action,
-                                      continue_label="Back to your account")
-        if "google_scope" in form:
-            return await self.withdraw_google(subject, str(form["google_scope"]), action=action)
-        return await self.disconnect(subject, str(form.get("grant", "")), action=action)
-
-    async def withdraw_google(self, subject: str, chosen: str, *, action: str) -> Response:
-        granted = await self.provider.google.granted(subject)
-        if chosen != "all" and chosen not in granted:
-            return self.pages.message("Not found", "This server does not hold that Google permission (it may have "
-                                      "been withdrawn already).", status=404, continue_to=action,
-                                      continue_label="Back to your account")
-        revoked = await self.provider.google.withdraw(subject, None if chosen == "all" else [chosen])
-        return redirect_to(f"{action}?{urlencode({'withdrawn': 'revoked' if revoked else 'kept'})}", status=303)
-
-    async def disconnect(self, subject: str, chosen: str, *, action: str) -> Response:
-        removed = await self.provider.disconnect(subject, chosen)
-        if chosen != "all" and not removed:
-            return self.pages.message("Not found", "That application is not connected to your account (it may "
-                                      "have been disconnected already).", status=404, continue_to=action,
-                                      continue_label="Back to your account")
-        audit("apps_disconnected", subject=subject, count=removed)
-        return redirect_to(f"{action}?removed={removed}", status=303)
-
-    async def token(self, request: Request) -> Response:
-        """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not) and that the
-        client is still known (the SDK's answer would not say how to recover)."""
-        form = await request.form()
-        if repeated := repeated_parameter(form):
-            return oauth_error(400, "invalid_request", f"{repeated} is given more than once")
-        if forgotten := await self.forgotten_client(request):
-            return forgotten
-        if limited := await self.over_budget(request):
-            return limited
-        verifier, code = form.get("code_verifier"), form.get("code")
-        if form.get("grant_type") == "authorization_code" and isinstance(verifier, str) and \
-                not PKCE_VERIFIER.fullmatch(verifier):
-            if isinstance(code, str) and (client := await self.provider.get_client(str(form.get("client_id")))):
-                await self.provider.load_authorization_code(client, code)  # used up, as by any failed attempt
-            return oauth_error(400, "invalid_grant", "code_verifier must be 43 to 128 characters of A-Z a-z 0-9 "
-                               "- . _ ~ (RFC 7636 §4.1)")
-        resource = form.get("resource")
-        served = resource_of(self.settings.public_url_for(request.headers.get("host")))
-        if isinstance(resource, str) and not serves_resource(resource, served):
-            return oauth_error(400, "invalid_target", f"This server issues tokens only for {served}")
-        return await self.tokens.handle(request)
-
-    async def register(self, request: Request) -> Response:
-        """RFC 7591 registration through the SDK's handler, after refusing what this server does not support
-        and members given twice. A public client that registers again with the very same metadata (Claude
-        Desktop does on reconnects) gets its earlier registration back rather than a new one."""
-        if wait := await self.provider.limits.spend("register", self.settings.rate_limit_register, 60):
-            return too_many(wait, "to register clients")
-        body = await request.body()
-        try:
-            metadata = json.loads(body, object_pairs_hook=json_object_without_repeats)
-        except ValueError as exc:
-            return oauth_error(400, "invalid_client_metadata", f"the registration is not a JSON object: {exc}")
-        problem = registration_problem(metadata) if isinstance(metadata, dict) else "it must be a JSON object"
-        if problem:
-            return oauth_error(400, "invalid_client_metadata", problem)
-        public = metadata.get("token_endpoint_auth_method") == "none"
-        fingerprint = hashlib.sha256(to_json(metadata).encode()).hexdigest()
-        if public and (earlier := await self.provider.registered_alike(fingerprint)):
-            return JSONResponse(earlier.model_dump(mode="json", exclude_none=True), status_code=201,
-                                headers={"Cache-Control": "no-store"})
-        response = await self.registration.handle(request)
-        if public and response.status_code == 201:
-            await self.provider.remember_registration(fingerprint, json.loads(bytes(response.body))["client_id"])
-        return response
-
-    async def over_budget(self, request: Request) -> Response | None:
-        """429 when this client, or the person whose refresh token this is, has used up their budget."""
-        form = await request.form()
-        basic = basic_credentials(request.headers.get("authorization"))
-        client_id = str(form.get("client_id") or (basic[0] if basic else ""))
-        limits, settings = self.provider.limits, self.settings
-        if wait := await limits.spend(f"client:{client_id}", settings.rate_limit_client, 60):
-            audit("rate_limited", client_id=client_id, budget="client")
-            return too_many(wait, "from this client")
-        token = form.get("refresh_token")
-        subject = await self.provider.refresh_token_owner(token) if form.get("grant_type") == "refresh_token" and \
-            isinstance(token, str) else None
-        if subject and (wait := await limits.spend(f"person:{subject}", settings.rate_limit_person, 3600)):
-            audit("rate_limited", client_id=client_id, subject=subject, budget="person")
-            return too_many(wait, "for this account")
-        return None
-
-    async def forgotten_client(self, request: Request) -> Response | None:
-        """invalid_client, saying how to recover, for a client_id this server does not know (or no client_id)."""
-        basic = basic_credentials(request.headers.get("authorization"))
-        client_id = (await request.form()).get("client_id") or (basic[0] if basic else None)
-        if not isinstance(client_id, str) or not client_id:
-            return oauth_error(401, "invalid_client", "client_id is required")
-        if await self.provider.get_client(client_id) is None:
-            return oauth_error(401, "invalid_client", RECONNECT_HINT)
-        return None
-
-    async def revoke(self, request: Request) -> Response:
-        """RFC 7009 for every client, public ones included (the SDK's requires a client_secret field)."""
-        if repeated := repeated_parameter(await request.form()):
-            return oauth_error(400, "invalid_request", f"{repeated} is given more than once")
-        if forgotten := await self.forgotten_client(request):
-            return forgotten
-        if limited := await self.over_budget(request):
-            return limited
-        try:
-            client = await self.authenticator.authenticate_request(request)
-        except AuthenticationError as exc:
-            return oauth_error(401, "invalid_client", exc.message)
-        token = (await request.form()).get("token")
-        if not isinstance(token, str) or not token:
-            return oauth_error(400, "invalid_request", "token is required")
-        found = await self.provider.load_access_token(token) or await self.provider.load_refresh_token(client, token)
-        if found is not None and found.client_id == client.client_id:
-            await self.provider.revoke_token(found)
-        return Response(status_code=200, headers={"Cache-Control": "no-store"})
+    async def end_access(self, subject: str, *, reason: str) -> None:
+        await self.grants.end_access(subject, reason=reason)
 
 
-# === 8. Pages ================================================================
+    async def google_permissions(self, subject: str) -> list[GooglePermission]:
+        """The Google scopes `subject` has granted this server, sign-in's first, with the tools using each."""
+        sign_in, users = google_scopes(GOOGLE_SIGN_IN_SCOPES), await tools_by_google_scope()
+        granted = sorted(await self.google.granted(subject), key=lambda scope: (scope not in sign_in, scope))
+        return [GooglePermission(scope, scope_label(scope), tuple(users.get(scope, ())),
+                                 scope in sign_in) for scope in granted]
+
+
+# === 8. Pages and error answers ==============================================
 #
 # Plain, self-contained pages: no script, no external asset, one stylesheet allowed by its hash.
 # `Pages.render` escapes every value; a ready-made fragment is passed under a name ending in `_html`
-# and is built by a method here that escapes its own parts.
+# and is built by a method here that escapes its own parts. Then the error answers every route
+# shares: OAuth's, JSON-RPC's, and one 503 that says when to come back. Offers below: Pages,
+# oauth_error, json_rpc_error, unavailable, origin_of.
 
 PAGE_CSS = """
 :root{color-scheme:light dark;--fg:#1b1f24;--bg:#f6f7f9;--card:#fff;--muted:#57606a;--accent:#1a5fd0;--line:#d0d7de}
@@ -4891,11 +4267,10 @@ class Pages:
                                          all_html=ACCOUNT_GOOGLE_ALL.substitute(action=action, csrf=csrf))
 
 
-# === 9. HTTP app =============================================================
-#
-# Everything a request meets before the SDK: the request gate on the MCP endpoint (Host, Origin,
-# token, Content-Type, Accept, body), CORS for browser clients, and `build_app`, which assembles
-# the MCP endpoint, the sign-in routes and the health check into one Starlette app.
+def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An OAuth error response (RFC 6749 §5.2, RFC 6750 §3)."""
+    return JSONResponse({"error": error, "error_description": description}, status_code=status,
+                        headers={"Cache-Control": "no-store", **(headers or {})})
 
 
 def json_rpc_error(status: int, code: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -4903,6 +4278,781 @@ def json_rpc_error(status: int, code: int, message: str, headers: Mapping[str, s
     body = {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
+
+def unavailable(message: str, form: Literal["json-rpc", "oauth", "page", "json"], *, pages: Pages | None = None,
+                body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> Response:
+    """503 with Retry-After (RFC 9110 §15.6.4), in the form the caller reads: a JSON-RPC error (the MCP
+    endpoint), an OAuth error, a page for a person, or a JSON document (`body`, for probes). Nothing is
+    half-done when this is sent, so a retry is safe."""
+    wait = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+    if form == "json-rpc":
+        return json_rpc_error(503, SERVER_UNAVAILABLE, message, wait)
+    if form == "oauth":
+        return oauth_error(503, "temporarily_unavailable", message, wait)
+    if form == "json":
+        return JSONResponse(dict(body or {}), status_code=503, headers=wait)
+    if pages is None:
+        raise ValueError("a page needs the pages")
+    page = pages.message("Try again in a moment", message, status=503)
+    page.headers.update(wait)
+    return page
+
+
+def too_many(retry_after_s: float, whose: str) -> Response:
+    """429 in the OAuth shape, saying when to come back (RFC 6585 §4)."""
+    wait = int(retry_after_s + 0.999)
+    return oauth_error(429, "temporarily_unavailable", f"Too many requests {whose}; retry in {wait} s",
+                       headers={"Retry-After": str(wait)})
+
+
+# === 9. OAuth routes =========================================================
+#
+# The provider's HTTP side. The SDK's handlers parse registrations and token requests, authenticate
+# clients and check PKCE; what they cannot do (loopback ports, metadata-document clients, `iss` on every
+# answer, consent pages, public-client revocation, the `resource` check at /token) is done here and in
+# the provider. Three groups of routes, one class each: `OAuthEndpoints` (what MCP clients and the
+# sign-in's browser call), `AccountPages` (/account) and `GoogleGrantPages` (a tool's link to Google
+# for more scopes, and Google's answer). Offers below: oauth_routes, well_known_routes,
+# resource_metadata_url.
+
+OAUTH_BODY_MAX_BYTES = 65_536
+SESSION_COOKIE = "stream_http_session"
+SESSION_MAX_AGE_S = 30 * 24 * 3600
+ACCOUNT_SIGN_IN_MAX_AGE_S = 3600  # /account asks Google again after this, so the access policy is fresh
+
+
+
+def authorization_server_metadata(issuer: str) -> OAuthMetadata:
+    """RFC 8414, with what the SDK leaves out: public clients, `iss` in responses, metadata documents."""
+    metadata = build_metadata(AnyHttpUrl(issuer), None, ClientRegistrationOptions(
+        enabled=True, valid_scopes=list(SCOPES)), RevocationOptions(enabled=True))
+    methods = ["none", "client_secret_post", "client_secret_basic"]
+    return OAuthMetadata.model_validate({  # from strings, so the issuer keeps its exact spelling (RFC 8414 §3.3)
+        **metadata.model_dump(mode="json", exclude_none=True), "issuer": issuer,
+        "token_endpoint_auth_methods_supported": methods, "revocation_endpoint_auth_methods_supported": methods,
+        "authorization_response_iss_parameter_supported": True, "client_id_metadata_document_supported": True})
+
+
+def protected_resource_metadata(public_url: str) -> ProtectedResourceMetadata:
+    """RFC 9728: the canonical resource (no trailing slash) and who issues tokens for it."""
+    return ProtectedResourceMetadata.model_validate({
+        "resource": resource_of(public_url), "authorization_servers": [public_url],
+        "scopes_supported": list(SCOPES), "resource_name": SERVER_NAME})
+
+
+def resource_metadata_url(public_url: str) -> str:
+    """Where RFC 9728 puts the metadata of PUBLIC_URL/mcp: /.well-known/oauth-protected-resource inserted
+    between the origin and the path."""
+    public = urlsplit(public_url)
+    return f"{public.scheme}://{public.netloc}/.well-known/oauth-protected-resource{public.path}{MCP_PATH}"
+
+
+def per_public_url(settings: Settings, document: Callable[[str], Any]) -> Callable[[Request], Awaitable[Response]]:
+    """A discovery document's endpoint, naming this server as the requesting client knows it."""
+    handlers = {url: MetadataHandler(document(url)) for url in settings.public_urls}
+
+    async def handle(request: Request) -> Response:
+        return await handlers[settings.public_url_for(request.headers.get("host"))].handle(request)
+
+    return handle
+
+
+def bounded(handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+    """A handler as an ASGI app with a bounded body, which drops quietly a request whose client left before
+    sending all of it: nobody is there to answer, and nothing was done (no traceback floods the log)."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ClientDisconnect:
+            return Response(status_code=400)
+
+    return RequestBodyLimitMiddleware(request_response(handle), OAUTH_BODY_MAX_BYTES)
+
+
+def for_clients(handler: Callable[[Request], Awaitable[Response]], method: str) -> ASGIApp:
+    """Endpoints MCP clients call directly, from browsers too (the Inspector): any origin, no cookie."""
+    limited = bounded(handler)
+    return CORSMiddleware(limited, allow_origins=["*"], allow_methods=[method],
+                          allow_headers=["Authorization", "Content-Type", "MCP-Protocol-Version"])
+
+
+def discovery_routes(settings: Settings, *, at_origin: bool = False) -> list[Route]:
+    """The RFC 8414 and RFC 9728 documents: the protected resource at the path-aware URL, at the root
+    for older clients, and with a trailing slash for clients that add one. With `at_origin`, for a parent
+    app that mounts this server under PUBLIC_URL's path: both RFCs put the well-known segment before
+    that path, so the documents live at the origin's root."""
+    prefix = urlsplit(settings.public_url).path if at_origin else ""
+    metadata = for_clients(per_public_url(settings, authorization_server_metadata), "GET")
+    resource = for_clients(per_public_url(settings, protected_resource_metadata), "GET")
+    resource_path = "/.well-known/oauth-protected-resource"
+    resource_paths = [resource_path + prefix + MCP_PATH, resource_path + prefix + MCP_PATH + "/"]
+    if not prefix:
+        resource_paths.append(resource_path)
+    return [Route("/.well-known/oauth-authorization-server" + prefix, metadata, methods=["GET", "OPTIONS"]),
+            *[Route(path, resource, methods=["GET", "OPTIONS"]) for path in resource_paths]]
+
+
+def well_known_routes(settings: Settings) -> list[Route]:
+    """What a parent app that mounts this server under a path adds at its own root, with sign-in on."""
+    return discovery_routes(settings, at_origin=True)
+
+
+def redirect_to(url: str, status: int = 302) -> Response:
+    return RedirectResponse(url, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def from_this_site(request: Request, settings: Settings) -> bool:
+    """Whether a form post came from this server's own page (browsers say so; other clients don't try).
+    Fetch metadata decides where the browser sends it: our pages' no-referrer policy makes Chromium
+    send `Origin: null` even for a same-origin form."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site == "same-origin"
+    origin = request.headers.get("origin")
+    return origin is None or origin == origin_of(settings.public_url_for(request.headers.get("host")))
+
+
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """The client_id and secret of HTTP Basic client authentication (RFC 6749 §2.3.1), or None."""
+    if not authorization or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        user, _, password = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return unquote(user), unquote(password)
+
+
+async def requested_client_id(request: Request) -> str:
+    """The client_id a request to /token or /revoke names: in its form, or as HTTP Basic's user ("" if none)."""
+    basic = basic_credentials(request.headers.get("authorization"))
+    client_id = (await request.form()).get("client_id") or (basic[0] if basic else "")
+    return client_id if isinstance(client_id, str) else ""
+
+
+
+
+class ClientCredentials(ClientAuthenticator):
+    """Client authentication at /token and /revoke (RFC 6749 §2.3), as the SDK's, but with secrets stored
+    as hashes: the presented secret is hashed and compared in constant time."""
+
+    provider: OAuthProvider
+
+    async def authenticate_request(self, request: Request) -> OAuthClientInformationFull:
+        form = await request.form()
+        basic = basic_credentials(request.headers.get("authorization"))
+        client_id = await requested_client_id(request)
+        if not client_id:
+            raise AuthenticationError("Missing client_id")
+        client = await self.provider.get_client(client_id)
+        if client is None:
+            raise AuthenticationError("Invalid client_id")
+        method = client.token_endpoint_auth_method
+        if method == "none":
+            return client
+        if method == "client_secret_basic":
+            presented = basic[1] if basic and basic[0] == client_id else None
+        elif method == "client_secret_post":
+            presented = form.get("client_secret")
+        else:
+            raise AuthenticationError(f"Unsupported auth method: {method}")
+        if not isinstance(presented, str) or not presented:
+            raise AuthenticationError(f"The client_secret is required ({method})")
+        if not await self.provider.clients.secret_matches(client, presented):
+            raise AuthenticationError("Invalid client_secret")
+        if client.client_secret_expires_at and client.client_secret_expires_at < time.time():
+            raise AuthenticationError("The client_secret has expired")
+        return client
+
+
+def browser_session(app: ASGIApp, settings: Settings) -> ASGIApp:
+    """Pages a person visits: they get the signed session cookie that remembers who signed in."""
+    from starlette.middleware.sessions import SessionMiddleware
+
+    secret_key = settings.secret_key or Secret("")
+    return SessionMiddleware(
+        app, secret_key=derive_key(secret_key, b"stream-http/cookies").hex(), session_cookie=SESSION_COOKIE,
+        max_age=SESSION_MAX_AGE_S, same_site="lax", https_only=settings.public_url.startswith("https://"))
+
+
+# --- the OAuth endpoints: registration, authorization, consent, Google's callback, tokens, revocation
+
+
+class OAuthEndpoints:
+    """The OAuth endpoints MCP clients call, and the consent step a person sees while signing in."""
+
+    def __init__(self, provider: OAuthProvider, settings: Settings, pages: Pages,
+                 granting: "GoogleGrantPages") -> None:
+        self.provider = provider
+        self.settings = settings
+        self.pages = pages
+        self.granting = granting
+        self.authenticator = ClientCredentials(provider)
+        self.tokens = TokenHandler(provider, self.authenticator)
+        self.registration = RegistrationHandler(provider, options=ClientRegistrationOptions(
+            enabled=True, valid_scopes=list(SCOPES), default_scopes=list(SCOPES)))
+
+    def routes(self) -> list[Route]:
+        api, page = for_clients, partial(browser_page, settings=self.settings)
+        return [
+            Route("/register", api(self.register, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/token", api(self.token, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/revoke", api(self.revoke, "POST"), methods=["POST", "OPTIONS"]),
+            Route("/authorize", page(self.authorize), methods=["GET", "POST"]),
+            Route("/consent", page(self.consent), methods=["GET", "POST"]),
+            Route(GOOGLE_CALLBACK_PATH, page(self.google_callback), methods=["GET"]),
+        ]
+
+
+    async def authorize(self, request: Request) -> Response:
+        """RFC 6749 §4.1.1. Until the client and its redirect URI are known, problems are shown to the
+        person; after that they go back to the client with `state` and `iss`."""
+        params = request.query_params if request.method == "GET" else await request.form()
+        repeated = repeated_parameter(params)
+        if repeated in ("client_id", "redirect_uri"):
+            return self.pages.message("Ambiguous sign-in link", f"The application gave {repeated} more than once, "
+                                      "so this sign-in stops here.", status=400)
+        client_id = params.get("client_id")
+        if not isinstance(client_id, str) or not client_id:
+            return self.pages.message("Incomplete sign-in link", "The application did not say who it is "
+                                      "(client_id is missing).", status=400)
+        if wait := await self.provider.limits.spend(f"client:{client_id}", self.settings.rate_limit_client, 60):
+            audit("rate_limited", client_id=client_id, budget="client")
+            return self.pages.too_many(wait)
+        try:
+            client = await self.provider.clients.find(client_id)
+        except ClientDocumentError as exc:
+            return self.pages.message("Unknown application", f"The application's metadata document at "
+                                      f"{client_id} cannot be used: {exc}", status=400)
+        if client is None:
+            logger.info("an authorization for the unknown client %r: sent to register again", client_id[:100])
+            return self.pages.unknown_client(client_id)
+        redirect_uri = pick_redirect_uri([str(uri) for uri in client.redirect_uris or []],
+                                         str(params["redirect_uri"]) if "redirect_uri" in params else None)
+        if redirect_uri is None:
+            return self.pages.message("Unexpected return address", f"{display_name(client)} asked to return to "
+                                      "an address it did not register, so this sign-in stops here.", status=400)
+        issuer = self.settings.public_url_for(request.headers.get("host"))
+        checked = check_authorization_request(params, redirect_uri, resource_of(issuer))
+        if repeated and not isinstance(checked, tuple):
+            checked = "invalid_request", f"{repeated} is given more than once"
+        if isinstance(checked, tuple):
+            error, description = checked
+            state = params.get("state")
+            return redirect_to(authorization_response(redirect_uri, issuer=issuer, error=error,
+                                                      error_description=description,
+                                                      state=state if isinstance(state, str) else None))
+        return redirect_to(await self.provider.sign_ins.start(client, checked, request.session.get("user"),
+                                                                   issuer=issuer))
+
+    async def consent(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self.answer_consent(request)
+        pending = await self.provider.sign_ins.pending_consent(request.query_params.get("txn", ""))
+        if pending is None:
+            return self.pages.message("This page has expired", "This consent page has expired or was already "
+                                      "answered. Start again from your application.", status=400)
+        google = await self.provider.google.login.authorization_endpoint() or self.settings.google_discovery_url
+        return self.pages.consent(pending, google_origin=google)
+
+    async def answer_consent(self, request: Request) -> Response:
+        if not from_this_site(request, self.settings):
+            return self.pages.message("Request refused", "This answer did not come from this server's own "
+                                      "consent page, so it was ignored.", status=403)
+        form = await request.form()
+        try:
+            next_url = await self.provider.sign_ins.answer_consent(
+                str(form.get("txn", "")), str(form.get("csrf", "")), approve=form.get("decision") == "approve")
+        except SignInFailed as exc:
+            return self.pages.message("This page has expired", str(exc), status=400)
+        return redirect_to(next_url, status=303)
+
+    async def google_callback(self, request: Request) -> Response:
+        query = request.query_params
+        if trip := await self.provider.google.take_trip(query.get("state", "")):
+            return await self.granting.scopes_answered(trip, query.get("code"), query.get("error"))
+        try:
+            outcome = await self.provider.sign_ins.return_from_google(query.get("state", ""), query.get("code"),
+                                                                      query.get("error"))
+        except SignInFailed as exc:
+            return self.pages.message("Sign-in could not finish", str(exc), status=400)
+        if outcome.refused:
+            return self.pages.message("Access refused", outcome.refused, status=outcome.status,
+                                      continue_to=outcome.redirect or None)
+        if outcome.identity is not None:
+            request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email,
+                                       "at": int(time.time())}
+        return redirect_to(outcome.redirect)
+
+    async def register(self, request: Request) -> Response:
+        """RFC 7591 registration through the SDK's handler, after refusing what this server does not support
+        and members given twice. A public client that registers again with the very same metadata (Claude
+        Desktop does on reconnects) gets its earlier registration back rather than a new one."""
+        if wait := await self.provider.limits.spend("register", self.settings.rate_limit_register, 60):
+            return too_many(wait, "to register clients")
+        body = await request.body()
+        try:
+            metadata = json.loads(body, object_pairs_hook=json_object_without_repeats)
+        except ValueError as exc:
+            return oauth_error(400, "invalid_client_metadata", f"the registration is not a JSON object: {exc}")
+        problem = registration_problem(metadata) if isinstance(metadata, dict) else "it must be a JSON object"
+        if problem:
+            return oauth_error(400, "invalid_client_metadata", problem)
+        public = metadata.get("token_endpoint_auth_method") == "none"
+        fingerprint = hashlib.sha256(to_json(metadata).encode()).hexdigest()
+        if public and (earlier := await self.provider.clients.registered_alike(fingerprint)):
+            return JSONResponse(earlier.model_dump(mode="json", exclude_none=True), status_code=201,
+                                headers={"Cache-Control": "no-store"})
+        response = await self.registration.handle(request)
+        if public and response.status_code == 201:
+            client_id = json.loads(bytes(response.body))["client_id"]
+            await self.provider.clients.remember_registration(fingerprint, client_id)
+        return response
+
+    async def token(self, request: Request) -> Response:
+        """The SDK's token endpoint, after checking the RFC 8707 `resource` (the SDK does not) and that the
+        client is still known (the SDK's answer would not say how to recover)."""
+        form = await request.form()
+        if repeated := repeated_parameter(form):
+            return oauth_error(400, "invalid_request", f"{repeated} is given more than once")
+        if forgotten := await self.forgotten_client(request):
+            return forgotten
+        if limited := await self.over_budget(request):
+            return limited
+        verifier, code = form.get("code_verifier"), form.get("code")
+        if form.get("grant_type") == "authorization_code" and isinstance(verifier, str) and \
+                not PKCE_VERIFIER.fullmatch(verifier):
+            if isinstance(code, str) and (client := await self.provider.get_client(str(form.get("client_id")))):
+                await self.provider.grants.load_authorization_code(client, code)  # used up, as by any failed attempt
+            return oauth_error(400, "invalid_grant", "code_verifier must be 43 to 128 characters of A-Z a-z 0-9 "
+                               "- . _ ~ (RFC 7636 §4.1)")
+        resource = form.get("resource")
+        served = resource_of(self.settings.public_url_for(request.headers.get("host")))
+        if isinstance(resource, str) and not serves_resource(resource, served):
+            return oauth_error(400, "invalid_target", f"This server issues tokens only for {served}")
+        return await self.tokens.handle(request)
+
+    async def over_budget(self, request: Request) -> Response | None:
+        """429 when this client, or the person whose refresh token this is, has used up their budget."""
+        form, client_id = await request.form(), await requested_client_id(request)
+        limits, settings = self.provider.limits, self.settings
+        if wait := await limits.spend(f"client:{client_id}", settings.rate_limit_client, 60):
+            audit("rate_limited", client_id=client_id, budget="client")
+            return too_many(wait, "from this client")
+        token = form.get("refresh_token")
+        refreshing = form.get("grant_type") == "refresh_token" and isinstance(token, str)
+        subject = await self.provider.grants.refresh_token_owner(token) if refreshing else None
+        if subject and (wait := await limits.spend(f"person:{subject}", settings.rate_limit_person, 3600)):
+            audit("rate_limited", client_id=client_id, subject=subject, budget="person")
+            return too_many(wait, "for this account")
+        return None
+
+    async def forgotten_client(self, request: Request) -> Response | None:
+        """invalid_client, saying how to recover, for a client_id this server does not know (or no client_id)."""
+        client_id = await requested_client_id(request)
+        if not client_id:
+            return oauth_error(401, "invalid_client", "client_id is required")
+        if await self.provider.get_client(client_id) is None:
+            return oauth_error(401, "invalid_client", RECONNECT_HINT)
+        return None
+
+    async def revoke(self, request: Request) -> Response:
+        """RFC 7009 for every client, public ones included (the SDK's requires a client_secret field)."""
+        if repeated := repeated_parameter(await request.form()):
+            return oauth_error(400, "invalid_request", f"{repeated} is given more than once")
+        if forgotten := await self.forgotten_client(request):
+            return forgotten
+        if limited := await self.over_budget(request):
+            return limited
+        try:
+            client = await self.authenticator.authenticate_request(request)
+        except AuthenticationError as exc:
+            return oauth_error(401, "invalid_client", exc.message)
+        token = (await request.form()).get("token")
+        if not isinstance(token, str) or not token:
+            return oauth_error(400, "invalid_request", "token is required")
+        found = await self.provider.load_access_token(token) or await self.provider.load_refresh_token(client, token)
+        if found is not None and found.client_id == client.client_id:
+            await self.provider.revoke_token(found)
+        return Response(status_code=200, headers={"Cache-Control": "no-store"})
+
+
+# --- /account: a person's own view of the applications and Google permissions connected to them
+
+
+class AccountPages:
+    """/account: the signed-in person's connected applications and Google permissions, and the forms that
+    disconnect and withdraw them."""
+
+    def __init__(self, provider: OAuthProvider, settings: Settings, pages: Pages) -> None:
+        self.provider = provider
+        self.settings = settings
+        self.pages = pages
+
+    def routes(self) -> list[Route]:
+        return [Route("/account", browser_page(self.account, self.settings), methods=["GET", "POST"])]
+
+
+    async def account(self, request: Request) -> Response:
+        """/account: the signed-in person's connected applications (GET), or disconnecting some (POST)."""
+        user = request.session.get("user") or {}
+        if time.time() - user.get("at", 0) > ACCOUNT_SIGN_IN_MAX_AGE_S:  # sign in (again) with Google first
+            sign_in = await self.provider.sign_ins.start_account_sign_in(login_hint=user.get("email"))
+            return redirect_to(sign_in, status=303)
+        action = f"{self.settings.public_url}/account"
+        csrf = request.session.setdefault("account_csrf", new_id())
+        if request.method == "POST":
+            return await self.change_account(request, user["sub"], csrf=csrf, action=action)
+        shown, withdrawn = request.query_params.get("removed", ""), request.query_params.get("withdrawn")
+        apps = await self.provider.grants.connected_apps(user["sub"])
+        permissions = await self.provider.google_permissions(user["sub"])
+        return self.pages.account(user.get("email") or user["sub"], apps, permissions, csrf=csrf, action=action,
+                                  removed=int(shown) if shown.isdigit() else None, withdrawn=withdrawn)
+
+    async def change_account(self, request: Request, subject: str, *, csrf: str, action: str) -> Response:
+        """A form on /account: disconnect applications, or withdraw Google permissions."""
+        form = await request.form()
+        if not from_this_site(request, self.settings) or not hmac.compare_digest(str(form.get("csrf_token", "")),
+                                                                                  csrf):
+            return self.pages.message("Request refused", "This did not come from your own account page, so "
+                                      "nothing was changed.", status=403, continue_to=action,
+                                      continue_label="Back to your account")
+        if "google_scope" in form:
+            return await self.withdraw_google(subject, str(form["google_scope"]), action=action)
+        return await self.disconnect(subject, str(form.get("grant", "")), action=action)
+
+    async def withdraw_google(self, subject: str, chosen: str, *, action: str) -> Response:
+        granted = await self.provider.google.granted(subject)
+        if chosen != "all" and chosen not in granted:
+            return self.pages.message("Not found", "This server does not hold that Google permission (it may have "
+                                      "been withdrawn already).", status=404, continue_to=action,
+                                      continue_label="Back to your account")
+        revoked = await self.provider.google.withdraw(subject, None if chosen == "all" else [chosen])
+        return redirect_to(f"{action}?{urlencode({'withdrawn': 'revoked' if revoked else 'kept'})}", status=303)
+
+    async def disconnect(self, subject: str, chosen: str, *, action: str) -> Response:
+        removed = await self.provider.grants.disconnect(subject, chosen)
+        if chosen != "all" and not removed:
+            return self.pages.message("Not found", "That application is not connected to your account (it may "
+                                      "have been disconnected already).", status=404, continue_to=action,
+                                      continue_label="Back to your account")
+        audit("apps_disconnected", subject=subject, count=removed)
+        return redirect_to(f"{action}?removed={removed}", status=303)
+
+
+# --- Google grant pages: a tool's link to Google for more scopes, and what the person sees after
+
+
+class GoogleGrantPages:
+    """Where a tool's link for more Google permissions lands (on to Google, for just those), and the page
+    the person sees when Google sends them back."""
+
+    def __init__(self, provider: OAuthProvider, pages: Pages) -> None:
+        self.provider = provider
+        self.pages = pages
+
+    def routes(self, settings: Settings) -> list[Route]:
+        return [Route(GOOGLE_GRANT_PATH, browser_page(self.google_grant, settings), methods=["GET"])]
+
+
+    async def google_grant(self, request: Request) -> Response:
+        """A tool's link for more Google permissions: on to Google, for just those."""
+        asked = await self.provider.google.scope_request(request.query_params.get("r", ""))
+        if asked is None or asked.status != "waiting":
+            return self.pages.message("This link has expired", "This link was already used, or it is too old. Ask "
+                                      "your application to call the tool again for a new one.", status=400)
+        try:
+            return redirect_to(await self.provider.google.send_for(asked))
+        except GoogleError as exc:
+            logger.error("cannot send a person to Google for more scopes: %s", exc)
+            return self.pages.message("Google is unavailable", "Google cannot be reached just now; try the link "
+                                      "again in a moment.", status=503)
+
+    async def scopes_answered(self, trip: GoogleScopeTrip, code: str | None, error: str | None) -> Response:
+        try:
+            answered, identity = await self.provider.google.finish_trip(trip, code, error)
+        except GoogleError as exc:
+            return self.pages.message("Google could not finish", f"Google did not complete this: {exc}", status=400)
+        if answered is None:
+            return self.pages.message("This link has expired", "Ask your application to call the tool again.",
+                                      status=400)
+        if answered.status == "wrong_account":
+            someone = identity.email if identity else "another account"
+            return self.pages.message("A different Google account", f"You answered Google as {someone}, but the "
+                                      f"tool acts for {answered.email}. Call the tool again and choose "
+                                      f"{answered.email} at Google.", status=403)
+        if answered.missing:
+            return self.pages.message("Not everything was granted", f"You did not allow this server to "
+                                      f"{scope_labels(answered.missing)}, which the tool needs. Return to your "
+                                      "application; calling the tool again asks once more.", status=200)
+        return self.pages.message("You can return to your application", f"This server may now "
+                                  f"{scope_labels(answered.scopes)}. Return to your application: the tool carries "
+                                  "on by itself, or call it again if your application asks you to.", status=200)
+
+
+def browser_page(handler: Callable[[Request], Awaitable[Response]], settings: Settings) -> ASGIApp:
+    """A route a person's browser visits: a bounded body, and the session cookie."""
+    return browser_session(bounded(handler), settings)
+
+
+def oauth_routes(provider: OAuthProvider, settings: Settings, pages: Pages) -> list[Route]:
+    """Every route of sign-in: the discovery documents, the OAuth endpoints, /account and the grant pages."""
+    granting = GoogleGrantPages(provider, pages)
+    return [*discovery_routes(settings), *OAuthEndpoints(provider, settings, pages, granting).routes(),
+            *AccountPages(provider, settings, pages).routes(), *granting.routes(settings)]
+
+
+# === 10. Serving MCP over HTTP ===============================================
+#
+# The composition root: `Runtime` assembles what the server runs on (store, change bus, rate limits,
+# the OAuth provider); the MCP middleware adds what the SDK leaves out; and everything a request meets
+# before the SDK: the request gate on the MCP endpoint (Host, Origin, token, Content-Type, Accept,
+# body), CORS for browser clients, the drain that shutdown runs, the request context every route
+# gets (request id, forwarded address, span), and `build_app`, which assembles the MCP endpoint, the
+# sign-in routes and the probes into one Starlette app. Offers below: build_app, Drain.
+
+
+# --- the running server
+
+class Runtime:
+    """What tools and routes share while the server runs: settings, the store, the event store, the
+    change bus and, with sign-in on, the OAuth provider. Built without I/O; `async with runtime:` opens
+    the store, starts housekeeping, and closes everything again."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = open_store(settings)
+        self.events = None if settings.stateless else self.store.event_store(settings.event_store_max_events,
+                                                                               settings.session_idle_timeout_s)
+        self.changes = ChangeBus()
+        self.limits = RateLimits(self.store)
+        self.replica = new_id()  # tells this process's change announcements from other replicas'
+        self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False, verify=tls_context())
+        self.provider = build_provider(settings, self.store, self.http, self.limits) if settings.auth_enabled else None
+        self.tools: dict[str, MCPTool] = {}  # as listed: see tool_named
+        self._exit = AsyncExitStack()
+
+    async def __aenter__(self) -> "Runtime":
+        await self._exit.__aenter__()
+        try:
+            await self.store.open()
+            if isinstance(self.store, SQLiteStore):
+                logger.info("keeping data in %s (%s)", self.settings.data_dir, data_dir_reason(self.settings))
+            self._exit.push_async_callback(self.store.close)
+            self._exit.push_async_callback(self.http.aclose)
+            if self.settings.secret_key is not None:
+                seal_request_state_with(derive_key(self.settings.secret_key, b"stream-http/request-state"))
+            tasks = await self._exit.enter_async_context(anyio.create_task_group())
+            self._exit.callback(tasks.cancel_scope.cancel)
+            tasks.start_soon(self.purge_expired_records)
+            tasks.start_soon(self.watch_store)
+            tasks.start_soon(self.relay_changes)
+            STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
+            Tracing.notice()
+            SESSIONS_OPEN.set_function(lambda: self.changes.session_count)
+        except BaseException:
+            await self._exit.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._exit.aclose()
+
+    async def purge_expired_records(self) -> None:
+        while True:
+            await anyio.sleep(PURGE_INTERVAL_S)
+            try:
+                removed = await self.store.purge_expired()
+            except StorageError as exc:
+                logger.warning("purging expired records failed: %s", exc)
+                continue
+            logger.debug("purged %d expired records", removed)
+
+    async def watch_store(self) -> None:
+        """While the store is unreachable, ping it every second so service resumes by itself."""
+        while True:
+            await anyio.sleep(REDIS_RETRY_EVERY_S)
+            if not self.store.available:
+                with suppress(StorageError):
+                    await self.store.ping()
+
+    async def announce_resources_changed(self, owner: str, uris: Sequence[str]) -> None:
+        """Tell `owner`'s listening connections, here and on other replicas, that their resource list
+        and the resources at `uris` changed."""
+        await self.changes.announce(owner, uris)
+        try:
+            await self.store.publish({"owner": owner, "uris": list(uris), "from": self.replica})
+        except StorageError as exc:
+            logger.warning("other replicas were not told about a resource change: %s", exc)
+
+    async def relay_changes(self) -> None:
+        """Pass on what other replicas announce: resource changes to the connections listening here, a
+        grant's end to the provider's cache of verified tokens, and whether this process hears them."""
+        async for message in self.store.messages():
+            if self.provider is not None:
+                self.provider.grants.verified.hear(message)  # first, before anything awaits
+                if isinstance(ticket := message.get("ticket"), str):
+                    with suppress(StorageError):
+                        await self.store.confirm(ticket)
+            owner, uris = message.get("owner"), message.get("uris")
+            if message.get("from") != self.replica and isinstance(owner, str) and isinstance(uris, list):
+                await self.changes.announce(owner, [uri for uri in uris if isinstance(uri, str)])
+
+
+
+# The HTTP app's runtime, which the MCP lifespan (run inside the app's lifespan) serves.
+_serving_runtime: "ContextVar[Runtime]" = ContextVar("stream_http_serving_runtime")
+
+
+@asynccontextmanager
+async def serving_runtime() -> AsyncIterator["Runtime"]:
+    """The MCP lifespan: the HTTP app's runtime, or under `mcp run` (stdio) one opened from the environment."""
+    serving = _serving_runtime.get(None)
+    if serving is not None:
+        yield serving
+        return
+    async with Runtime(load_settings()) as opened:
+        yield opened
+
+
+def seal_request_state_with(key: bytes) -> None:
+    """Have the SDK's request-state boundary seal `requestState` with `key`, which every replica derives
+    from SECRET_KEY, so that a replica opens what another sealed. The SDK builds its boundary with a key
+    of this process's own when `mcp` is built; the middleware chain is public (`mcp.middleware`), so the
+    boundary is replaced in place by one of the SDK's own class with the shared key."""
+    chain = mcp.middleware
+    for index, layer in enumerate(chain):
+        if isinstance(layer, RequestStateBoundary):
+            chain[index] = RequestStateBoundary(RequestStateSecurity(keys=[key]), default_audience=mcp.name)
+
+
+# --- the MCP middleware: what every message gets beyond the SDK
+
+
+async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    """The server's MCP middleware, inside the SDK's own (OpenTelemetry's span, the request-state
+    boundary). It makes the runtime reachable from every handler (static resources and completions get
+    no Context), answers what 2025-era sessions need beyond the SDK (resource subscriptions, a log
+    level), has the person grant the Google scopes a tool needs before it runs, names an unknown tool or
+    prompt as the spec says, and counts requests."""
+    token = _current_runtime.set(ctx.lifespan_context)
+    started, outcome = time.perf_counter(), "error"
+    try:
+        handshake = ctx.request_id is not None and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS
+        session = handshake_session(ctx) if handshake else None
+        if ctx.request_id is None:  # a notification: nothing of ours to add
+            result = await call_next(ctx)
+        elif handshake and ctx.method in SESSION_METHODS:
+            result = answer_for_session(ctx, session)
+        elif ctx.method == "tools/call":
+            result = await call_tool(ctx, call_next)
+        elif ctx.method == "prompts/get":
+            result = await get_prompt(ctx, call_next)
+        else:
+            result = await call_next(ctx)
+        if ctx.method == "initialize" and isinstance(result, dict):
+            advertise_notifications(result, ctx.lifespan_context.settings)
+        outcome = "tool_error" if isinstance(result, CallToolResult) and result.is_error else "ok"
+        return result
+    finally:
+        _current_runtime.reset(token)
+        if ctx.request_id is not None:
+            count_request(ctx, outcome, time.perf_counter() - started)
+
+
+mcp.middleware.append(serve_message)
+SESSION_METHODS = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
+
+
+def handshake_session(ctx: ServerRequestContext[Runtime, Any]) -> HandshakeSession | None:
+    """The 2025-era session a request belongs to (a stateful HTTP session, or stdio's one), kept for its
+    notifications; None when stateless."""
+    running = ctx.lifespan_context
+    if running.settings.stateless:
+        return None
+    request = ctx.request
+    session_id = headers_of(request.scope).get(b"mcp-session-id", b"").decode("latin-1") if request else STDIO_SESSION
+    if not session_id:
+        return None
+    settings = running.settings
+    return running.changes.session(session_id, current_user().subject, ctx.session, settings.max_sessions,
+                                   settings.session_idle_timeout_s)
+
+
+def answer_for_session(ctx: ServerRequestContext[Runtime, Any], session: HandshakeSession | None) -> dict[str, Any]:
+    """logging/setLevel and resources/(un)subscribe for a 2025-era client, which the SDK leaves out: kept
+    for its session (stateless, there is none to keep them in: accepted and forgotten)."""
+    params = ctx.params or {}
+    if ctx.method == "logging/setLevel":
+        if params.get("level") not in LOG_LEVELS:
+            raise MCPError(INVALID_PARAMS, f"level must be one of {', '.join(LOG_LEVELS)}")
+        if session is not None:
+            session.log_level = params["level"]
+        return {}
+    uri = params.get("uri")
+    if not isinstance(uri, str) or not uri:
+        raise MCPError(INVALID_PARAMS, "uri must be a non-empty string")
+    if session is not None and ctx.method == "resources/subscribe":
+        session.watched.add(uri)
+    elif session is not None:
+        session.watched.discard(uri)
+    return {}
+
+
+def advertise_notifications(result: dict[str, Any], settings: Settings) -> None:
+    """What `initialize` adds to the SDK's capabilities: resource notifications (stateful) and logging."""
+    capabilities = result.setdefault("capabilities", {})
+    capabilities.setdefault("resources", {}).update(listChanged=not settings.stateless,
+                                                    subscribe=not settings.stateless)
+    capabilities["logging"] = {}
+
+
+async def call_tool(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    """An unknown tool is the spec's -32602 (the SDK reports it as a tool result); before a tool that acts
+    on the person's Google account runs, they grant the Google scopes it needs."""
+    running, name = ctx.lifespan_context, (ctx.params or {}).get("name")
+    tool = await tool_named(running, name) if isinstance(name, str) else None
+    if isinstance(name, str) and tool is None:
+        raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
+    needed = google_scopes_of(tool) if tool is not None else frozenset()
+    if not needed or running.provider is None or current_user() is LOCAL_USER:
+        return await call_next(ctx)
+    token = _tool_google_scopes.set(needed)
+    try:
+        return await running.provider.google_access.admit(ctx, call_next, needed)
+    finally:
+        _tool_google_scopes.reset(token)
+
+
+async def get_prompt(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
+    """A prompt that is unknown or cannot render is the spec's -32602 (the SDK reports error code 0)."""
+    try:
+        return await call_next(ctx)
+    except ValueError as exc:
+        raise MCPError(INVALID_PARAMS, str(exc)) from exc
+
+
+async def tool_named(running: Runtime, name: str) -> MCPTool | None:
+    """The tool called `name`, or None. Listing the tools builds every tool's schema, which cost more than
+    the call itself, so they are remembered and listed again only for a name not seen before (a tool added
+    while serving is found; a removed one is left to the SDK, which answers it as a tool error)."""
+    if name not in running.tools:
+        running.tools = {tool.name: tool for tool in await mcp.list_tools()}
+    return running.tools.get(name)
+
+
+def count_request(ctx: ServerRequestContext[Runtime, Any], outcome: str, seconds: float) -> None:
+    """The request's metrics. A tool is named only once known, so a caller cannot mint label values."""
+    tool = ""
+    if ctx.method == "tools/call":
+        name = (ctx.params or {}).get("name")
+        tool = name if isinstance(name, str) and name in ctx.lifespan_context.tools else "unknown"
+    child(MCP_REQUESTS, ctx.method, tool, outcome).inc()
+    child(MCP_DURATION, ctx.method).observe(seconds)
+
+
+# --- who may reach the MCP endpoint
 
 
 @dataclass(frozen=True)
@@ -4947,70 +5097,82 @@ def _matches(value: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class BearerPolicy:
-    """What the MCP endpoint asks of a request's token when sign-in is on (RFC 6750, RFC 9728)."""
+# --- the MCP endpoint's checks
 
-    settings: Settings
 
-    def check_token(self, request: Request) -> Response | None:
-        if "access_token" in request.query_params:
+class Bearer:
+    """The MCP endpoint's bearer token when sign-in is on (RFC 6750, RFC 9728): who it stands for (a token
+    this server issued, unexpired, for this server under any of its names; anything else is no one), and
+    the 401 or 403 a request gets when it is not enough."""
+
+    def __init__(self, provider: OAuthProvider, settings: Settings, running: Runtime) -> None:
+        self.provider = provider
+        self.settings = settings
+        self.running = running
+
+    async def identify(self, headers: Mapping[bytes, bytes]) -> GrantAccessToken | None:
+        header = headers.get(b"authorization", b"").decode("latin-1")
+        if header[:7].lower() != "bearer ":
+            return None
+        token = await self.provider.load_access_token(header[7:].strip())
+        if token is None or (token.expires_at and token.expires_at < time.time()):
+            return None
+        if token.resource not in self.provider.resources:
+            logger.warning("refused a token issued for %s, not this server", token.resource)
+            return None
+        return token
+
+    def check(self, scope: Scope, headers: Mapping[bytes, bytes], token: GrantAccessToken | None,
+              needed: Sequence[str] = (REQUIRED_SCOPE,)) -> Response | None:
+        """401 without a token that stands for someone (its challenge naming the scopes `needed`), 403 without
+        the scope every request needs, 400 for a token in the URL."""
+        if b"access_token=" in scope.get("query_string", b"") and "access_token" in Request(scope).query_params:
             return oauth_error(400, "invalid_request", "Send the access token in the Authorization header, "
                                "never in the URL")
-        user = request.scope.get("user")
-        if not isinstance(user, AuthenticatedUser):
-            presented = request.headers.get("authorization", "").lower().startswith("bearer ")
-            return self.unauthorized(request, "The access token is invalid, expired or revoked" if presented else None)
-        if REQUIRED_SCOPE not in user.scopes:
-            return self.insufficient(request, set(user.scopes), REQUIRED_SCOPE, "every request")
+        if token is None:
+            presented = headers.get(b"authorization", b"")[:7].lower() == b"bearer "
+            problem = "The access token is invalid, expired or revoked" if presented else None
+            return self.unauthorized(headers, problem, needed)
+        if REQUIRED_SCOPE not in token.scopes:
+            return self.insufficient(headers, set(token.scopes), REQUIRED_SCOPE, "every request")
         return None
 
-    def check_scopes(self, request: Request, message: Mapping[str, Any]) -> Response | None:
-        """Step-up (403 insufficient_scope) for a tool that needs more than the token holds."""
-        params = message.get("params") if isinstance(message.get("params"), dict) else {}
-        tool = params.get("name") if message.get("method") == "tools/call" else None
-        needed = TOOL_SCOPES.get(tool) if isinstance(tool, str) else None
-        granted = set(request.scope["user"].scopes)
-        return self.insufficient(request, granted, needed, tool) if needed and needed not in granted else None
+    async def scopes_for(self, message: Mapping[str, Any] | None) -> tuple[str, ...]:
+        """The scopes a message needs: every request's, and GOOGLE_TOOLS_SCOPE for a call of a tool that acts
+        on the person's Google account with what sign-in granted (`acts_with_sign_in_scopes_only`)."""
+        params = (message or {}).get("params")
+        name = params.get("name") if isinstance(params, dict) and (message or {}).get("method") == "tools/call" \
+            else None
+        tool = await tool_named(self.running, name) if isinstance(name, str) else None
+        return (REQUIRED_SCOPE, GOOGLE_TOOLS_SCOPE) if tool is not None and acts_with_sign_in_scopes_only(tool) \
+            else (REQUIRED_SCOPE,)
 
-    def metadata_url(self, request: Request) -> str:
-        return resource_metadata_url(self.settings.public_url_for(request.headers.get("host")))
+    async def check_tool(self, headers: Mapping[bytes, bytes], token: GrantAccessToken,
+                         message: Mapping[str, Any]) -> Response | None:
+        """Step-up (403 insufficient_scope) for a tool that uses the person's Google sign-in, when the client's
+        token holds no GOOGLE_TOOLS_SCOPE."""
+        if GOOGLE_TOOLS_SCOPE in token.scopes or GOOGLE_TOOLS_SCOPE not in await self.scopes_for(message):
+            return None
+        name = str(message["params"]["name"])
+        return self.insufficient(headers, set(token.scopes), GOOGLE_TOOLS_SCOPE, name)
 
-    def unauthorized(self, request: Request, problem: str | None) -> Response:
-        fields = [f'resource_metadata="{self.metadata_url(request)}"', f'scope="{REQUIRED_SCOPE}"']
+    def metadata_url(self, headers: Mapping[bytes, bytes]) -> str:
+        host = headers.get(b"host", b"").decode("latin-1")
+        return resource_metadata_url(self.settings.public_url_for(host))
+
+    def unauthorized(self, headers: Mapping[bytes, bytes], problem: str | None, needed: Sequence[str]) -> Response:
+        fields = [f'resource_metadata="{self.metadata_url(headers)}"', f'scope="{" ".join(needed)}"']
         if problem:  # RFC 6750 §3.1: no error code when the request carried no token at all
             fields = ['error="invalid_token"', f'error_description="{problem}"', *fields]
         return oauth_error(401, "invalid_token", problem or "This server needs a bearer token: sign in first",
                            headers={"WWW-Authenticate": "Bearer " + ", ".join(fields)})
 
-    def insufficient(self, request: Request, granted: set[str], needed: str, what: str | None) -> Response:
+    def insufficient(self, headers: Mapping[bytes, bytes], granted: set[str], needed: str, what: str) -> Response:
         wanted = " ".join(scope for scope in SCOPES if scope in granted | {needed})
         description = f"{what} needs the {needed} scope"
         challenge = (f'Bearer error="insufficient_scope", error_description="{description}", scope="{wanted}", '
-                     f'resource_metadata="{self.metadata_url(request)}"')
+                     f'resource_metadata="{self.metadata_url(headers)}"')
         return oauth_error(403, "insufficient_scope", description, headers={"WWW-Authenticate": challenge})
-
-
-class BearerTokens:
-    """Who a request's bearer token stands for: a token this server issued, unexpired, for this server
-    (under any of its names). Anything else is no one, and the gate answers 401."""
-
-    def __init__(self, provider: OAuthProvider) -> None:
-        self.provider = provider
-
-    async def identify(self, request: Request) -> None:
-        """Set the request's `user` and `auth` (as Starlette's AuthenticationMiddleware would) when its
-        token stands for someone."""
-        header = request.headers.get("authorization", "")
-        if header[:7].lower() != "bearer ":
-            return
-        token = await self.provider.load_access_token(header[7:].strip())
-        if token is None or (token.expires_at and token.expires_at < time.time()):
-            return
-        if token.resource not in self.provider.resources:
-            logger.warning("refused a token issued for %s, not this server", token.resource)
-            return
-        request.scope["user"], request.scope["auth"] = AuthenticatedUser(token), AuthCredentials(token.scopes)
 
 
 class Served:
@@ -5076,8 +5238,7 @@ class Served:
         self.answered = True
         with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             if self.started is None:
-                await json_rpc_error(503, SERVER_UNAVAILABLE, error["error"]["message"],
-                                     headers={"Retry-After": str(RETRY_AFTER_S)})(
+                await unavailable(error["error"]["message"], "json-rpc")(
                     {"type": "http", "method": "POST", "headers": []}, _nothing_to_receive, self.raw_send)
             else:  # an SSE stream: the error is its last event
                 event = b"event: message\r\ndata: " + json.dumps(error).encode() + b"\r\n\r\n"
@@ -5138,70 +5299,76 @@ class Drain:
         if late:
             logger.warning("stopped %d calls still running after %d s of shutdown", len(late), self.grace_s)
 
-
 class RequestGate:
     """Checks every request to the MCP endpoint before the SDK sees it, answering bad ones with the
     right status and error: a foreign Host or Origin, a missing or insufficient token, a wrong
     Content-Type or Accept, an oversized or malformed body. It also marks which session a request
     belongs to, for the event store."""
 
-    def __init__(self, app: ASGIApp, *, running: Runtime, policy: HostPolicy) -> None:
+    def __init__(self, app: ASGIApp, *, running: Runtime, policy: HostPolicy, drain: Drain) -> None:
         self.app = app
-        self.tokens = BearerTokens(running.provider) if running.provider is not None else None
-        self.bearer = BearerPolicy(running.settings) if running.provider is not None else None
+        settings = running.settings
+        self.bearer = Bearer(running.provider, settings, running) if running.provider is not None else None
         self.cors = with_cors(partial(self.admit, vary=False), policy, ["GET", "POST", "DELETE"])
         self.store = running.store
         self.changes = running.changes
-        self.limits, self.rate_limit = running.limits, running.settings.rate_limit_mcp
-        self.drain = running.drain
+        self.limits, self.rate_limit = running.limits, settings.rate_limit_mcp
+        self.drain = drain
         self.policy = policy
-        self.max_body_bytes = running.settings.max_request_bytes
-        self.json_response = running.settings.json_response
-        self.stateless = running.settings.stateless
+        self.max_body_bytes = settings.max_request_bytes
+        self.json_response = settings.json_response
+        self.stateless = settings.stateless
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if any(name == b"origin" for name, _ in scope["headers"]):  # a browser's: CORS preflight and headers
+        if b"origin" in headers_of(scope):  # a browser's: CORS preflight and headers
             await self.cors(scope, receive, send)
         else:  # CORS would only add `Vary: Origin`, which Served.send adds itself
             await self.admit(scope, receive, send, vary=True)
 
     async def admit(self, scope: Scope, receive: Receive, send: Send, *, vary: bool) -> None:
-        request = Request(scope, receive)
-        if self.tokens is not None:
-            await self.tokens.identify(request)
-        problem = (self.check_origin(request) or self.check_draining() or self.check_token(request)
-                   or self.check_method(request) or self.check_store() or await self.check_budget(request))
+        headers, method = headers_of(scope), scope["method"]
+        token = await self.bearer.identify(headers) if self.bearer is not None else None
+        problem = (self.check_origin(headers) or self.check_draining()
+                   or await self.check_token(scope, receive, headers, token)
+                   or self.check_method(method, headers) or self.check_store() or await self.check_budget(token))
         body, message = b"", None
-        if problem is None and request.method == "POST":
+        if problem is None and method == "POST":
             try:
-                body, message, problem = await self.read_message(request)
+                body, message, problem = await self.read_message(receive, headers)
             except ClientDisconnect:
                 return  # the client left before its request was whole: nobody to answer, nothing done
-            if problem is None and self.bearer is not None and message is not None:
-                problem = self.bearer.check_scopes(request, message)
+            if problem is None and token is not None and message is not None and self.bearer is not None:
+                problem = await self.bearer.check_tool(headers, token, message)
         if problem is not None:
             child(MCP_REFUSED, str(problem.status_code)).inc()
             await problem(scope, receive, send)
             return
-        served = self.drain.open(message, request.method)
+        await self.serve(scope, receive, send, message=message, body=body, token=token, vary=vary)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, *, message: dict[str, Any] | None,
+                    body: bytes, token: GrantAccessToken | None, vary: bool) -> None:
+        """Hand an admitted request to the SDK, as the caller (get_access_token()) and watched by the drain."""
+        served = self.drain.open(message, scope["method"])
         receive = served.receive(receive)
-        if request.method == "POST":  # the body is here already: no wait, nothing to interrupt
+        if scope["method"] == "POST":  # the body is here already: no wait, nothing to interrupt
             receive = _replay(body, receive)
-        user = scope.get("user")
-        token = auth_context_var.set(user) if isinstance(user, AuthenticatedUser) else None  # get_access_token()
+        context = None
+        if token is not None:  # as Starlette's AuthenticationMiddleware would, for the SDK's session binding
+            user = AuthenticatedUser(token)
+            scope["user"], scope["auth"] = user, AuthCredentials(token.scopes)
+            context = auth_context_var.set(user)
         try:
             if self.stateless:  # no sessions, so no event store that needs to know the session
                 await self.app(scope, receive, served.send(send, vary=vary))
             else:
-                await self.serve_session(request, receive, served.send(send, vary=vary))
+                await self.serve_session(scope, receive, served.send(send, vary=vary))
         finally:
-            if token is not None:
-                auth_context_var.reset(token)
+            if context is not None:
+                auth_context_var.reset(context)
             await self.drain.close(served)
 
-    async def serve_session(self, request: Request, receive: Receive, send: Send) -> None:
-        scope = request.scope
-        session_id = request.headers.get("mcp-session-id")
+    async def serve_session(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = headers_of(scope).get(b"mcp-session-id", b"").decode("latin-1") or None
         stream_scope = StreamScope(session_id=session_id)
         token = _stream_scope.set(stream_scope)
         if session_id:
@@ -5211,72 +5378,81 @@ class RequestGate:
         finally:
             _stream_scope.reset(token)
             if session_id:
-                deleted = request.method == "DELETE" and stream_scope.status == 200
+                deleted = scope["method"] == "DELETE" and stream_scope.status == 200
                 self.changes.request_ended(session_id, deleted=deleted)
 
-    def check_origin(self, request: Request) -> Response | None:
-        host = request.headers.get("host")
+    def check_origin(self, headers: Mapping[bytes, bytes]) -> Response | None:
+        host = header_or_none(headers, b"host")
         if not self.policy.allows_host(host):
             return json_rpc_error(421, INVALID_REQUEST, f"Host {host!r} is not served here; "
                                   "add it to ALLOWED_HOSTS or set PUBLIC_URL")
-        origin = request.headers.get("origin")
+        origin = header_or_none(headers, b"origin")
         if not self.policy.allows_origin(origin):
             return json_rpc_error(403, INVALID_REQUEST, f"Origin {origin!r} is not allowed; add it to CORS_ORIGINS")
         return None
 
-    def check_token(self, request: Request) -> Response | None:
-        return self.bearer.check_token(request) if self.bearer is not None else None
+    async def check_token(self, scope: Scope, receive: Receive, headers: Mapping[bytes, bytes],
+                          token: GrantAccessToken | None) -> Response | None:
+        if self.bearer is None:
+            return None
+        if token is not None or scope["method"] != "POST":
+            return self.bearer.check(scope, headers, token)
+        # Refused either way; its challenge names the scopes this very message needs, so that a client
+        # whose first call is a Google tool signs in once with all it needs.
+        with suppress(ClientDisconnect):
+            _, message, _ = await self.read_message(receive, headers)
+            return self.bearer.check(scope, headers, token, await self.bearer.scopes_for(message))
+        return self.bearer.check(scope, headers, token)
 
     def check_draining(self) -> Response | None:
         if not self.drain.stopping:
             return None
-        return json_rpc_error(503, SERVER_UNAVAILABLE, "The server is shutting down; retry in a moment (another "
-                              "replica, or this one once it is back)", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return unavailable("The server is shutting down; retry in a moment (another replica, or this one once "
+                           "it is back)", "json-rpc")
 
-    async def check_budget(self, request: Request) -> Response | None:
+    async def check_budget(self, token: GrantAccessToken | None) -> Response | None:
         """429, with a JSON-RPC error, for a grant that has used up its requests of the minute."""
-        user = request.scope.get("user")
-        if not isinstance(user, AuthenticatedUser) or not isinstance(user.access_token, GrantAccessToken):
+        if token is None:
             return None
-        wait = await self.limits.spend(f"mcp:{user.access_token.grant_id}", self.rate_limit, 60)
+        wait = await self.limits.spend(f"mcp:{token.grant_id}", self.rate_limit, 60)
         if wait is None:
             return None
-        audit("rate_limited", client_id=user.access_token.client_id, subject=user.access_token.subject, budget="mcp")
+        audit("rate_limited", client_id=token.client_id, subject=token.subject, budget="mcp")
         seconds = int(wait + 0.999)
         return json_rpc_error(429, SERVER_UNAVAILABLE, f"Too many requests with this token: at most {self.rate_limit} "
                               f"a minute; retry in {seconds} s", headers={"Retry-After": str(seconds)})
 
     def check_store(self) -> Response | None:
-        if self.store.available:
-            return None
-        return json_rpc_error(503, SERVER_UNAVAILABLE, STORE_FAILED, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return None if self.store.available else unavailable(STORE_FAILED, "json-rpc")
 
-    def check_method(self, request: Request) -> Response | None:
-        if self.stateless and request.method in ("GET", "DELETE"):
+    def check_method(self, method: str, headers: Mapping[bytes, bytes]) -> Response | None:
+        if self.stateless and method in ("GET", "DELETE"):
             # Without sessions there is no stream to open or end; notifications come through
             # subscriptions/listen (2026-07-28) instead.
-            return json_rpc_error(405, INVALID_REQUEST, f"{request.method} needs a session and this server is "
+            return json_rpc_error(405, INVALID_REQUEST, f"{method} needs a session and this server is "
                                   "stateless; POST requests, and use subscriptions/listen for notifications",
                                   headers={"Allow": "POST"})
-        if request.method != "POST":
+        if method != "POST":
             return None
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = header_text(headers, b"content-type").split(";")[0].strip().lower()
         if content_type != "application/json":
             return json_rpc_error(415, INVALID_REQUEST, "Content-Type must be application/json")
-        has_json, has_sse = check_accept_headers(request)
-        if not has_json or not (has_sse or self.json_response or _is_modern(request)):
+        has_json, has_sse = accepted_media(header_text(headers, b"accept"))
+        modern = header_text(headers, b"mcp-protocol-version") in MODERN_PROTOCOL_VERSIONS
+        if not has_json or not (has_sse or self.json_response or modern):
             return json_rpc_error(406, INVALID_REQUEST,
                                   "Accept must include application/json and text/event-stream")
         return None
 
-    async def read_message(self, request: Request) -> tuple[bytes, dict[str, Any] | None, Response | None]:
-        declared = request.headers.get("content-length", "")
+    async def read_message(self, receive: Receive, headers: Mapping[bytes, bytes],
+                           ) -> tuple[bytes, dict[str, Any] | None, Response | None]:
+        declared = header_text(headers, b"content-length")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return b"", None, self.too_large()
         chunks: list[bytes] = []
         size, more = 0, True
         while more:
-            part = await request.receive()
+            part = await receive()
             if part["type"] == "http.disconnect":
                 raise ClientDisconnect
             chunks.append(part.get("body", b""))
@@ -5289,6 +5465,16 @@ class RequestGate:
 
     def too_large(self) -> Response:
         return json_rpc_error(413, INVALID_REQUEST, f"Request body is larger than {self.max_body_bytes} bytes")
+
+
+def accepted_media(accept: str) -> tuple[bool, bool]:
+    """Whether an Accept header takes JSON and SSE, wildcards included (RFC 9110 §12.5.1), as the SDK's
+    check_accept_headers decides, from the header already read."""
+    types = {media.split(";")[0].strip().lower() for media in accept.split(",")}
+    anything = "*/*" in types
+    takes_json = anything or bool(types & {"application/json", "application/*"})
+    takes_sse = anything or bool(types & {"text/event-stream", "text/*"})
+    return takes_json, takes_sse
 
 
 def parse_json_rpc(body: bytes) -> tuple[dict[str, Any] | None, Response | None]:
@@ -5311,10 +5497,6 @@ def parse_json_rpc(body: bytes) -> tuple[dict[str, Any] | None, Response | None]
     if ("id" in message and not isinstance(message["id"], (str, int))) or isinstance(message.get("id"), bool):
         return None, json_rpc_error(400, INVALID_REQUEST, '"id" must be a string or an integer')
     return message, None
-
-
-def _is_modern(request: Request) -> bool:
-    return request.headers.get("mcp-protocol-version") in MODERN_PROTOCOL_VERSIONS
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -5344,42 +5526,32 @@ def _learn_session_id(stream_scope: StreamScope, send: Send) -> Send:
     return watch
 
 
-def store_failure_handler(policy: HostPolicy, pages: Pages) -> Callable[[Request, Exception], Awaitable[Response]]:
-    """Starlette's handler for a store failure during any request: 503 and Retry-After, in the form the
-    caller reads. Nothing is half-written (every change the store makes is atomic), so a retry is safe."""
-
-    async def answer(request: Request, exc: Exception) -> Response:
-        message = STORE_FAILED  # the store has logged what failed (an outage once, not per request)
-        headers = {"Retry-After": str(RETRY_AFTER_S)}
-        origin = request.headers.get("origin")
-        if request.url.path.rstrip("/").endswith(MCP_PATH):
-            if origin and policy.allows_origin(origin):
-                headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin"})
-            return json_rpc_error(503, SERVER_UNAVAILABLE, message, headers)
-        if "text/html" in request.headers.get("accept", ""):
-            page = pages.message("Try again in a moment", message + ".", status=503)
-            page.headers.update(headers)
-            return page
-        if origin:
-            headers["Access-Control-Allow-Origin"] = "*"  # as for_clients answers these endpoints
-        return oauth_error(503, "temporarily_unavailable", message, headers)
-
-    return answer
-
+# --- around every request: its headers, id, span and caller
 
 OWS = (b" ", b"\t")
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto")
+HEADERS_KEY = "stream_http.headers"  # where a request's scope keeps its headers, read once
 
 
-# The request being served, for `audit` (the caller's address) deep in the provider: a context variable.
-_request_scope: ContextVar[Scope | None] = ContextVar("stream_http_request_scope", default=None)
+def headers_of(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name, read once per request and kept in its scope (the first of a
+    repeated header, as Starlette's `Headers.get` gives it)."""
+    headers = scope.get(HEADERS_KEY)
+    if headers is None:
+        headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)
+        scope[HEADERS_KEY] = headers
+    return headers
 
 
-def client_address() -> str | None:
-    """The caller's address: the forwarded one when a proxy in TRUSTED_PROXIES sent the request."""
-    scope = _request_scope.get()
-    client = scope.get("client") if scope is not None else None
-    return client[0] if client else None
+def header_text(headers: Mapping[bytes, bytes], name: bytes) -> str:
+    return headers.get(name, b"").decode("latin-1")
+
+
+def header_or_none(headers: Mapping[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
 
 
 class RequestContext:
@@ -5403,7 +5575,7 @@ class RequestContext:
             return
         if any(value.endswith(OWS) for _, value in scope["headers"]):
             scope = {**scope, "headers": [(name, value.strip(b" \t")) for name, value in scope["headers"]]}
-        headers = dict(scope["headers"])  # the last of a repeated header: enough for these four
+        headers = headers_of(scope)
         app = self.forwarded if FORWARDED[0] in headers or FORWARDED[1] in headers else self.app
         request_id = self.request_id(scope, headers.get(b"x-request-id"))
         tokens = _request_id.set(request_id), _request_scope.set(scope)
@@ -5464,6 +5636,26 @@ class RequestContext:
         return address is not None and any(address in network for network in self.proxies)
 
 
+
+def store_failure_handler(policy: HostPolicy, pages: Pages) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Starlette's handler for a store failure during any request: 503 and Retry-After, in the form the
+    caller reads. Nothing is half-written (every change the store makes is atomic), so a retry is safe."""
+
+    async def answer(request: Request, exc: Exception) -> Response:
+        message = STORE_FAILED  # the store has logged what failed (an outage once, not per request)
+        origin = request.headers.get("origin")
+        if request.url.path.rstrip("/").endswith(MCP_PATH):
+            cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin and \
+                policy.allows_origin(origin) else {}
+            return unavailable(message, "json-rpc", headers=cors)
+        if "text/html" in request.headers.get("accept", ""):
+            return unavailable(message + ".", "page", pages=pages)
+        # as for_clients answers these endpoints
+        return unavailable(message, "oauth", headers={"Access-Control-Allow-Origin": "*"} if origin else {})
+
+    return answer
+
+
 CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "Accept", "Mcp-Session-Id", "MCP-Protocol-Version",
                       "Mcp-Method", "Mcp-Name", "Last-Event-ID")
 CORS_EXPOSE_HEADERS = ("Mcp-Session-Id", "WWW-Authenticate", "X-Request-Id")
@@ -5476,12 +5668,8 @@ def with_cors(app: ASGIApp, policy: HostPolicy, methods: Sequence[str]) -> ASGIA
                           max_age=600)
 
 
-def mcp_endpoint(running: Runtime, policy: HostPolicy, session_manager: StreamableHTTPSessionManager) -> ASGIApp:
-    """The MCP endpoint: the request gate (CORS, the bearer token, every check), then the SDK. The SDK's
-    public `handle_request` reads and bounds the body again before its own handler; the gate has done
-    both and hands over the body it read, so it calls that handler directly when the SDK has it."""
-    handler: ASGIApp = getattr(session_manager, "_handle_request", session_manager.handle_request)
-    return RequestGate(handler, running=running, policy=policy)
+
+# --- the app
 
 
 def build_app(settings: Settings) -> Starlette:
@@ -5506,21 +5694,22 @@ def build_app(settings: Settings) -> Starlette:
         # The gate checks Host and Origin first, with errors that name the setting to change.
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
-    endpoint = mcp_endpoint(running, policy, mcp.session_manager)
-    sign_in = SignInRoutes(running.provider, settings, pages).routes() if running.provider is not None else []
+    drain = Drain(settings.shutdown_grace_s)
+    endpoint = RequestGate(mcp.session_manager.handle_request, running=running, policy=policy, drain=drain)
+    sign_in = oauth_routes(running.provider, settings, pages) if running.provider is not None else []
     routes: list[BaseRoute] = [
         *[Route(path, endpoint, methods=["GET", "POST", "DELETE", "OPTIONS"]) for path in (MCP_PATH, MCP_PATH + "/")],
         Route("/healthz", liveness_endpoint(running), methods=["GET"]),
-        Route("/readyz", readiness_endpoint(running), methods=["GET"]),
+        Route("/readyz", readiness_endpoint(running, drain), methods=["GET"]),
         *sign_in,
         # What else the SDK serves, such as routes added with @mcp.custom_route.
         *(route for route in sdk_app.routes if getattr(route, "path", None) != MCP_PATH),
     ]
     paths = [path for route in routes if isinstance(path := getattr(route, "path", None), str)]
-    app = Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager),
+    app = Starlette(routes=routes, lifespan=app_lifespan(running, mcp.session_manager, drain),
                     middleware=[Middleware(RequestContext, trusted_proxies=settings.trusted_proxies, paths=paths)],
                     exception_handlers={StorageError: store_failure_handler(policy, pages)})
-    app.state.drain = running.drain  # for the server that runs the app, to drain it on shutdown
+    app.state.drain = drain  # for the server that runs the app, to drain it on shutdown
     return app
 
 
@@ -5536,7 +5725,7 @@ def liveness_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Respons
     return healthz
 
 
-def readiness_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Response]]:
+def readiness_endpoint(running: Runtime, drain: Drain) -> Callable[[Request], Awaitable[Response]]:
     async def readyz(request: Request) -> Response:
         """Readiness, for load balancers and orchestrators: 200 when this process can serve (the store
         answers; with sign-in on, Google's discovery document is loaded; not shutting down), else 503
@@ -5549,25 +5738,26 @@ def readiness_endpoint(running: Runtime) -> Callable[[Request], Awaitable[Respon
         if running.provider is not None:
             loaded = await running.provider.google.login.authorization_endpoint() is not None
             checks["google_discovery"] = "loaded" if loaded else "unavailable"
-        if running.drain.stopping:
+        if drain.stopping:
             checks["shutdown"] = "draining"
         missing = [name for name, state in checks.items() if state not in ("ok", "no", "loaded")]
         if missing:
-            return JSONResponse({"status": "not ready", "missing": missing, "checks": checks}, status_code=503,
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+            return unavailable("not ready", "json", body={"status": "not ready", "missing": missing, "checks": checks})
         return JSONResponse({"status": "ready", "checks": checks})
 
     return readyz
 
 
 def app_lifespan(running: Runtime, session_manager: StreamableHTTPSessionManager,
-                 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
+                 drain: Drain) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     """Open the runtime, hand it to the MCP server's lifespan, and run the SDK's session manager."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings = running.settings
         async with running:
+            STREAMS_OPEN.set_function(lambda: sum(1 for served in list(drain.served) if served.stream))
+            MCP_EXCHANGES.set_function(lambda: len(drain.served))  # read when scraped: nothing per request
             token = _serving_runtime.set(running)
             try:
                 async with session_manager.run():
@@ -5582,7 +5772,10 @@ def app_lifespan(running: Runtime, session_manager: StreamableHTTPSessionManager
     return lifespan
 
 
-# === 10. Command line ========================================================
+# === 11. Command line ========================================================
+#
+# `main()` runs the HTTP server on uvicorn (with a bound on request heads and a draining shutdown);
+# `claude-config` and `doctor` are commands of their own.
 
 REQUEST_HEAD_MAX_BYTES = 32 * 1024  # the request line and headers together; nginx's default is 32 KB too
 REQUEST_HEADERS_MAX = 100
@@ -5623,13 +5816,30 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     logging.getLogger("mcp").setLevel(level if level == "DEBUG" else "WARNING")
 
 
+# What BoundedHead overrides in uvicorn's httptools protocol (uvicorn has no head-size limit of its own
+# there): checked at start, so a uvicorn that renamed any of them is served by h11 instead of failing.
+HTTPTOOLS_HOOKS = ("data_received", "on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body",
+                   "on_message_complete")
+
+
+def httptools_hooks_missing(protocol: type[Any]) -> list[str]:
+    """The hooks BoundedHead needs that this uvicorn's httptools protocol lacks (none, as tested)."""
+    return [name for name in HTTPTOOLS_HOOKS if not callable(getattr(protocol, name, None))]
+
+
 def bounded_http_protocol() -> type[asyncio.Protocol] | str:
     """uvicorn's httptools protocol with a bound on the request head (httptools has none: a 64 KB header, or
     200 headers, were served): past REQUEST_HEAD_MAX_BYTES or REQUEST_HEADERS_MAX it answers 431 and closes
-    the connection before any work. Without httptools, h11, with its own bound."""
+    the connection before any work. Without httptools, or with a uvicorn whose protocol changed, h11, with
+    its own bound (h11_max_incomplete_event_size)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
+        return "h11"
+    if missing := httptools_hooks_missing(HttpToolsProtocol):
+        logger.warning("uvicorn %s's httptools protocol has no %s: serving with h11, whose head-size bound "
+                       "needs no override (pyproject.toml pins the uvicorn versions tested)", uvicorn.__version__,
+                       ", ".join(missing))
         return "h11"
 
     class BoundedHead(HttpToolsProtocol):
@@ -5814,8 +6024,6 @@ DOCTOR_ORIGIN = "http://localhost:6274"  # a browser client's origin: the Inspec
 DOCTOR_CALLBACK = "http://127.0.0.1:9/stream-http-doctor"  # never reached: the doctor stops before it
 PORTLESS_CALLBACK = "http://127.0.0.1/stream-http-doctor"  # as Claude Code's metadata document lists its own
 CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-HIDDEN_INPUT = re.compile(r'<input type="hidden" name="(\w+)" value="([^"]*)">')
-FORM_ACTION = re.compile(r'<form method="post" action="([^"]+)">')
 INTERNAL_SUFFIXES = (".local", ".internal", ".lan", ".localdomain", ".home.arpa", ".localhost", ".svc", ".cluster")
 CheckStatus = Literal["ok", "warn", "fail"]
 CHECK_MARKS: dict[CheckStatus, str] = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
@@ -5832,6 +6040,32 @@ class Check:
 
     def line(self) -> str:
         return f"{CHECK_MARKS[self.status]}  {self.name}: {self.detail}"
+
+
+class PageForm(HTMLParser):
+    """The first form of a page, as a browser would submit it: its action and its hidden fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+        self.forms = 0
+
+    @classmethod
+    def read(cls, page: str) -> "PageForm":
+        reader = cls()
+        reader.feed(page)
+        reader.close()
+        return reader
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {name: value or "" for name, value in attrs}
+        if tag == "form":
+            self.forms += 1
+            if self.forms == 1:
+                self.action = attributes.get("action")
+        elif tag == "input" and self.forms == 1 and attributes.get("type") == "hidden" and "name" in attributes:
+            self.fields[attributes["name"]] = attributes.get("value", "")
 
 
 def is_internal_url(url: str) -> bool:
@@ -6077,15 +6311,13 @@ class Doctor:
             "state": "doctor", "code_challenge": challenge, "code_challenge_method": "S256", "resource": self.url})
         if response.is_redirect:
             response = await self.http.get(urljoin(str(response.url), response.headers["location"]))
-        form = dict(HIDDEN_INPUT.findall(response.text))
-        if not self.check("consent page", response.status_code == 200 and {"txn", "csrf"} <= set(form),
-                          "shown before Google" if {"txn", "csrf"} <= set(form) else
+        page = PageForm.read(response.text)
+        if not self.check("consent page", response.status_code == 200 and {"txn", "csrf"} <= set(page.fields),
+                          "shown before Google" if {"txn", "csrf"} <= set(page.fields) else
                           f"{response.url} answered {response.status_code} without a consent form"):
             return
-        action = FORM_ACTION.search(response.text)
-        target = urljoin(str(response.url), html.unescape(action.group(1))) if action else str(response.url)
-        approved = await self.http.post(target, data={**{k: html.unescape(v) for k, v in form.items()},
-                                                      "decision": "approve"})
+        target = urljoin(str(response.url), page.action) if page.action else str(response.url)
+        approved = await self.http.post(target, data={**page.fields, "decision": "approve"})
         google = urlsplit(approved.headers.get("location", ""))
         query = dict(parse_qsl(google.query))
         expected_callback = self.url.removesuffix("/mcp") + GOOGLE_CALLBACK_PATH

@@ -156,6 +156,11 @@ def run(workdir: Path, quick: bool = False) -> list[Footprint | Wave]:
     return found
 
 
+def share(ours: float, theirs: float) -> str:
+    """ours / theirs, printed; "n/a" where theirs measured nothing (a quick run's RSS moves in whole pages)."""
+    return f"{ours / theirs:.2f}" if theirs > 0 else "n/a"
+
+
 def report(found: list[Footprint | Wave]) -> None:
     print("\nmemory, stateful: per idle session and per open GET stream (KB of RSS)")
     print(f"{'contender':<22}{'sessions':>9}{'KB/session':>12}{'KB/stream':>11}{'x SDK':>8}{'x SDK':>8}")
@@ -163,9 +168,10 @@ def report(found: list[Footprint | Wave]) -> None:
     for m in found:
         if isinstance(m, Footprint):
             theirs = sdk.get(m.sessions)
-            ratios = (m.session_kb / theirs.session_kb, m.stream_kb / theirs.stream_kb) if theirs else (1, 1)
+            ratios = (share(m.session_kb, theirs.session_kb), share(m.stream_kb, theirs.stream_kb)) if theirs \
+                else ("1.00", "1.00")
             print(f"{m.contender:<22}{m.sessions:>9,}{m.session_kb:>12.1f}{m.stream_kb:>11.1f}"
-                  f"{ratios[0]:>8.2f}{ratios[1]:>8.2f}")
+                  f"{ratios[0]:>8}{ratios[1]:>8}")
     print("\nmemory, three waves of sessions with streams, opened then closed (MB of RSS)")
     print(f"{'contender':<22}{'wave':>5}{'sessions':>9}{'peak MB':>9}{'after MB':>10}")
     for m in found:
@@ -174,7 +180,7 @@ def report(found: list[Footprint | Wave]) -> None:
     for name in CONTENDERS:
         mine = [m for m in found if isinstance(m, Wave) and m.contender == name]
         if len(mine) == 3:
-            grew = mine[2].peak_mb / mine[0].peak_mb
+            grew = mine[2].peak_mb / mine[0].peak_mb if mine[0].peak_mb > 0 else float("nan")
             print(f"{name}: third wave's peak is {grew:.2f} x the first's "
                   f"({'memory reused' if grew <= 1.10 else 'memory NOT reused'})")
     footprints = {(m.contender, m.sessions): m for m in found if isinstance(m, Footprint)}
