@@ -23,10 +23,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import pytest
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO / "tests" / "peers"
 ARTIFACTS = REPO / "artifacts"
 STARTUP_TIMEOUT_S = 30.0
+WAIT_S = 10.0  # how long a test waits for a state it can see (an event, a gauge, a log line) before it fails
 SETTING_NAMES = frozenset(option.env for option in server_module.OPTIONS)  # never leak the developer's own
 
 MODES: dict[str, tuple[str, ...]] = {
@@ -47,6 +48,7 @@ MODES: dict[str, tuple[str, ...]] = {
 ERAS = ("legacy", "2026-07-28")
 STORES = ("sqlite", "redis")
 TEST_SECRET_KEY = "tests-only-secret-key-shared-by-every-replica-0123456789"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -55,13 +57,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+def eventually(predicate: Callable[[], T], timeout_s: float = WAIT_S, *, awaiting: str, interval_s: float = 0.05,
+               ignoring: type[Exception] | tuple[type[Exception], ...] = (),
+               showing: Callable[[], object] | None = None) -> T:
+    """Call `predicate` until it returns something truthy, and return that: for a state the test can see
+    (a status, an event, a gauge, a log line) that comes about in its own time.
+
+    Fails the test after `timeout_s` with what was awaited and the last value seen (or the last
+    exception of a kind in `ignoring`, which count as "not yet"), then what `showing` returns, if given.
+    Any other exception the predicate raises fails at once: a process that died is not worth waiting for.
+    """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout_s}s")
+    while True:
+        try:
+            value = predicate()
+        except ignoring as exc:
+            last: object = exc
+        else:
+            if value:
+                return value
+            last = value
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval_s)
+    shown = f"\n{showing()}" if showing is not None else ""
+    raise AssertionError(f"waited {timeout_s} s for {awaiting}; the last value seen was {last!r}{shown}")
+
+
+def wait_for_port(port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    def listening() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    eventually(listening, timeout_s, awaiting=f"something to listen on port {port}", ignoring=OSError)
 
 
 @dataclass
@@ -106,16 +134,19 @@ def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None, p
         process = subprocess.Popen([sys.executable, str(script), "--port", str(port), *args],
                                    cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(process, port, workdir, log_path, f"http://127.0.0.1:{port}", full_env)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"server.py exited with {process.returncode}:\n{server.log()}")
-        with contextlib.suppress(httpx2.HTTPError):
-            if httpx2.get(server.base_url + wait_path, timeout=1).status_code < 500:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise TimeoutError(f"server.py did not serve {wait_path} within {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+        return httpx2.get(server.base_url + wait_path, timeout=1).status_code < 500
+
+    try:
+        eventually(serving, STARTUP_TIMEOUT_S, awaiting=f"server.py to serve {wait_path}", interval_s=0.1,
+                   ignoring=httpx2.HTTPError, showing=server.log)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @contextlib.contextmanager
