@@ -22,8 +22,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -363,9 +364,123 @@ def open_session(client: httpx2.Client, mcp_url: str) -> str:
     return session_id
 
 
+# --- event streams (SSE): one reader for every test that reads one
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """One server-sent event, its fields as sent (None when absent). `data` is empty for a priming event,
+    which only gives the client an id to resume from."""
+
+    id: str | None = None
+    event: str | None = None
+    data: str = ""
+    retry: int | None = None
+
+    @property
+    def message(self) -> Any:
+        """The JSON the event carries (a JSON-RPC message, on the MCP endpoint), or None when it carries none."""
+        return json.loads(self.data) if self.data.strip() else None
+
+
+def sse_events(stream: httpx2.Response | Iterable[str]) -> Iterator[SSEEvent]:
+    """The events of a streaming httpx2 response, each as soon as the blank line that ends it arrives (or
+    of lines already read). The HTML standard's event-stream rules: a line starting with ':' is a comment,
+    one space after the field's colon is dropped, data lines join with newlines, and `retry` counts only
+    when it is all digits. Unlike a browser, an event without data (a priming event) is kept, each event
+    has the id sent with it rather than the last one seen, and an event cut off by the end of the stream
+    is kept too: a test sees everything that arrived."""
+    lines = stream.iter_lines() if isinstance(stream, httpx2.Response) else stream
+    fields: dict[str, Any] = {}
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if fields or data:
+                yield SSEEvent(data="\n".join(data), **fields)
+            fields, data = {}, []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name in ("id", "event"):
+            fields[name] = value
+        elif name == "retry" and value.isdigit():
+            fields["retry"] = int(value)
+    if fields or data:
+        yield SSEEvent(data="\n".join(data), **fields)
+
+
 def sse_messages(text: str) -> list[dict[str, object]]:
-    """The JSON messages in an SSE body."""
-    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and line[5:].strip()]
+    """The JSON messages in an SSE body read whole."""
+    return [event.message for event in sse_events(text.splitlines()) if event.data.strip()]
+
+
+class EventStream:
+    """An event stream read on a thread of its own, as a client holding it open reads it: the status the
+    server answered with, each event as it arrives, and how the stream ended: "open", "clean" (the server
+    ended it), "dropped" (by `stop()`) or "broken: " and the error."""
+
+    def __init__(self, url: str, headers: dict[str, str], *, method: str = "GET", body: Any = None,
+                 params: dict[str, str] | None = None, timeout_s: float = 30) -> None:
+        self.url = url
+        self.status: int | None = None
+        self.events: list[SSEEvent] = []
+        self.ending = "open"
+        self._http = httpx2.Client(timeout=timeout_s)
+        self._socket: socket.socket | None = None
+        self._dropped = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(method, headers, body, params), daemon=True)
+        self._thread.start()
+
+    def _read(self, method: str, headers: dict[str, str], body: Any, params: dict[str, str] | None) -> None:
+        try:
+            with self._http.stream(method, self.url, headers=headers, json=body, params=params) as response:
+                self._socket = response.extensions["network_stream"].get_extra_info("socket")
+                self.status = response.status_code
+                for event in sse_events(response):
+                    self.events.append(event)
+            self.ending = "clean"
+        except httpx2.HTTPError as exc:
+            self.ending = "dropped" if self._dropped.is_set() else f"broken: {exc!r}"
+
+    @property
+    def messages(self) -> list[Any]:
+        """The JSON of every event that carried some, in order."""
+        return [event.message for event in self.carrying()]
+
+    def carrying(self) -> list[SSEEvent]:
+        """The events that carried a message (not priming events), in order."""
+        return [event for event in list(self.events) if event.data.strip()]
+
+    def wait_until_answered(self, timeout_s: float = WAIT_S) -> int:
+        """The response's status, once the server has answered (for a stream: once it is open)."""
+        return eventually(lambda: self.status, timeout_s, awaiting=f"an answer to the stream's request to {self.url}",
+                          showing=lambda: self.ending)
+
+    def wait_for(self, count: int, timeout_s: float = WAIT_S) -> list[SSEEvent]:
+        """The events carrying a message, once at least `count` have arrived."""
+        def enough() -> list[SSEEvent]:
+            carrying = self.carrying()
+            return carrying if len(carrying) >= count else []
+
+        return eventually(enough, timeout_s, awaiting=f"{count} messages on the stream from {self.url}",
+                          showing=lambda: f"events: {self.events}; the stream is {self.ending}")
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for the stream to end by itself."""
+        self._thread.join(timeout_s)
+
+    def stop(self) -> None:
+        """Drop the connection, as a client that loses its network would. (Closing the client alone would
+        not: the socket stays open while the reading thread waits in it, until the server next writes.)"""
+        self._dropped.set()
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
+        self._http.close()
+        self._thread.join(5)
+        assert not self._thread.is_alive(), f"the stream from {self.url} is still being read"
 
 
 def first_json(text: str) -> dict[str, object]:
