@@ -24,13 +24,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 import server as server_module
 
@@ -483,9 +486,34 @@ class EventStream:
         assert not self._thread.is_alive(), f"the stream from {self.url} is still being read"
 
 
+@contextlib.asynccontextmanager
+async def handshake_listener(mcp_url: str, **options: Any) -> AsyncIterator[Client]:
+    """The SDK's Client in the handshake era, given once the GET stream it opens by itself after the
+    handshake is open: the stream the server sends its notifications to, so one sent from now on is heard."""
+    answers: list[int] = []
+
+    async def note_get_stream(response: httpx2.Response) -> None:
+        if response.request.method == "GET":
+            answers.append(response.status_code)
+
+    timeout = httpx2.Timeout(30, read=300)  # the SDK's own client's timeouts
+    async with httpx2.AsyncClient(timeout=timeout, event_hooks={"response": [note_get_stream]}) as http, \
+            Client(streamable_http_client(mcp_url, http_client=http), mode="legacy", **options) as client:
+        await anyio.to_thread.run_sync(lambda: eventually(
+            lambda: 200 in answers, awaiting="the SDK client's GET stream to open", showing=lambda: answers))
+        yield client
+
+
 def first_json(text: str) -> dict[str, object]:
     messages = sse_messages(text)
     return messages[0] if messages else json.loads(text)
+
+
+def metric(metrics_port: int, sample: str) -> float | None:
+    """One sample's value (its name and labels as exposed) on a server's METRICS_PORT, or None if absent."""
+    exposed = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    return next((float(line.rpartition(" ")[2]) for line in exposed.splitlines()
+                 if line.rpartition(" ")[0] == sample), None)
 
 
 def run_python(*args: str, timeout_s: float = 60, env: dict[str, str] | None = None,

@@ -23,8 +23,10 @@ from tests.conftest import (
     REPO,
     ServerProcess,
     assert_no_traceback,
+    eventually,
     free_port,
     mcp_headers,
+    metric,
     open_session,
     run_python,
     running_server,
@@ -58,18 +60,25 @@ def test_readyz_names_a_google_that_cannot_be_reached_and_healthz_stays_up(googl
 
 def test_readyz_says_draining_once_shutdown_begins(google: GoogleStandIn, tmp_path: Path) -> None:
     """A load balancer that keeps a connection open sees the replica leave before it goes."""
-    with auth_server(google, tmp_path, env={"SHUTDOWN_GRACE": "6", "RATE_LIMIT_MCP": "0"}) as server:
+    metrics_port = free_port()  # where the test sees the call in flight
+    env = {"SHUTDOWN_GRACE": "6", "RATE_LIMIT_MCP": "0", "METRICS_PORT": str(metrics_port)}
+    with auth_server(google, tmp_path, env=env) as server:
         google.next_login(ALICE)
         token = RawClient.register(server).sign_in()["access_token"]
         slow = threading.Thread(target=mcp_call, args=(server, token), kwargs={"params": {
             "name": "long_task", "arguments": {"steps": 8, "step_seconds": 0.5}}}, daemon=True)
         with httpx2.Client(base_url=server.base_url) as balancer:
+
+            def not_ready() -> httpx2.Response | None:
+                answer = balancer.get("/readyz")
+                return answer if answer.status_code != 200 else None
+
             assert balancer.get("/readyz").status_code == 200
             slow.start()
-            time.sleep(0.5)  # the call is in flight
+            eventually(lambda: metric(metrics_port, "stream_http_mcp_exchanges_open") == 1,
+                       awaiting="the call to be in flight")
             server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            draining = balancer.get("/readyz")
+            draining = eventually(not_ready, awaiting="/readyz to change once shutdown begins")
         slow.join(20)
     assert draining.status_code == 503
     assert draining.json()["missing"] == ["shutdown"] and draining.json()["checks"]["shutdown"] == "draining"
@@ -365,8 +374,12 @@ def test_open_sessions_and_streams_are_gauges(tmp_path: Path) -> None:
         with http.stream("GET", server.mcp_url, headers=headers) as stream:
             assert stream.status_code == 200
             during = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        time.sleep(0.5)
-        after = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+
+        def streams_gauge_fell() -> str | None:
+            scraped = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            return scraped if "stream_http_streams_open 0.0" in scraped else None
+
+        after = eventually(streams_gauge_fell, awaiting="the streams gauge to fall once the stream closed")
     assert "stream_http_streams_open 1.0" in during and "stream_http_sessions_open 1.0" in during
     assert "stream_http_mcp_exchanges_open 1.0" in during
     assert "stream_http_streams_open 0.0" in after

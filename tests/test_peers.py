@@ -229,6 +229,7 @@ def test_mcp_dev_opens_the_inspector_on_this_server_over_stdio(mcp_dev: tuple[st
     assert connected.status_code == 200, connected.text
     session_id = connected.json()["sessionId"]
     events = EventStream(f"{base}/api/mcp/events", headers, params={"sessionId": session_id}, timeout_s=60)
+    assert events.wait_until_answered() == 200  # listening before anything is sent
     try:
         def send(message: dict[str, Any]) -> None:
             sent = httpx2.post(f"{base}/api/mcp/send", headers=headers, timeout=60,

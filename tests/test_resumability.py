@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,28 @@ from tests.conftest import (
     INITIALIZE,
     EventStream,
     ServerProcess,
+    StoreUnderTest,
     eventually,
+    free_port,
     mcp_headers,
+    metric,
     open_session,
     running_server,
     sse_events,
 )
 
 SSE_HEADERS = {"accept": "text/event-stream"}
+
+
+@pytest.fixture(scope="module")
+def stateful_server(tmp_path_factory: pytest.TempPathFactory, store: StoreUnderTest) -> Iterator[ServerProcess]:
+    """conftest's stateful server, with its metrics on: a test here sees the server notice a dropped stream."""
+    with running_server(tmp_path_factory.mktemp("stateful"), env={"METRICS_PORT": str(free_port())}) as running:
+        yield running
+
+
+def streams_open(server: ServerProcess) -> float | None:
+    return metric(int(server.env["METRICS_PORT"]), "stream_http_streams_open")
 
 
 def long_task_in_a_session(server: ServerProcess, *, request_id: int,
@@ -64,14 +79,14 @@ def test_a_reconnecting_get_stream_receives_the_events_it_missed(stateful_server
         http.post(stateful_server.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
                   headers=mcp_headers(session_id=session))  # registers the session for list changes
     first = EventStream(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": session})
-    time.sleep(0.3)
+    assert first.wait_until_answered() == 200  # the stream is open: what the server sends now reaches it
     add_note(stateful_server, "while connected")
     [seen] = first.wait_for(1)
     seen_id = seen.id
     assert seen.message["method"] == "notifications/resources/list_changed" and seen_id
     first.stop()
 
-    time.sleep(0.3)  # the server notices the dropped stream
+    eventually(lambda: streams_open(stateful_server) == 0, awaiting="the server to notice the dropped stream")
     add_note(stateful_server, "while disconnected")
     add_note(stateful_server, "still disconnected")
 
@@ -88,7 +103,7 @@ def test_an_event_id_from_another_session_replays_nothing(stateful_server: Serve
         http.post(stateful_server.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
                   headers=mcp_headers(session_id=victim))
     reader = EventStream(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": victim})
-    time.sleep(0.3)
+    assert reader.wait_until_answered() == 200
     add_note(stateful_server, "private event")
     [victim_event] = [event.id for event in reader.wait_for(1)]
     reader.stop()

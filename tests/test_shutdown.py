@@ -5,6 +5,7 @@ grace; the SDK's own Client carries on once the server is back."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,19 @@ import httpx2
 import pytest
 from mcp import Client
 
-from tests.conftest import EventStream, assert_no_traceback, mcp_headers, open_session, start_server
+from tests.conftest import EventStream, assert_no_traceback, eventually, mcp_headers, open_session, start_server
 
 pytestmark = pytest.mark.anyio
 GRACE_S = 4
 MODERN = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def call(steps: int, request_id: int) -> dict[str, Any]:
@@ -40,11 +49,13 @@ async def test_sigterm_drains_streams_and_calls_then_clients_carry_on(tmp_path: 
     short_call = EventStream(server.mcp_url, legacy, method="POST", body=call(2, 7))
     long_call = EventStream(server.mcp_url, legacy, method="POST", body=call(40, 8))
     async with Client(server.mcp_url, mode="2026-07-28") as client:
+        await anyio.to_thread.run_sync(get_stream.wait_until_answered)  # open
         for stream in (short_call, long_call, listen):
             await anyio.to_thread.run_sync(stream.wait_for, 1)  # running: a first step, or the acknowledgement
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        await anyio.sleep(0.3)
+        await anyio.to_thread.run_sync(lambda: eventually(
+            lambda: refuses_connections(server.port), awaiting="the server to close its listening socket"))
         with pytest.raises(httpx2.ConnectError):  # no new request is taken: the listening socket is closed
             await anyio.to_thread.run_sync(lambda: httpx2.post(
                 server.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers=mcp_headers()))
