@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,14 +202,16 @@ def mcp_dev(peers: Peers, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]
                                cwd=peers.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     output: list[str] = []
+
+    def inspector_address() -> re.Match[str] | None:
+        line = process.stdout.readline() if process.stdout else ""  # the next line, as soon as it is printed
+        output.append(line)
+        assert line or process.poll() is None, "`mcp dev` exited:\n" + "".join(output)
+        return re.search(r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)", line)
+
     try:
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline and process.poll() is None:
-            line = process.stdout.readline() if process.stdout else ""
-            output.append(line)
-            url = re.search(r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)", line)
-        assert url is not None, "".join(output)
+        url = eventually(inspector_address, 120, awaiting="`mcp dev` to print the Inspector's address", interval_s=0,
+                         showing=lambda: "".join(output))
         yield url.group(1), {"x-mcp-remote-auth": f"Bearer {url.group(2)}"}
     finally:
         os.killpg(process.pid, signal.SIGTERM)

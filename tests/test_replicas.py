@@ -359,10 +359,8 @@ def test_redis_going_away_gets_503s_then_everything_back(cluster: Cluster) -> No
         "store": "unavailable", "shutdown": "no", "google_discovery": "loaded"}}
     assert alive.status_code == 200, "the process is alive: an orchestrator must not restart it for Redis"
 
-    deadline = time.monotonic() + WAIT_S
-    while any(httpx2.get(r.base_url + "/readyz").status_code != 200 for r in cluster.replicas):
-        assert time.monotonic() < deadline, "the replicas did not come back by themselves"
-        time.sleep(0.2)
+    eventually(lambda: all(httpx2.get(r.base_url + "/readyz").status_code == 200 for r in cluster.replicas), WAIT_S,
+               awaiting="the replicas to come back by themselves", interval_s=0.2)
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (1, 2, 3)] == [200] * 3
     again = RawClient(cluster.replica(1), client.client_id, client.redirect_uri).refresh(tokens["refresh_token"])
     assert again.status_code == 200, "the refresh tried during the outage used nothing up"
@@ -476,10 +474,9 @@ def test_a_replica_that_stops_hearing_revocations_trusts_no_kept_token_until_it_
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (2, 3)] == [401, 401]
     assert [replica.log().count(lost) for replica in cluster.replicas] == [n + 1 for n, _ in before]
 
-    deadline = time.monotonic() + WAIT_S  # each subscribes again by itself, and trusts its cache again
-    while [replica.log().count(heard) for replica in cluster.replicas] != [n + 1 for _, n in before]:
-        assert time.monotonic() < deadline, "a replica did not subscribe again"
-        time.sleep(0.1)
+    eventually(lambda: [replica.log().count(heard) for replica in cluster.replicas] == [n + 1 for _, n in before],
+               WAIT_S, awaiting="every replica to subscribe again by itself, and trust its cache again",
+               interval_s=0.1, showing=lambda: [replica.log().count(heard) for replica in cluster.replicas])
     client, tokens = cluster.sign_in()
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (2, 3, 2, 3)] == [200] * 4
     revoked = httpx2.post(cluster.replica(1).base_url + "/revoke",
