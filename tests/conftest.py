@@ -42,6 +42,9 @@ PEERS = REPO / "tests" / "peers"
 ARTIFACTS = REPO / "artifacts"
 STARTUP_TIMEOUT_S = 30.0
 WAIT_S = 10.0  # how long a test waits for a state it can see (an event, a gauge, a log line) before it fails
+# How long the server's log is given to show a traceback before a test asserts there is none: an absence
+# cannot be waited for, and the server may still be handling what was sent (after a 202, or a hang-up).
+TIME_FOR_A_TRACEBACK_S = 0.5
 SETTING_NAMES = frozenset(option.env for option in server_module.OPTIONS)  # never leak the developer's own
 
 MODES: dict[str, tuple[str, ...]] = {

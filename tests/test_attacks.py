@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ServerProcess
+from tests.conftest import TIME_FOR_A_TRACEBACK_S, ServerProcess
 from tests.headless_browser import Browser
 from tests.signin import ALICE, BOB, CAROL, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
@@ -399,5 +399,5 @@ def test_fuzzed_registrations_never_get_a_500(signin_server: ServerProcess, body
 
 
 def test_the_fuzzed_server_logged_no_traceback(signin_server: ServerProcess) -> None:
-    time.sleep(0.2)
+    time.sleep(TIME_FOR_A_TRACEBACK_S)
     assert "Traceback" not in signin_server.log()

@@ -21,6 +21,7 @@ import server as server_module
 from tests.conftest import (
     INITIALIZE,
     REPO,
+    TIME_FOR_A_TRACEBACK_S,
     ServerProcess,
     first_json,
     mcp_headers,
@@ -247,7 +248,7 @@ def test_a_request_method_sent_as_a_notification_is_dropped_quietly(tmp_path: Pa
     with running_server(tmp_path, "--stateless") as server:
         response = httpx2.post(server.mcp_url, headers=mcp_headers(), json={
             "jsonrpc": "2.0", "method": "logging/setLevel", "params": {"level": "loud"}})
-        time.sleep(0.3)  # the notification is handled after the 202
+        time.sleep(TIME_FOR_A_TRACEBACK_S)  # the notification is handled after the 202
         log = server.log()
     assert response.status_code == 202
     assert "Traceback" not in log and "raised" not in log
@@ -309,7 +310,7 @@ def test_a_client_that_leaves_mid_body_costs_no_traceback(tmp_path: Path) -> Non
                              b"Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n"
                              b'{"jsonrpc": "2.0",')
                 time.sleep(0.05)
-        time.sleep(0.5)
+        time.sleep(TIME_FOR_A_TRACEBACK_S)
         session = open_session(httpx2.Client(), server.mcp_url)
         answer = post(server, PING, mcp_headers(session_id=session))
         assert answer.status_code == 200 and first_json(answer.text)["result"] == {}
