@@ -461,8 +461,11 @@ class EventStream:
 
     def wait_until_answered(self, timeout_s: float = WAIT_S) -> int:
         """The response's status, once the server has answered (for a stream: once it is open)."""
-        return eventually(lambda: self.status, timeout_s, awaiting=f"an answer to the stream's request to {self.url}",
-                          showing=lambda: self.ending)
+        def answered() -> int | None:
+            assert not self.ending.startswith("broken"), f"the request to {self.url} failed: {self.ending}"
+            return self.status
+
+        return eventually(answered, timeout_s, awaiting=f"an answer to the stream's request to {self.url}")
 
     def wait_for(self, count: int, timeout_s: float = WAIT_S) -> list[SSEEvent]:
         """The events carrying a message, once at least `count` have arrived."""
