@@ -22,14 +22,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 import server as server_module
 
@@ -37,6 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO / "tests" / "peers"
 ARTIFACTS = REPO / "artifacts"
 STARTUP_TIMEOUT_S = 30.0
+WAIT_S = 10.0  # how long a test waits for a state it can see (an event, a gauge, a log line) before it fails
+# How long the server's log is given to show a traceback before a test asserts there is none: an absence
+# cannot be waited for, and the server may still be handling what was sent (after a 202, or a hang-up).
+TIME_FOR_A_TRACEBACK_S = 0.5
 SETTING_NAMES = frozenset(option.env for option in server_module.OPTIONS)  # never leak the developer's own
 
 MODES: dict[str, tuple[str, ...]] = {
@@ -47,6 +55,7 @@ MODES: dict[str, tuple[str, ...]] = {
 ERAS = ("legacy", "2026-07-28")
 STORES = ("sqlite", "redis")
 TEST_SECRET_KEY = "tests-only-secret-key-shared-by-every-replica-0123456789"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -55,13 +64,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+def eventually(predicate: Callable[[], T], timeout_s: float = WAIT_S, *, awaiting: str, interval_s: float = 0.05,
+               ignoring: type[Exception] | tuple[type[Exception], ...] = (),
+               showing: Callable[[], object] | None = None) -> T:
+    """Call `predicate` until it returns something truthy, and return that: for a state the test can see
+    (a status, an event, a gauge, a log line) that comes about in its own time.
+
+    Fails the test after `timeout_s` with what was awaited and the last value seen (or the last
+    exception of a kind in `ignoring`, which count as "not yet"), then what `showing` returns, if given.
+    Any other exception the predicate raises fails at once: a process that died is not worth waiting for.
+    """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout_s}s")
+    while True:
+        try:
+            value = predicate()
+        except ignoring as exc:
+            last: object = exc
+        else:
+            if value:
+                return value
+            last = value
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval_s)
+    shown = f"\n{showing()}" if showing is not None else ""
+    raise AssertionError(f"waited {timeout_s} s for {awaiting}; the last value seen was {last!r}{shown}")
+
+
+def wait_for_port(port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    def listening() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+
+    eventually(listening, timeout_s, awaiting=f"something to listen on port {port}", ignoring=OSError)
 
 
 @dataclass
@@ -106,16 +141,19 @@ def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None, p
         process = subprocess.Popen([sys.executable, str(script), "--port", str(port), *args],
                                    cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(process, port, workdir, log_path, f"http://127.0.0.1:{port}", full_env)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"server.py exited with {process.returncode}:\n{server.log()}")
-        with contextlib.suppress(httpx2.HTTPError):
-            if httpx2.get(server.base_url + wait_path, timeout=1).status_code < 500:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise TimeoutError(f"server.py did not serve {wait_path} within {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+        return httpx2.get(server.base_url + wait_path, timeout=1).status_code < 500
+
+    try:
+        eventually(serving, STARTUP_TIMEOUT_S, awaiting=f"server.py to serve {wait_path}", interval_s=0.1,
+                   ignoring=httpx2.HTTPError, showing=server.log)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @contextlib.contextmanager
@@ -332,14 +370,156 @@ def open_session(client: httpx2.Client, mcp_url: str) -> str:
     return session_id
 
 
+# --- event streams (SSE): one reader for every test that reads one
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """One server-sent event, its fields as sent (None when absent). `data` is empty for a priming event,
+    which only gives the client an id to resume from."""
+
+    id: str | None = None
+    event: str | None = None
+    data: str = ""
+    retry: int | None = None
+
+    @property
+    def message(self) -> Any:
+        """The JSON the event carries (a JSON-RPC message, on the MCP endpoint), or None when it carries none."""
+        return json.loads(self.data) if self.data.strip() else None
+
+
+def sse_events(stream: httpx2.Response | Iterable[str]) -> Iterator[SSEEvent]:
+    """The events of a streaming httpx2 response, each as soon as the blank line that ends it arrives (or
+    of lines already read). The HTML standard's event-stream rules: a line starting with ':' is a comment,
+    one space after the field's colon is dropped, data lines join with newlines, and `retry` counts only
+    when it is all digits. Unlike a browser, an event without data (a priming event) is kept, each event
+    has the id sent with it rather than the last one seen, and an event cut off by the end of the stream
+    is kept too: a test sees everything that arrived."""
+    lines = stream.iter_lines() if isinstance(stream, httpx2.Response) else stream
+    fields: dict[str, Any] = {}
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if fields or data:
+                yield SSEEvent(data="\n".join(data), **fields)
+            fields, data = {}, []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name in ("id", "event"):
+            fields[name] = value
+        elif name == "retry" and value.isdigit():
+            fields["retry"] = int(value)
+    if fields or data:
+        yield SSEEvent(data="\n".join(data), **fields)
+
+
 def sse_messages(text: str) -> list[dict[str, object]]:
-    """The JSON messages in an SSE body."""
-    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and line[5:].strip()]
+    """The JSON messages in an SSE body read whole."""
+    return [event.message for event in sse_events(text.splitlines()) if event.data.strip()]
+
+
+class EventStream:
+    """An event stream read on a thread of its own, as a client holding it open reads it: the status the
+    server answered with, each event as it arrives, and how the stream ended: "open", "clean" (the server
+    ended it), "dropped" (by `stop()`) or "broken: " and the error."""
+
+    def __init__(self, url: str, headers: dict[str, str], *, method: str = "GET", body: Any = None,
+                 params: dict[str, str] | None = None, timeout_s: float = 30) -> None:
+        self.url = url
+        self.status: int | None = None
+        self.events: list[SSEEvent] = []
+        self.ending = "open"
+        self._http = httpx2.Client(timeout=timeout_s)
+        self._socket: socket.socket | None = None
+        self._dropped = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(method, headers, body, params), daemon=True)
+        self._thread.start()
+
+    def _read(self, method: str, headers: dict[str, str], body: Any, params: dict[str, str] | None) -> None:
+        try:
+            with self._http.stream(method, self.url, headers=headers, json=body, params=params) as response:
+                self._socket = response.extensions["network_stream"].get_extra_info("socket")
+                self.status = response.status_code
+                for event in sse_events(response):
+                    self.events.append(event)
+            self.ending = "clean"
+        except httpx2.HTTPError as exc:
+            self.ending = "dropped" if self._dropped.is_set() else f"broken: {exc!r}"
+
+    @property
+    def messages(self) -> list[Any]:
+        """The JSON of every event that carried some, in order."""
+        return [event.message for event in self.carrying()]
+
+    def carrying(self) -> list[SSEEvent]:
+        """The events that carried a message (not priming events), in order."""
+        return [event for event in list(self.events) if event.data.strip()]
+
+    def wait_until_answered(self, timeout_s: float = WAIT_S) -> int:
+        """The response's status, once the server has answered (for a stream: once it is open)."""
+        def answered() -> int | None:
+            assert not self.ending.startswith("broken"), f"the request to {self.url} failed: {self.ending}"
+            return self.status
+
+        return eventually(answered, timeout_s, awaiting=f"an answer to the stream's request to {self.url}")
+
+    def wait_for(self, count: int, timeout_s: float = WAIT_S) -> list[SSEEvent]:
+        """The events carrying a message, once at least `count` have arrived."""
+        def enough() -> list[SSEEvent]:
+            carrying = self.carrying()
+            return carrying if len(carrying) >= count else []
+
+        return eventually(enough, timeout_s, awaiting=f"{count} messages on the stream from {self.url}",
+                          showing=lambda: f"events: {self.events}; the stream is {self.ending}")
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for the stream to end by itself."""
+        self._thread.join(timeout_s)
+
+    def stop(self) -> None:
+        """Drop the connection, as a client that loses its network would. (Closing the client alone would
+        not: the socket stays open while the reading thread waits in it, until the server next writes.)"""
+        self._dropped.set()
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
+        self._http.close()
+        self._thread.join(5)
+        assert not self._thread.is_alive(), f"the stream from {self.url} is still being read"
+
+
+@contextlib.asynccontextmanager
+async def handshake_listener(mcp_url: str, **options: Any) -> AsyncIterator[Client]:
+    """The SDK's Client in the handshake era, given once the GET stream it opens by itself after the
+    handshake is open: the stream the server sends its notifications to, so one sent from now on is heard."""
+    answers: list[int] = []
+
+    async def note_get_stream(response: httpx2.Response) -> None:
+        if response.request.method == "GET":
+            answers.append(response.status_code)
+
+    timeout = httpx2.Timeout(30, read=300)  # the SDK's own client's timeouts
+    async with httpx2.AsyncClient(timeout=timeout, event_hooks={"response": [note_get_stream]}) as http, \
+            Client(streamable_http_client(mcp_url, http_client=http), mode="legacy", **options) as client:
+        await anyio.to_thread.run_sync(lambda: eventually(
+            lambda: 200 in answers, awaiting="the SDK client's GET stream to open", showing=lambda: answers))
+        yield client
 
 
 def first_json(text: str) -> dict[str, object]:
     messages = sse_messages(text)
     return messages[0] if messages else json.loads(text)
+
+
+def metric(metrics_port: int, sample: str) -> float | None:
+    """One sample's value (its name and labels as exposed) on a server's METRICS_PORT, or None if absent."""
+    exposed = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    return next((float(line.rpartition(" ")[2]) for line in exposed.splitlines()
+                 if line.rpartition(" ")[0] == sample), None)
 
 
 def run_python(*args: str, timeout_s: float = 60, env: dict[str, str] | None = None,

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from pathlib import Path
 
-from tests.conftest import REPO, ServerProcess, assert_no_traceback
+from tests.conftest import REPO, ServerProcess, assert_no_traceback, eventually
 from tests.headless_browser import Browser
 from tests.signin import ALICE, GoogleStandIn
 
@@ -54,12 +53,8 @@ class Terminal:
         return ANSI.sub("", self.screen.decode(errors="replace"))
 
     def wait_for(self, pattern: str, timeout_s: float = 30) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if match := re.search(pattern, self.text):
-                return match
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} never appeared on the terminal:\n{self.text}")
+        return eventually(lambda: re.search(pattern, self.text), timeout_s, awaiting=f"{pattern!r} on the terminal",
+                          showing=lambda: self.text)
 
     def finish(self, timeout_s: float = 60) -> tuple[int, str]:
         output, _ = self.process.communicate(timeout=timeout_s)
@@ -88,14 +83,17 @@ def test_a_spinner_says_what_sign_in_waits_for(google: GoogleStandIn, signin_ser
                         env={"XDG_CONFIG_HOME": str(tmp_path)})
     link = terminal.wait_for(r"(http://127\.0\.0\.1:\d+/authorize\?\S+)").group(1)
     terminal.wait_for("Waiting for you to sign in in your browser")
-    deadline = time.monotonic() + 15  # however slow the machine: the spinner must turn while it waits
-    frames: set[str] = set()
-    while len(frames) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        frames = set(re.findall(r"([⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]) Waiting for you to sign in", terminal.text))
-    Browser().go(link)
-    status, output = terminal.finish()
+
+    def frames() -> set[str]:
+        shown = set(re.findall(r"([⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]) Waiting for you to sign in", terminal.text))
+        return shown if len(shown) >= 2 else set()
+
+    try:  # however slow the machine: the spinner must turn while it waits
+        eventually(frames, 15, awaiting="the spinner to turn while it waits (two frames)", interval_s=0.1,
+                   showing=lambda: terminal.text)
+    finally:
+        Browser().go(link)
+        status, output = terminal.finish()
     assert status == 0, terminal.text
-    assert len(frames) >= 2, f"the spinner turns while it waits: {frames}"
     assert json.loads(output)["email"] == ALICE["email"]
     assert_no_traceback(terminal.text)

@@ -24,7 +24,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import REPO, ServerProcess, free_port, start_server
+from tests.conftest import REPO, ServerProcess, eventually, free_port, start_server
 from tests.signin import ALICE, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, GoogleStandIn, RawClient, mcp_call
 
 pytestmark = pytest.mark.store_of_its_own
@@ -151,16 +151,12 @@ def test_the_image_serves_signs_in_and_stops_cleanly(image: Image, root: Path, g
         process = subprocess.Popen(entrypoint(image, root, env), env=env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(process, port, tmp_path, log_path, base_url, env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def healthy() -> bool:
             assert process.poll() is None, server.log()
-            try:
-                if httpx2.get(base_url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert time.monotonic() < deadline, server.log()
-            time.sleep(0.2)
+            return httpx2.get(base_url + "/healthz", timeout=2).status_code == 200
+
+        eventually(healthy, 60, awaiting="the image's server to answer /healthz", interval_s=0.2,
+                   ignoring=httpx2.TransportError, showing=server.log)
         assert httpx2.get(base_url + "/readyz").json() == {
             "status": "ready", "checks": {"store": "ok", "shutdown": "no", "google_discovery": "loaded"}}
         healthcheck = image.config["Healthcheck"]["Test"][1:]

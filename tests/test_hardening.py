@@ -17,7 +17,15 @@ from urllib.parse import parse_qs, urlsplit
 import httpx2
 import pytest
 
-from tests.conftest import REPO, ServerProcess, StoreUnderTest, current_store, free_port, running_server
+from tests.conftest import (
+    REPO,
+    TIME_FOR_A_TRACEBACK_S,
+    ServerProcess,
+    StoreUnderTest,
+    current_store,
+    free_port,
+    running_server,
+)
 from tests.signin import ALICE, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
 PREVIOUS_RELEASE = "ac5fdad"  # the last commit of version 0.1: its stores are upgraded in place
@@ -77,7 +85,7 @@ def test_a_client_that_leaves_mid_body_on_any_oauth_route_costs_no_traceback(sig
                 sock.sendall(b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\nContent-Length: 1000\r\n\r\n"
                              b"client_id=abc&" % (method.encode(), path.encode(), content_type))
                 time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(TIME_FOR_A_TRACEBACK_S)
     assert httpx2.get(signin_server.base_url + "/healthz").status_code == 200
     log = signin_server.log()
     assert "Exception in ASGI application" not in log and "ClientDisconnect" not in log

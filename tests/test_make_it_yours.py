@@ -7,7 +7,6 @@ import ast
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ import httpx2
 import pytest
 from mcp import Client
 
-from tests.conftest import REPO, free_port, store_env
+from tests.conftest import REPO, STARTUP_TIMEOUT_S, eventually, free_port, store_env
 from tests.headless_browser import Browser
 from tests.signin import ALICE, GoogleStandIn, RawClient, auth_server, mcp_call
 
@@ -43,16 +42,15 @@ def serving(source: str, workdir: Path) -> Iterator[str]:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "DATA_DIR": data_dir, **store_env(data_dir)}
     process = subprocess.Popen([sys.executable, "server.py", "--port", str(port)], cwd=workdir, env=env,
                                stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError((workdir / "server.log").read_text())
+        return httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+
     try:
-        for _ in range(300):
-            if process.poll() is not None:
-                raise RuntimeError((workdir / "server.log").read_text())
-            try:
-                if httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.1)
+        eventually(healthy, STARTUP_TIMEOUT_S, awaiting="this server.py to answer /healthz", interval_s=0.1,
+                   ignoring=httpx2.HTTPError)
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
         process.terminate()

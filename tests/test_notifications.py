@@ -10,7 +10,7 @@ import pytest
 from mcp import Client
 from mcp.client.subscriptions import ResourcesListChanged
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, handshake_listener
 
 pytestmark = pytest.mark.anyio
 WAIT_S = 10
@@ -26,10 +26,9 @@ async def test_handshake_session_hears_list_changes_on_its_get_stream(stateful_s
         if isinstance(message, types.ResourceListChangedNotification):
             heard.set()
 
-    async with Client(stateful_server.mcp_url, mode="legacy", message_handler=on_message) as listener:
+    async with handshake_listener(stateful_server.mcp_url, message_handler=on_message) as listener:
         assert listener.server_capabilities.resources.list_changed is True
         await listener.list_resources()  # a request after initialize registers the session
-        await anyio.sleep(0.3)  # the SDK client opens its GET stream right after the handshake
         async with Client(stateful_server.mcp_url, mode="legacy") as writer:
             note = await writer.call_tool("add_note", {"title": "heard across sessions"})
         with anyio.fail_after(WAIT_S):
@@ -81,10 +80,9 @@ async def test_handshake_subscriptions_deliver_resource_updates(stateful_server:
             updates.append(str(message.params.uri))
             arrived.set()
 
-    async with Client(stateful_server.mcp_url, mode="legacy", message_handler=on_message) as listener:
+    async with handshake_listener(stateful_server.mcp_url, message_handler=on_message) as listener:
         assert listener.server_capabilities.resources.subscribe is True
         await listener.subscribe_resource("notes://index")
-        await anyio.sleep(0.3)
         async with Client(stateful_server.mcp_url, mode="legacy") as writer:
             note_id = (await writer.call_tool("add_note", {"title": "watched"})).structured_content["id"]
             with anyio.fail_after(WAIT_S):

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,8 +22,10 @@ from tests.conftest import (
     REPO,
     ServerProcess,
     assert_no_traceback,
+    eventually,
     free_port,
     mcp_headers,
+    metric,
     open_session,
     run_python,
     running_server,
@@ -58,18 +59,25 @@ def test_readyz_names_a_google_that_cannot_be_reached_and_healthz_stays_up(googl
 
 def test_readyz_says_draining_once_shutdown_begins(google: GoogleStandIn, tmp_path: Path) -> None:
     """A load balancer that keeps a connection open sees the replica leave before it goes."""
-    with auth_server(google, tmp_path, env={"SHUTDOWN_GRACE": "6", "RATE_LIMIT_MCP": "0"}) as server:
+    metrics_port = free_port()  # where the test sees the call in flight
+    env = {"SHUTDOWN_GRACE": "6", "RATE_LIMIT_MCP": "0", "METRICS_PORT": str(metrics_port)}
+    with auth_server(google, tmp_path, env=env) as server:
         google.next_login(ALICE)
         token = RawClient.register(server).sign_in()["access_token"]
         slow = threading.Thread(target=mcp_call, args=(server, token), kwargs={"params": {
             "name": "long_task", "arguments": {"steps": 8, "step_seconds": 0.5}}}, daemon=True)
         with httpx2.Client(base_url=server.base_url) as balancer:
+
+            def not_ready() -> httpx2.Response | None:
+                answer = balancer.get("/readyz")
+                return answer if answer.status_code != 200 else None
+
             assert balancer.get("/readyz").status_code == 200
             slow.start()
-            time.sleep(0.5)  # the call is in flight
+            eventually(lambda: metric(metrics_port, "stream_http_mcp_exchanges_open") == 1,
+                       awaiting="the call to be in flight")
             server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            draining = balancer.get("/readyz")
+            draining = eventually(not_ready, awaiting="/readyz to change once shutdown begins")
         slow.join(20)
     assert draining.status_code == 503
     assert draining.json()["missing"] == ["shutdown"] and draining.json()["checks"]["shutdown"] == "draining"
@@ -94,15 +102,12 @@ class Prometheus:
         self.process = subprocess.Popen([executable, f"--config.file={config}", f"--storage.tsdb.path={workdir}/tsdb",
                                          f"--web.listen-address={self.url.removeprefix('http://')}"],
                                         stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx2.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass
-            assert self.process.poll() is None and time.monotonic() < deadline, "prometheus did not start"
-            time.sleep(0.2)
+
+        def ready() -> bool:
+            assert self.process.poll() is None, "prometheus exited"
+            return httpx2.get(self.url + "/-/ready", timeout=1).status_code == 200
+
+        eventually(ready, 30, awaiting="prometheus to start", interval_s=0.2, ignoring=httpx2.TransportError)
 
     def value(self, query: str) -> float | None:
         result = httpx2.get(self.url + "/api/v1/query", params={"query": query}).json()
@@ -110,11 +115,10 @@ class Prometheus:
         series = result["data"]["result"]
         return float(series[0]["value"][1]) if series else None
 
-    def wait_for(self, query: str, expected: float, timeout_s: float = 30) -> float | None:
-        deadline = time.monotonic() + timeout_s
-        while (found := self.value(query)) != expected and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return found
+    def differences(self, expected: dict[str, float]) -> list[str]:
+        """Each query whose value is not the one expected, with both."""
+        return [f"{query}: {found} (expected {value})" for query, value in expected.items()
+                if (found := self.value(query)) != value]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -165,11 +169,12 @@ def test_prometheus_scrapes_sign_ins_tokens_and_tool_calls(metrics_server: tuple
             "sum(stream_http_store_failures_total) or vector(0)": 0,
             'stream_http_mcp_exchanges_open': 0,
         }
-        found = {query: prometheus.wait_for(query, value) for query, value in expected.items()}
-        assert found == expected, "\n".join(f"{q}: {found[q]} (expected {v})" for q, v in expected.items())
+        eventually(lambda: not prometheus.differences(expected), 30, interval_s=0.5,
+                   awaiting="prometheus to scrape every value expected",
+                   showing=lambda: "\n".join(prometheus.differences(expected)))
         p99 = prometheus.value('histogram_quantile(0.99, stream_http_mcp_request_duration_seconds_bucket'
                                '{method="tools/call"})')
-        print(f"prometheus: {found}; tools/call p99 {p99}")
+        print(f"prometheus: {expected}; tools/call p99 {p99}")
     finally:
         prometheus.stop()
 
@@ -274,9 +279,9 @@ def test_spans_leave_over_otlp_when_an_endpoint_is_set(google: GoogleStandIn, tm
             google.next_login(ALICE)
             token = RawClient.register(server).sign_in()["access_token"]
             assert add(server, token, 1, 2, traceparent=TRACEPARENT).status_code == 200
-            deadline = time.monotonic() + 20
-            while not any(span.name == "tools/call add" for span in exported()) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            eventually(lambda: any(span.name == "tools/call add" for span in exported()), 20,
+                       awaiting="the tools/call span to reach the collector", interval_s=0.2,
+                       showing=lambda: sorted({span.name for span in exported()}))
             log = server.log()
     finally:
         collector.shutdown()
@@ -365,8 +370,12 @@ def test_open_sessions_and_streams_are_gauges(tmp_path: Path) -> None:
         with http.stream("GET", server.mcp_url, headers=headers) as stream:
             assert stream.status_code == 200
             during = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        time.sleep(0.5)
-        after = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+
+        def streams_gauge_fell() -> str | None:
+            scraped = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            return scraped if "stream_http_streams_open 0.0" in scraped else None
+
+        after = eventually(streams_gauge_fell, awaiting="the streams gauge to fall once the stream closed")
     assert "stream_http_streams_open 1.0" in during and "stream_http_sessions_open 1.0" in during
     assert "stream_http_mcp_exchanges_open 1.0" in during
     assert "stream_http_streams_open 0.0" in after

@@ -11,8 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 
-from tests.conftest import MODES, REPO, Peers, ServerProcess, free_port, running_server
+from tests.conftest import MODES, REPO, EventStream, Peers, ServerProcess, eventually, free_port, running_server
 
 CONFORMANCE = "@modelcontextprotocol/conformance/dist/index.js"
 INSPECTOR = "@modelcontextprotocol/inspector/clients/launcher/build/index.js"
@@ -184,37 +182,14 @@ async def test_stdio_clients_hear_their_list_changes(tmp_path: Path) -> None:
 # --- `mcp dev server.py`: the Inspector web app, driven through its own API
 
 
-class InspectorEvents:
-    """Reads the Inspector's /api/mcp/events stream on a thread, collecting the MCP messages it relays."""
+def response_to(events: EventStream, request_id: int, timeout_s: float = 30) -> dict[str, Any]:
+    """The response to `request_id` among the MCP messages the Inspector relays on its /api/mcp/events stream."""
+    def answered() -> dict[str, Any] | None:
+        return next((relayed["data"] for relayed in events.messages if isinstance(relayed.get("data"), dict)
+                     and relayed["data"].get("id") == request_id and "result" in relayed["data"]), None)
 
-    def __init__(self, base: str, headers: dict[str, str], session_id: str) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self._http = httpx2.Client(timeout=60)
-        self._thread = threading.Thread(target=self._read, args=(base, headers, session_id), daemon=True)
-        self._thread.start()
-
-    def _read(self, base: str, headers: dict[str, str], session_id: str) -> None:
-        try:
-            with self._http.stream("GET", f"{base}/api/mcp/events", params={"sessionId": session_id},
-                                   headers=headers) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data:"):
-                        self.messages.append(json.loads(line[5:]))
-        except httpx2.HTTPError:
-            return
-
-    def response_to(self, request_id: int, timeout_s: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for event in self.messages:
-                message = event.get("data")
-                if isinstance(message, dict) and message.get("id") == request_id and "result" in message:
-                    return message
-            time.sleep(0.1)
-        raise AssertionError(f"no response to {request_id}: {self.messages[-5:]}")
-
-    def close(self) -> None:
-        self._http.close()
+    return eventually(answered, timeout_s, awaiting=f"the Inspector to relay the response to {request_id}",
+                      interval_s=0.1, showing=lambda: events.messages[-5:])
 
 
 @pytest.fixture
@@ -227,14 +202,16 @@ def mcp_dev(peers: Peers, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]
                                cwd=peers.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     output: list[str] = []
+
+    def inspector_address() -> re.Match[str] | None:
+        line = process.stdout.readline() if process.stdout else ""  # the next line, as soon as it is printed
+        output.append(line)
+        assert line or process.poll() is None, "`mcp dev` exited:\n" + "".join(output)
+        return re.search(r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)", line)
+
     try:
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline and process.poll() is None:
-            line = process.stdout.readline() if process.stdout else ""
-            output.append(line)
-            url = re.search(r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)", line)
-        assert url is not None, "".join(output)
+        url = eventually(inspector_address, 120, awaiting="`mcp dev` to print the Inspector's address", interval_s=0,
+                         showing=lambda: "".join(output))
         yield url.group(1), {"x-mcp-remote-auth": f"Bearer {url.group(2)}"}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -252,7 +229,8 @@ def test_mcp_dev_opens_the_inspector_on_this_server_over_stdio(mcp_dev: tuple[st
     connected = httpx2.post(f"{base}/api/mcp/connect", headers=headers, json={"config": server_config}, timeout=60)
     assert connected.status_code == 200, connected.text
     session_id = connected.json()["sessionId"]
-    events = InspectorEvents(base, headers, session_id)
+    events = EventStream(f"{base}/api/mcp/events", headers, params={"sessionId": session_id}, timeout_s=60)
+    assert events.wait_until_answered() == 200  # listening before anything is sent
     try:
         def send(message: dict[str, Any]) -> None:
             sent = httpx2.post(f"{base}/api/mcp/send", headers=headers, timeout=60,
@@ -261,10 +239,10 @@ def test_mcp_dev_opens_the_inspector_on_this_server_over_stdio(mcp_dev: tuple[st
 
         send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "inspector", "version": "2"}}})
-        assert events.response_to(1)["result"]["serverInfo"]["name"] == "stream-http"
+        assert response_to(events, 1)["result"]["serverInfo"]["name"] == "stream-http"
         send({"jsonrpc": "2.0", "method": "notifications/initialized"})
         send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1,
                                                                                                      "b": 1}}})
-        assert events.response_to(2)["result"]["structuredContent"] == {"result": 2}
+        assert response_to(events, 2)["result"]["structuredContent"] == {"result": 2}
     finally:
-        events.close()
+        events.stop()

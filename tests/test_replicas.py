@@ -28,7 +28,16 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ResourcesListChanged
 
-from tests.conftest import TEST_SECRET_KEY, Peers, RedisServer, ServerProcess, free_port, running_server
+from tests.conftest import (
+    TEST_SECRET_KEY,
+    Peers,
+    RedisServer,
+    ServerProcess,
+    eventually,
+    free_port,
+    handshake_listener,
+    running_server,
+)
 from tests.headless_browser import Browser
 from tests.nginx import Nginx, readme_config
 from tests.signin import ALICE, GoogleStandIn, RawClient, SdkSignIn, mcp_call, pkce_pair, start_auth_server
@@ -216,9 +225,8 @@ async def test_a_handshake_get_stream_hears_a_note_added_on_another_stateful_rep
             heard.set()
 
     with running_server(tmp_path / "a", env=env) as a, running_server(tmp_path / "b", env=env) as b:
-        async with Client(a.mcp_url, mode="legacy", message_handler=on_message) as listener:
+        async with handshake_listener(a.mcp_url, message_handler=on_message) as listener:
             await listener.list_resources()
-            await anyio.sleep(0.3)  # the SDK client opens its GET stream right after the handshake
             async with Client(b.mcp_url, mode="legacy") as writer:
                 await writer.call_tool("add_note", {"title": "from replica B"})
             with anyio.fail_after(WAIT_S):
@@ -351,10 +359,8 @@ def test_redis_going_away_gets_503s_then_everything_back(cluster: Cluster) -> No
         "store": "unavailable", "shutdown": "no", "google_discovery": "loaded"}}
     assert alive.status_code == 200, "the process is alive: an orchestrator must not restart it for Redis"
 
-    deadline = time.monotonic() + WAIT_S
-    while any(httpx2.get(r.base_url + "/readyz").status_code != 200 for r in cluster.replicas):
-        assert time.monotonic() < deadline, "the replicas did not come back by themselves"
-        time.sleep(0.2)
+    eventually(lambda: all(httpx2.get(r.base_url + "/readyz").status_code == 200 for r in cluster.replicas), WAIT_S,
+               awaiting="the replicas to come back by themselves", interval_s=0.2)
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (1, 2, 3)] == [200] * 3
     again = RawClient(cluster.replica(1), client.client_id, client.redirect_uri).refresh(tokens["refresh_token"])
     assert again.status_code == 200, "the refresh tried during the outage used nothing up"
@@ -402,33 +408,39 @@ def test_a_rate_limit_holds_across_replicas(cluster: Cluster, tmp_path: Path) ->
 # --- the verified-token cache: each replica keeps the tokens it has read, and a revocation reaches all
 
 
-def hammer(server: ServerProcess, access_token: str, stop: threading.Event) -> list[tuple[float, float, int]]:
-    """whoami again and again until `stop`: when each request started and ended, and its status."""
-    seen = []
+def hammer(server: ServerProcess, access_token: str, stop: threading.Event,
+           seen: list[tuple[float, float, int]]) -> None:
+    """whoami again and again until `stop`, noting in `seen` when each request started and ended, and its status."""
     with httpx2.Client() as http:  # keep-alive: as many requests as the replica answers
         while not stop.is_set():
             started = time.monotonic()
             status = mcp_call(server, access_token, "tools/call", {"name": "whoami", "arguments": {}},
                               http=http).status_code
             seen.append((started, time.monotonic(), status))
-    return seen
 
 
 def test_a_revocation_racing_requests_on_three_replicas_ends_the_token_on_all_at_once(cluster: Cluster) -> None:
     client, tokens = cluster.sign_in()
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (1, 2, 3)] == [200] * 3
     stop = threading.Event()
+    runs: list[tuple[int, list[tuple[float, float, int]]]] = [(n, []) for n in (1, 2, 3) for _ in range(2)]
     with ThreadPoolExecutor(REPLICAS * 2) as pool:  # two callers per replica, every replica's cache warm
-        runs = [(n, pool.submit(hammer, cluster.replica(n), tokens["access_token"], stop))
-                for n in (1, 2, 3) for _ in range(2)]
-        time.sleep(0.5)
-        asked = time.monotonic()
-        revoked = httpx2.post(cluster.replica(2).base_url + "/revoke",
-                              data={"token": tokens["refresh_token"], "client_id": client.client_id})
-        answered = time.monotonic()
-        time.sleep(0.5)
-        stop.set()
-        seen = [(n, *request) for n, run in runs for request in run.result()]
+        callers = [pool.submit(hammer, cluster.replica(n), tokens["access_token"], stop, requests)
+                   for n, requests in runs]
+        try:
+            eventually(lambda: all(requests for _, requests in runs), WAIT_S,
+                       awaiting="every caller to have been answered (every replica's cache warm)")
+            asked = time.monotonic()
+            revoked = httpx2.post(cluster.replica(2).base_url + "/revoke",
+                                  data={"token": tokens["refresh_token"], "client_id": client.client_id})
+            answered = time.monotonic()
+            eventually(lambda: all(any(started > answered for started, _, _ in requests) for _, requests in runs),
+                       WAIT_S, awaiting="every caller to have been answered again after the revocation")
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.result()
+        seen = [(n, *request) for n, requests in runs for request in requests]
     assert revoked.status_code == 200, revoked.text
     before = [status for _, _, ended, status in seen if ended < asked]
     during = [status for _, started, ended, status in seen if ended >= asked and started <= answered]
@@ -462,10 +474,9 @@ def test_a_replica_that_stops_hearing_revocations_trusts_no_kept_token_until_it_
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (2, 3)] == [401, 401]
     assert [replica.log().count(lost) for replica in cluster.replicas] == [n + 1 for n, _ in before]
 
-    deadline = time.monotonic() + WAIT_S  # each subscribes again by itself, and trusts its cache again
-    while [replica.log().count(heard) for replica in cluster.replicas] != [n + 1 for _, n in before]:
-        assert time.monotonic() < deadline, "a replica did not subscribe again"
-        time.sleep(0.1)
+    eventually(lambda: [replica.log().count(heard) for replica in cluster.replicas] == [n + 1 for _, n in before],
+               WAIT_S, awaiting="every replica to subscribe again by itself, and trust its cache again",
+               interval_s=0.1, showing=lambda: [replica.log().count(heard) for replica in cluster.replicas])
     client, tokens = cluster.sign_in()
     assert [whoami(cluster.replica(n), tokens["access_token"]).status_code for n in (2, 3, 2, 3)] == [200] * 4
     revoked = httpx2.post(cluster.replica(1).base_url + "/revoke",

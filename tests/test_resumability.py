@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,49 +13,32 @@ import mcp_types as types
 import pytest
 
 import server as server_module
-from tests.conftest import INITIALIZE, ServerProcess, mcp_headers, open_session, running_server
+from tests.conftest import (
+    INITIALIZE,
+    EventStream,
+    ServerProcess,
+    StoreUnderTest,
+    eventually,
+    free_port,
+    mcp_headers,
+    metric,
+    open_session,
+    running_server,
+    sse_events,
+)
 
 SSE_HEADERS = {"accept": "text/event-stream"}
 
 
-class EventReader:
-    """Reads an SSE response on a thread and collects (id, message) pairs as they arrive."""
+@pytest.fixture(scope="module")
+def stateful_server(tmp_path_factory: pytest.TempPathFactory, store: StoreUnderTest) -> Iterator[ServerProcess]:
+    """conftest's stateful server, with its metrics on: a test here sees the server notice a dropped stream."""
+    with running_server(tmp_path_factory.mktemp("stateful"), env={"METRICS_PORT": str(free_port())}) as running:
+        yield running
 
-    def __init__(self, url: str, headers: dict[str, str], method: str = "GET", body: Any = None) -> None:
-        self.events: list[tuple[str | None, dict[str, Any]]] = []
-        self.status: int | None = None
-        self._http = httpx2.Client(timeout=30)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(method, url, headers, body), daemon=True)
-        self._thread.start()
 
-    def _read(self, method: str, url: str, headers: dict[str, str], body: Any) -> None:
-        try:
-            with self._http.stream(method, url, headers=headers, json=body) as response:
-                self.status = response.status_code
-                event_id = None
-                for line in response.iter_lines():
-                    if line.startswith("id:"):
-                        event_id = line[3:].strip()
-                    elif line.startswith("data:") and line[5:].strip():
-                        self.events.append((event_id, json.loads(line[5:])))
-                        event_id = None
-        except httpx2.HTTPError:
-            if not self._stopped.is_set():
-                raise
-
-    def wait_for(self, count: int, timeout_s: float = 10) -> list[tuple[str | None, dict[str, Any]]]:
-        deadline = time.monotonic() + timeout_s
-        while len(self.events) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.events) >= count, f"got {self.events}"
-        return self.events
-
-    def stop(self) -> None:
-        """Drop the connection, as a client that loses its network would."""
-        self._stopped.set()
-        self._http.close()
-        self._thread.join(5)
+def streams_open(server: ServerProcess) -> float | None:
+    return metric(int(server.env["METRICS_PORT"]), "stream_http_streams_open")
 
 
 def long_task_in_a_session(server: ServerProcess, *, request_id: int,
@@ -73,12 +55,13 @@ def long_task_in_a_session(server: ServerProcess, *, request_id: int,
 def resume_until_result(server: ServerProcess, headers: dict[str, str],
                         last_event_id: str) -> tuple[list[dict[str, Any]], list[Any]]:
     """Reconnect with Last-Event-ID and read until the call's result: the messages, and the progress in them."""
-    resumed = EventReader(server.mcp_url, {**headers, **SSE_HEADERS, "last-event-id": last_event_id})
-    deadline = time.monotonic() + 10
-    while not any("result" in m for _, m in resumed.events) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    resumed.stop()
-    messages = [m for _, m in resumed.events]
+    resumed = EventStream(server.mcp_url, {**headers, **SSE_HEADERS, "last-event-id": last_event_id})
+    try:
+        eventually(lambda: any("result" in m for m in resumed.messages), awaiting="the call's result, resumed",
+                   showing=lambda: resumed.messages)
+    finally:
+        resumed.stop()
+    messages = resumed.messages
     return messages, [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
 
 
@@ -95,22 +78,23 @@ def test_a_reconnecting_get_stream_receives_the_events_it_missed(stateful_server
         session = open_session(http, stateful_server.mcp_url)
         http.post(stateful_server.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
                   headers=mcp_headers(session_id=session))  # registers the session for list changes
-    first = EventReader(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": session})
-    time.sleep(0.3)
+    first = EventStream(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": session})
+    assert first.wait_until_answered() == 200  # the stream is open: what the server sends now reaches it
     add_note(stateful_server, "while connected")
-    [(seen_id, message)] = first.wait_for(1)
-    assert message["method"] == "notifications/resources/list_changed" and seen_id
+    [seen] = first.wait_for(1)
+    seen_id = seen.id
+    assert seen.message["method"] == "notifications/resources/list_changed" and seen_id
     first.stop()
 
-    time.sleep(0.3)  # the server notices the dropped stream
+    eventually(lambda: streams_open(stateful_server) == 0, awaiting="the server to notice the dropped stream")
     add_note(stateful_server, "while disconnected")
     add_note(stateful_server, "still disconnected")
 
-    resumed = EventReader(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": session, "last-event-id": seen_id})
+    resumed = EventStream(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": session, "last-event-id": seen_id})
     replayed = resumed.wait_for(2)
     resumed.stop()
-    assert [m["method"] for _, m in replayed[:2]] == ["notifications/resources/list_changed"] * 2
-    assert all(event_id and event_id != seen_id for event_id, _ in replayed)
+    assert [event.message["method"] for event in replayed[:2]] == ["notifications/resources/list_changed"] * 2
+    assert all(event.id and event.id != seen_id for event in replayed)
 
 
 def test_an_event_id_from_another_session_replays_nothing(stateful_server: ServerProcess) -> None:
@@ -118,10 +102,10 @@ def test_an_event_id_from_another_session_replays_nothing(stateful_server: Serve
         victim = open_session(http, stateful_server.mcp_url)
         http.post(stateful_server.mcp_url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
                   headers=mcp_headers(session_id=victim))
-    reader = EventReader(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": victim})
-    time.sleep(0.3)
+    reader = EventStream(stateful_server.mcp_url, {**SSE_HEADERS, "mcp-session-id": victim})
+    assert reader.wait_until_answered() == 200
     add_note(stateful_server, "private event")
-    [(victim_event, _)] = reader.wait_for(1)
+    [victim_event] = [event.id for event in reader.wait_for(1)]
     reader.stop()
 
     add_note(stateful_server, "another private event")
@@ -136,10 +120,11 @@ def test_an_event_id_from_another_session_replays_nothing(stateful_server: Serve
 def test_a_dropped_post_stream_resumes_with_progress_and_the_result(stateful_server: ServerProcess) -> None:
     """SEP-1699: a client that loses a tool call's stream reconnects and gets the rest of it."""
     headers, call = long_task_in_a_session(stateful_server, request_id=7, steps=4)
-    posted = EventReader(stateful_server.mcp_url, headers, method="POST", body=call)
-    last_id, first_progress = posted.wait_for(1)[0]
+    posted = EventStream(stateful_server.mcp_url, headers, method="POST", body=call)
+    first_progress = posted.wait_for(1)[0]
     posted.stop()  # the connection drops after the first progress notification
-    assert first_progress["params"]["progress"] == 1 and last_id
+    last_id = first_progress.id
+    assert first_progress.message["params"]["progress"] == 1 and last_id
 
     messages, progress = resume_until_result(stateful_server, headers, last_id)
     assert progress[-1] == 4 and 1 not in progress, progress
@@ -210,14 +195,11 @@ def test_a_post_stream_resumes_from_its_first_priming_event(stateful_server: Ser
     """The priming event is the first id a client sees; a client that drops right after it must get
     everything that followed, from this process's memory or from Redis."""
     headers, call = long_task_in_a_session(stateful_server, request_id=8, steps=3)
-    priming = None
     with httpx2.Client(timeout=30) as http, http.stream("POST", stateful_server.mcp_url, json=call,
                                                          headers=headers) as response:
-        for line in response.iter_lines():
-            if line.startswith("id:"):
-                priming = line[3:].strip()
-                break  # the connection drops right after the priming event
-    assert priming
+        first = next(sse_events(response))  # the connection drops right after the priming event
+    priming = first.id
+    assert priming and first.message is None, first
     time.sleep(1.2)  # the task runs on, and its progress is sent while nobody listens
     messages, progress = resume_until_result(stateful_server, headers, priming)
     assert progress == [1, 2, 3], messages

@@ -4,9 +4,8 @@ grace; the SDK's own Client carries on once the server is back."""
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,37 +15,19 @@ import httpx2
 import pytest
 from mcp import Client
 
-from tests.conftest import assert_no_traceback, mcp_headers, open_session, start_server
+from tests.conftest import EventStream, assert_no_traceback, eventually, mcp_headers, open_session, start_server
 
 pytestmark = pytest.mark.anyio
 GRACE_S = 4
 MODERN = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
 
 
-class Stream:
-    """One streamed response read on a thread: its messages, and how it ended."""
-
-    def __init__(self, url: str, method: str, headers: dict[str, str], body: Any = None) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.ending = "open"
-        self.thread = threading.Thread(target=self.read, args=(url, method, headers, body), daemon=True)
-        self.thread.start()
-
-    def read(self, url: str, method: str, headers: dict[str, str], body: Any) -> None:
-        try:
-            with httpx2.Client(timeout=30) as http, http.stream(method, url, headers=headers, json=body) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data:") and line[5:].strip():
-                        self.messages.append(json.loads(line[5:]))
-            self.ending = "clean"
-        except httpx2.HTTPError as exc:
-            self.ending = f"broken: {exc}"
-
-    def wait_for(self, count: int) -> None:
-        deadline = time.monotonic() + 10
-        while len(self.messages) < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.messages) >= count, self.messages
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def call(steps: int, request_id: int) -> dict[str, Any]:
@@ -61,18 +42,20 @@ async def test_sigterm_drains_streams_and_calls_then_clients_carry_on(tmp_path: 
         session = open_session(http, server.mcp_url)
     legacy = mcp_headers(session_id=session, **{"mcp-protocol-version": "2025-11-25"})
     modern = mcp_headers("2026-07-28", **{"mcp-method": "subscriptions/listen"})
-    get_stream = Stream(server.mcp_url, "GET", {**legacy, "accept": "text/event-stream"})
-    listen = Stream(server.mcp_url, "POST", modern, {"jsonrpc": "2.0", "id": 5, "method": "subscriptions/listen",
-                                                     "params": {"notifications": {"resourcesListChanged": True},
-                                                                "_meta": MODERN}})
-    short_call = Stream(server.mcp_url, "POST", legacy, call(2, 7))
-    long_call = Stream(server.mcp_url, "POST", legacy, call(40, 8))
+    get_stream = EventStream(server.mcp_url, {**legacy, "accept": "text/event-stream"})
+    listen = EventStream(server.mcp_url, modern, method="POST", body={
+        "jsonrpc": "2.0", "id": 5, "method": "subscriptions/listen",
+        "params": {"notifications": {"resourcesListChanged": True}, "_meta": MODERN}})
+    short_call = EventStream(server.mcp_url, legacy, method="POST", body=call(2, 7))
+    long_call = EventStream(server.mcp_url, legacy, method="POST", body=call(40, 8))
     async with Client(server.mcp_url, mode="2026-07-28") as client:
+        await anyio.to_thread.run_sync(get_stream.wait_until_answered)  # open
         for stream in (short_call, long_call, listen):
             await anyio.to_thread.run_sync(stream.wait_for, 1)  # running: a first step, or the acknowledgement
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        await anyio.sleep(0.3)
+        await anyio.to_thread.run_sync(lambda: eventually(
+            lambda: refuses_connections(server.port), awaiting="the server to close its listening socket"))
         with pytest.raises(httpx2.ConnectError):  # no new request is taken: the listening socket is closed
             await anyio.to_thread.run_sync(lambda: httpx2.post(
                 server.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers=mcp_headers()))
@@ -80,7 +63,7 @@ async def test_sigterm_drains_streams_and_calls_then_clients_carry_on(tmp_path: 
         took = time.monotonic() - started
         log = server.log()
         for stream in (get_stream, listen, short_call, long_call):
-            stream.thread.join(5)
+            stream.join(5)
         restarted = start_server(tmp_path, port=server.port, env={"SHUTDOWN_GRACE": str(GRACE_S)})
         try:
             after = await client.call_tool("add", {"a": 1, "b": 2})
