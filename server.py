@@ -80,6 +80,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlun
 import anyio
 import httpx2
 import uvicorn
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -135,6 +136,7 @@ from mcp_types import (
     jsonrpc_message_adapter,
 )
 from mcp_types import Tool as MCPTool
+from mcp_types.methods import SPEC_CLIENT_METHODS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from opentelemetry import propagate, trace
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
@@ -814,9 +816,9 @@ class Settings:
     max_sessions: int = option("MAX_SESSIONS", "10000", "Most stateful sessions open at once.", whole_number(1))
     event_store_max_events: int = option("EVENT_STORE_MAX_EVENTS", "10000", "Most stream events kept for clients "
                                          "that reconnect with Last-Event-ID.", whole_number(10))
-    shutdown_grace_s: int = option("SHUTDOWN_GRACE", "5", "Seconds a call in flight gets to finish when the server "
-                                   "is asked to stop; after that it is answered with an error. Open streams end at "
-                                   "once.", whole_number(1, 3600))
+    shutdown_grace_s: int = option("SHUTDOWN_GRACE", "5", "Seconds the server takes to stop when asked to (SIGTERM): "
+                                   "calls in flight get all of it but 1.5 s (what closing takes) to finish, then are "
+                                   "answered with an error. Open streams end at once.", whole_number(1, 3600))
     google_client_id: str = option("GOOGLE_CLIENT_ID", "", "OAuth client id of your Google Cloud web application. "
                                    "With GOOGLE_CLIENT_SECRET it turns on sign-in: every MCP request then needs a "
                                    "token from this server.")
@@ -1201,8 +1203,13 @@ def store_operation(action: str) -> Measured:
     return Measured("store", action, action.partition(" ")[0], STORE_DURATION, STORE_FAILURES, every_outcome=False)
 
 
+GOOGLE_APIS = frozenset({"token", "refresh", "userinfo", "revoke", "calendar", "drive", "tasks", "gmail", "people"})
+
+
 def google_request(api: str) -> Measured:
-    return Measured("google", api, api, GOOGLE_DURATION, GOOGLE_REQUESTS, every_outcome=True,
+    """Measure one call to Google; an API not named in GOOGLE_APIS is counted as "other" (labels stay few)."""
+    label = api if api in GOOGLE_APIS else "other"
+    return Measured("google", label, label, GOOGLE_DURATION, GOOGLE_REQUESTS, every_outcome=True,
                     kind=trace.SpanKind.CLIENT)
 
 
@@ -1249,12 +1256,28 @@ class RequestLogFields(logging.Filter):
         return True
 
 
+LOG_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what could end a line, or hide what follows
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character (line breaks above all) written as its escape, so that a value a
+    caller chose can never end a log line or start a record of its own (CWE-117)."""
+    return LOG_UNSAFE.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
+
+
 class TextLogFormat(logging.Formatter):
-    """A readable line, ending with the request's id when there is one. An audit line stays the JSON
-    object it is, which names the request itself (`request_id`)."""
+    """A readable line, ending with the request's id when there is one. Whatever a message holds, it stays
+    on its line; a traceback's lines are indented, so only a record starts a line. An audit line stays
+    the JSON object it is, which names the request itself (`request_id`)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(logging.makeLogRecord({**record.__dict__, "message": one_line(record.message)}))
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join("    " + line for line in super().formatException(ei).splitlines())
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -1278,6 +1301,24 @@ class JsonLogFormat(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")  # W3C Trace Context
+TRACESTATE_MEMBER = re.compile(r"^[a-z0-9][a-z0-9_\-*/@]{0,255}=[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+                               r"(?:[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,254}[\x21-\x2b\x2d-\x3c\x3e-\x7e])?$")
+
+
+def trace_carrier(traceparent: bytes | None, tracestate: bytes | None) -> dict[str, str] | None:
+    """A caller's W3C trace headers as OpenTelemetry reads them, or None when traceparent is not one: an
+    invalid header is ignored here, before OpenTelemetry would log it (a line the caller could fill). A
+    tracestate is kept only when every member is well formed, at most 32, each key once."""
+    parent = (traceparent or b"").decode("latin-1").strip()
+    if not TRACEPARENT.match(parent):
+        return None
+    members = [member.strip() for member in (tracestate or b"").decode("latin-1").split(",") if member.strip()]
+    keys = [member.partition("=")[0] for member in members]
+    valid = len(members) <= 32 and len(set(keys)) == len(keys) and all(map(TRACESTATE_MEMBER.match, members))
+    return {"traceparent": parent, "tracestate": ",".join(members)} if valid and members else {"traceparent": parent}
 
 
 def client_address() -> str | None:
@@ -1366,6 +1407,15 @@ class Entry(NamedTuple):
         return type(self.value).kind
 
 
+class Swap(NamedTuple):
+    """One more record a `swap` changes in the same step: `key` from `expected` (compared as a value) to
+    `replacement`; if any record is no longer as expected, nothing changes."""
+
+    key: str
+    expected: Any
+    replacement: Any
+
+
 class Gone(NamedTuple):
     """A record to delete as part of a `take` or `swap`."""
 
@@ -1385,6 +1435,15 @@ def record_adapter(record_type: type[Any]) -> TypeAdapter[Any]:
 def to_json(value: Any) -> str:
     """The one serialisation of stored values; sorted keys so equal values compare equal."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def parse_json(text: str | bytes, **options: Any) -> Any:
+    """JSON someone else wrote (a request body, a fetched document, a message): a value nested too deeply for
+    the parser (a nesting bomb) is a ValueError like any other bad JSON, never a RecursionError."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
 
 
 def encode_record(value: Any) -> str:
@@ -1426,7 +1485,8 @@ class Store(Protocol):
     async def put(self, *entries: Entry) -> None: ...
     async def get(self, record_type: type[R], key: str) -> R | None: ...
     async def take(self, record_type: type[R], key: str, then: Sequence[Entry | Gone] = ()) -> R | None: ...
-    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool: ...
+    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = (),
+                   *, also: Sequence[Swap] = ()) -> bool: ...
     async def delete(self, record_type: type[StoredRecord], key: str) -> bool: ...
     async def find(self, record_type: type[R], owner: str) -> list[R]: ...
     async def delete_group(self, group: str) -> int: ...
@@ -1560,16 +1620,19 @@ class SQLiteStore:
         value = await self._run(f"taking {record_type.kind}", take)
         return decode_record(record_type, value) if value is not None else None
 
-    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool:
-        kind = type(expected).kind
+    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = (),
+                   *, also: Sequence[Swap] = ()) -> bool:
+        swaps = [Swap(key, expected, replacement), *also]
 
         def swap(db: sqlite3.Connection) -> bool:  # in the one writer's transaction: nothing changes in between
-            row = db.execute(f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608
-                             (kind, key, time.time())).fetchone()
-            if row is None or decode_record(type(expected), row[0]) != expected:
-                return False
-            db.execute("UPDATE records SET value = ? WHERE kind = ? AND key = ?",
-                       (encode_record(replacement), kind, key))
+            for one in swaps:
+                row = db.execute(f"SELECT value FROM records WHERE kind = ? AND key = ? AND {LIVE}",  # noqa: S608
+                                 (type(one.expected).kind, one.key, time.time())).fetchone()
+                if row is None or decode_record(type(one.expected), row[0]) != one.expected:
+                    return False
+            for one in swaps:
+                db.execute("UPDATE records SET value = ? WHERE kind = ? AND key = ?",
+                           (encode_record(one.replacement), type(one.expected).kind, one.key))
             _write(db, then)
             return True
 
@@ -1680,8 +1743,11 @@ local value = redis.call('GETDEL', KEYS[1])
 if value then write(cjson.decode(ARGV[1])) end
 return value""",
     "swap": REDIS_WRITE + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+local expected, replacements = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) ~= expected[i] then return 0 end
+end
+for i, key in ipairs(KEYS) do redis.call('SET', key, replacements[i], 'KEEPTTL') end
 write(cjson.decode(ARGV[3]))
 return 1""",
     "delete_group": """
@@ -1808,16 +1874,20 @@ class RedisStore:
             keys=[self._key(record_type.kind, key)], args=[self._encode(then)]))
         return decode_record(record_type, value) if value is not None else None
 
-    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = ()) -> bool:
+    async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = (),
+                   *, also: Sequence[Swap] = ()) -> bool:
+        swaps = [Swap(key, expected, replacement), *also]
         kind = type(expected).kind
+        keys = [self._key(type(one.expected).kind, one.key) for one in swaps]
         # Compared as values, not as text: a record an earlier version wrote spells the same value otherwise.
-        # The script then swaps only if the text is still the one read, so the swap stays atomic.
-        stored = await self.call(f"reading {kind}", lambda: self.client.get(self._key(kind, key)))
-        if stored is None or decode_record(type(expected), stored) != expected:
+        # The script then swaps only if every text is still the one read, so the swap stays atomic.
+        stored = await self.call(f"reading {kind}", lambda: self.client.mget(keys))
+        if any(text is None or decode_record(type(one.expected), text) != one.expected
+               for one, text in zip(swaps, stored, strict=True)):
             return False
+        replacements = [encode_record(one.replacement) for one in swaps]
         swapped = await self.call(f"updating {kind}", lambda: self._scripts["swap"](
-            keys=[self._key(kind, key)], args=[stored, encode_record(replacement),
-                                               self._encode(then)]))
+            keys=keys, args=[to_json(stored), to_json(replacements), self._encode(then)]))
         return swapped == 1
 
     async def delete(self, record_type: type[StoredRecord], key: str) -> bool:
@@ -1927,7 +1997,7 @@ class RedisStore:
                 yield None
             elif message["type"] == "message":
                 try:
-                    yield json.loads(message["data"])
+                    yield parse_json(message["data"])
                 except ValueError:
                     logger.warning("ignored a message on %s that is not JSON", self.channel)
 
@@ -3344,6 +3414,43 @@ class GrantRefreshToken(RefreshToken):
 
 
 @dataclass(frozen=True)
+class RefreshAnswer:
+    """The pair a refresh token was answered with, kept for the race window and sealed with that token
+    itself: the same token presented again meanwhile gets the same answer, and the store never holds a
+    token it could hand out (only whoever presents the old token can open it)."""
+
+    kind: ClassVar[str] = "refresh_answer"
+
+    sealed: str
+
+
+def answer_key(refresh_token: str) -> AESGCM:
+    return AESGCM(HKDF(algorithm=SHA256(), length=32, salt=None, info=b"stream-http/refresh-answer").derive(
+        refresh_token.encode()))
+
+
+def answer_entry(key: str, refresh_token: str, answer: OAuthToken) -> Entry:
+    nonce = os.urandom(12)
+    sealed = nonce + answer_key(refresh_token).encrypt(nonce, answer.model_dump_json().encode(), key.encode())
+    return Entry(key, RefreshAnswer(base64.urlsafe_b64encode(sealed).decode()), ttl_s=REFRESH_RACE_GRACE_S)
+
+
+def open_answer(refresh_token: str, record: RefreshAnswer) -> OAuthToken | None:
+    raw = base64.urlsafe_b64decode(record.sealed)
+    try:
+        opened = answer_key(refresh_token).decrypt(raw[:12], raw[12:], token_hash(refresh_token).encode())
+    except InvalidTag:
+        return None
+    return OAuthToken.model_validate_json(opened)
+
+
+def within_race_window(record: IssuedRefreshToken) -> bool:
+    """Whether a rotated refresh token was rotated so recently that using it again is a duplicate request,
+    not a retry after a lost answer, nor theft."""
+    return record.status != "active" and time.time() - (record.rotated_at or 0) <= REFRESH_RACE_GRACE_S
+
+
+@dataclass(frozen=True)
 class LoginOutcome:
     """Where the browser goes after Google: `redirect`, plus a page to show when the person was refused."""
 
@@ -3351,6 +3458,7 @@ class LoginOutcome:
     identity: GoogleIdentity | None = None
     refused: str | None = None
     status: int = 403  # of the page shown when refused
+    retry_after_s: float | None = None  # when the refusal ends by itself (a used-up budget)
 
 
 @dataclass(frozen=True)
@@ -3427,7 +3535,7 @@ class ClientDocuments:
         except httpx2.HTTPError as exc:
             raise ClientDocumentError(f"{url} could not be fetched: {exc}") from exc
         try:
-            document = json.loads(body)
+            document = parse_json(body)
         except ValueError as exc:
             raise ClientDocumentError(f"{url} is not JSON") from exc
         if not isinstance(document, dict):
@@ -3706,7 +3814,7 @@ class SignIns:
         audit("rate_limited", budget="person", subject=identity.subject, client_id=pending.client_id)
         message = f"Too many sign-ins for {identity.email} this hour; try again in {int(wait) // 60 + 1} minutes."
         return LoginOutcome(self.refusal_target(pending, error="temporarily_unavailable", error_description=message),
-                            identity=identity, refused=message, status=429)
+                            identity=identity, refused=message, status=429, retry_after_s=wait)
 
     async def issue_code(self, pending: PendingAuthorization) -> str:
         """Issue the authorization code and send the browser back to the client with it."""
@@ -3827,80 +3935,88 @@ class Grants:
         record = await self.store.get(IssuedRefreshToken, token_hash(refresh_token))
         if record is None:
             return None
-        verdict = await self.standing_of(record)
-        if verdict in ("reused", "raced"):
-            # RFC 9700 §4.14.2: a rotated token whose successor was used is a stolen one. (Within the race
-            # window, or beside a retry that has just won, it is a duplicate request, which only loses.)
-            if verdict == "reused" and time.time() - (record.rotated_at or 0) > REFRESH_RACE_GRACE_S:
-                audit("refresh_token_reused", client_id=record.client_id, subject=record.subject,
-                      grant_id=record.grant_id)
-                await self.revoke_grant(record.grant_id, reason="a rotated refresh token was used again")
+        if not within_race_window(record) and await self.standing_of(record) == "reused":
+            # RFC 9700 §4.14.2: a rotated token whose successor was used is a stolen one.
+            audit("refresh_token_reused", client_id=record.client_id, subject=record.subject,
+                  grant_id=record.grant_id)
+            await self.revoke_grant(record.grant_id, reason="a rotated refresh token was used again")
             return None
         return GrantRefreshToken(token=refresh_token, client_id=record.client_id, scopes=list(record.scopes),
                                  expires_at=record.expires_at, subject=record.subject, grant_id=record.grant_id,
                                  claims=record.claims)
 
-    async def standing_of(self, record: IssuedRefreshToken) -> Literal["current", "retry", "raced", "reused"]:
+    async def standing_of(self, record: IssuedRefreshToken) -> Literal["current", "retry", "reused"]:
         """Where a presented refresh token stands: the current one; a retry by a client that lost the
         answer to its last refresh (the pair issued then has never been used, neither its refresh token
-        nor its access token); a duplicate of a retry that just won; or a stale token used again."""
+        nor its access token); or a stale token used again."""
         if record.status == "active":
             return "current"
         successor = await self.store.get(IssuedRefreshToken, record.successor) if record.successor else None
-        if record.status == "retired" or successor is None or successor.status == "rotated":
+        if record.status == "retired" or successor is None or successor.status != "active" or successor.used:
             return "reused"
-        if successor.status == "retired":
-            return "raced"
-        return "reused" if successor.used else "retry"
+        return "retry"
 
     async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: GrantRefreshToken,
                                      scopes: list[str]) -> OAuthToken:
-        """Rotate: mark the refresh token used and save its successors in one step, so of two requests
-        racing with the same token exactly one gets new tokens, the other `invalid_grant`. A client whose
-        last refresh response was lost retries with the previous token: while its successor has never
-        been used, the client gets a fresh pair and the unused successor is retired, in one step too."""
+        """Rotate: mark the refresh token used and save its successors in one step. Requests with the same
+        token within the race window (processes of one client sharing it, a retry on another replica) all
+        get the one answer the first of them got. A client whose last refresh answer was lost retries with
+        the previous token later: while its successor has never been used, it gets a fresh pair and the
+        unused successor is retired, in one step too. Either way one token chain goes on, on every replica."""
         claims = refresh_token.claims
         if reason := refusal_reason(claims.get("email", ""), True, claims.get("hd"), self.settings):
             audit("refresh_refused", subject=refresh_token.subject, reason=reason)
             await self.revoke_grant(refresh_token.grant_id, reason="no longer allowed to sign in")
             raise TokenError("invalid_grant", reason)
         key = token_hash(refresh_token.token)
+        if (answered := await self.answer_given(refresh_token)) is not None:
+            return answered
         current = await self.store.get(IssuedRefreshToken, key)
         grant = await self.store.get(Grant, refresh_token.grant_id)
         if current is None or grant is None:
             raise TokenError("invalid_grant", "this refresh token was already used or revoked")
         issued = self.issue_tokens(grant, scopes)
         used = dataclasses.replace(grant, last_used_at=time.time()).entry(self.settings.refresh_token_ttl_s)
+        then = [used, *issued.entries, answer_entry(key, refresh_token.token, issued.token)]
         if current.status == "active":
             rotated = dataclasses.replace(current, status="rotated", rotated_at=time.time(),
                                           successor=issued.refresh_key)
-            won = await self.store.swap(key, current, rotated, then=[used, *issued.entries])
+            won = await self.store.swap(key, current, rotated, then=then)
         else:
-            won = await self.replace_unused_successor(key, current, issued, then=[used, *issued.entries])
+            won = await self.replace_unused_successor(key, current, issued, then=then)
             if won:
                 audit("refresh_retried", client_id=client.client_id, subject=grant.subject, grant_id=grant.id)
-        if not won:
+        if not won:  # an identical request won meanwhile: its answer, or none for a stale token
+            if (answered := await self.answer_given(refresh_token)) is not None:
+                return answered
             raise TokenError("invalid_grant", "this refresh token was already used")
         audit("token_refreshed", client_id=client.client_id, subject=grant.subject, grant_id=grant.id)
         return issued.token
 
+    async def answer_given(self, refresh_token: GrantRefreshToken) -> OAuthToken | None:
+        """The pair this refresh token was answered with within the race window, or None."""
+        record = await self.store.get(RefreshAnswer, token_hash(refresh_token.token))
+        answered = open_answer(refresh_token.token, record) if record is not None else None
+        if answered is not None:
+            audit("refresh_repeated", client_id=refresh_token.client_id, subject=refresh_token.subject,
+                  grant_id=refresh_token.grant_id)
+        return answered
+
     async def replace_unused_successor(self, key: str, current: IssuedRefreshToken, issued: IssuedTokens,
                                        then: Sequence[Entry | Gone]) -> bool:
         """Retire `current`'s unused successor and its access token, and make `issued` its successor, in one
-        step that fails if the successor is used meanwhile (one winner, on every replica). Only a retry
-        after the race window counts as one: within it, the same token twice is two racing requests."""
-        if current.successor is None or await self.standing_of(current) != "retry":
+        step that fails if either record changed since it was read (a concurrent retry, or the successor
+        used): one winner, on every replica. Only a retry after the race window counts as one."""
+        if current.successor is None or within_race_window(current):
             return False
         successor = await self.store.get(IssuedRefreshToken, current.successor)
-        if successor is None:
+        if successor is None or successor.status != "active" or successor.used:
             return False
-        if time.time() - (current.rotated_at or 0) <= REFRESH_RACE_GRACE_S:
-            return False  # two requests racing with one token, not a lost answer: the first one won
-        renamed = Entry(key, dataclasses.replace(current, successor=issued.refresh_key, rotated_at=time.time()),
-                        ttl_s=max(1.0, current.expires_at - time.time()), group=current.grant_id)
-        gone = [Gone(IssuedAccessToken, successor.access)] if successor.access else []
+        renamed = dataclasses.replace(current, successor=issued.refresh_key, rotated_at=time.time())
         retired = dataclasses.replace(successor, status="retired", rotated_at=time.time())
-        won = await self.store.swap(current.successor, successor, retired, then=[renamed, *gone, *then])
+        gone = [Gone(IssuedAccessToken, successor.access)] if successor.access else []
+        won = await self.store.swap(key, current, renamed, then=[*gone, *then],
+                                    also=[Swap(current.successor, successor, retired)])
         if won and gone:  # a replica reading the retired access token at that instant may have kept it
             await self.end_grant(current.grant_id)
         return won
@@ -4146,6 +4262,12 @@ value="$csrf"><div class="actions"><button type="submit" name="grant" value="all
 $count</button></div></form>""")
 
 
+def masked_email(email: str) -> str:
+    """An address shown to someone who may not own it: enough to recognise it, not to learn it."""
+    name, _, domain = email.partition("@")
+    return f"{name[:1]}…@{domain}" if name and domain else "another account"
+
+
 def when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
@@ -4187,23 +4309,26 @@ class Pages:
         return HTMLResponse(page, status_code=status, headers=page_headers(form_targets))
 
     def message(self, title: str, message: str, *, status: int, continue_to: str | None = None,
-                continue_label: str = "Return to the application") -> HTMLResponse:
-        """A page that explains; with `continue_to` it also leads on (after 10 seconds on its own)."""
+                continue_label: str = "Return to the application",
+                retry_after_s: float | None = None) -> HTMLResponse:
+        """A page that explains; with `continue_to` it also leads on (after 10 seconds on its own); with
+        `retry_after_s`, its Retry-After says when to come back (RFC 9110 §10.2.3)."""
         action_html = head_html = ""
         if continue_to:
             link = html.escape(continue_to, quote=True)
             action_html = (f'<div class="actions"><a class="button primary" href="{link}">'
                            f"{html.escape(continue_label)}</a></div>")
             head_html = f'<meta http-equiv="refresh" content="10;url={link}">'
-        return self.render(title, MESSAGE_BODY, status=status, head_html=head_html, message=message,
+        page = self.render(title, MESSAGE_BODY, status=status, head_html=head_html, message=message,
                            action_html=action_html)
+        if retry_after_s is not None:
+            page.headers["Retry-After"] = str(int(retry_after_s + 0.999))
+        return page
 
     def too_many(self, retry_after_s: float) -> HTMLResponse:
         wait = int(retry_after_s + 0.999)
-        page = self.message("Too many attempts", f"This application has started too many sign-ins just now. Try "
-                            f"again in {wait} seconds.", status=429)
-        page.headers["Retry-After"] = str(wait)
-        return page
+        return self.message("Too many attempts", f"This application has started too many sign-ins just now. Try "
+                            f"again in {wait} seconds.", status=429, retry_after_s=retry_after_s)
 
     def unknown_client(self, client_id: str) -> HTMLResponse:
         """For a client that kept a registration this server no longer has: what happened, how to reconnect."""
@@ -4579,7 +4704,7 @@ class OAuthEndpoints:
             return self.pages.message("Sign-in could not finish", str(exc), status=400)
         if outcome.refused:
             return self.pages.message("Access refused", outcome.refused, status=outcome.status,
-                                      continue_to=outcome.redirect or None)
+                                      continue_to=outcome.redirect or None, retry_after_s=outcome.retry_after_s)
         if outcome.identity is not None:
             request.session["user"] = {"sub": outcome.identity.subject, "email": outcome.identity.email,
                                        "at": int(time.time())}
@@ -4593,7 +4718,7 @@ class OAuthEndpoints:
             return too_many(wait, "to register clients")
         body = await request.body()
         try:
-            metadata = json.loads(body, object_pairs_hook=json_object_without_repeats)
+            metadata = parse_json(body, object_pairs_hook=json_object_without_repeats)
         except ValueError as exc:
             return oauth_error(400, "invalid_client_metadata", f"the registration is not a JSON object: {exc}")
         problem = registration_problem(metadata) if isinstance(metadata, dict) else "it must be a JSON object"
@@ -4777,11 +4902,12 @@ class GoogleGrantPages:
         if answered is None:
             return self.pages.message("This link has expired", "Ask your application to call the tool again.",
                                       status=400)
-        if answered.status == "wrong_account":
-            someone = identity.email if identity else "another account"
-            return self.pages.message("A different Google account", f"You answered Google as {someone}, but the "
-                                      f"tool acts for {answered.email}. Call the tool again and choose "
-                                      f"{answered.email} at Google.", status=403)
+        if answered.status == "wrong_account":  # whoever holds the link sees only their own address in full
+            you = f"as {identity.email}" if identity and identity.email else "with another Google account"
+            return self.pages.message("A different Google account", f"You answered Google {you}, but this link "
+                                      f"was made for the Google account {masked_email(answered.email)}. Nothing "
+                                      "was granted. Ask your application to call the tool again, and choose that "
+                                      "account at Google.", status=403)
         if answered.missing:
             return self.pages.message("Not everything was granted", f"You did not allow this server to "
                                       f"{scope_labels(answered.missing)}, which the tool needs. Return to your "
@@ -4850,6 +4976,8 @@ class Runtime:
             tasks.start_soon(self.relay_changes)
             STORE_UP.set_function(lambda: 1.0 if self.store.available else 0.0)
             Tracing.notice()
+            if not Tracing.on:
+                drop_sdk_spans()
             SESSIONS_OPEN.set_function(lambda: self.changes.session_count)
         except BaseException:
             await self._exit.aclose()
@@ -4914,6 +5042,18 @@ async def serving_runtime() -> AsyncIterator["Runtime"]:
         return
     async with Runtime(load_settings()) as opened:
         yield opened
+
+
+def drop_sdk_spans() -> None:
+    """With no OpenTelemetry SDK recording, take the SDK's span-per-message middleware out of the chain: it
+    makes a no-op span for every message, about 25 µs of a 400 µs request (bench/run.py, 2026-07-28). The
+    SDK documents this opt-out ("drop it from this list") but keeps the class in a private module: when
+    that import fails, the chain is left exactly as the SDK made it."""
+    try:
+        from mcp.server._otel import OpenTelemetryMiddleware
+    except ImportError:
+        return
+    mcp.middleware[:] = [layer for layer in mcp.middleware if not isinstance(layer, OpenTelemetryMiddleware)]
 
 
 def seal_request_state_with(key: bytes) -> None:
@@ -5048,8 +5188,9 @@ def count_request(ctx: ServerRequestContext[Runtime, Any], outcome: str, seconds
     if ctx.method == "tools/call":
         name = (ctx.params or {}).get("name")
         tool = name if isinstance(name, str) and name in ctx.lifespan_context.tools else "unknown"
-    child(MCP_REQUESTS, ctx.method, tool, outcome).inc()
-    child(MCP_DURATION, ctx.method).observe(seconds)
+    method = ctx.method if ctx.method in SPEC_CLIENT_METHODS else "other"  # a caller names methods at will
+    child(MCP_REQUESTS, method, tool, outcome).inc()
+    child(MCP_DURATION, method).observe(seconds)
 
 
 # --- who may reach the MCP endpoint
@@ -5254,16 +5395,18 @@ async def _nothing_to_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-DRAIN_MARGIN_S = 2.0  # of the grace, left for uvicorn and the SDK to wind down once calls are answered
+DRAIN_MARGIN_S = 1.5  # of the grace, what closing takes once calls are answered (the SDK alone waits 1 s)
 
 
 class Drain:
     """What shutdown does on the MCP endpoint: refuse new requests (503), end open streams at once and
     cleanly (clients reconnect, to another replica or to this one once it is back), let calls in flight
-    finish for `grace_s` seconds, then answer the rest with an error and end them."""
+    finish within the grace (all of it but DRAIN_MARGIN_S, which closing connections takes, so that the
+    process is gone within `grace_s`), then answer the rest with an error and end them."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
+        self.calls_get_s = max(0.5, grace_s - DRAIN_MARGIN_S)
         self.stopping = False
         self.served: set[Served] = set()
         self.calls_done: anyio.Event | None = None  # set once stopping and no call is left
@@ -5285,19 +5428,20 @@ class Drain:
     async def run(self) -> None:
         self.stopping, self.calls_done = True, anyio.Event()
         streams = [served for served in self.served if served.stream]
-        logger.info("draining: %d open streams end now, %d calls in flight get %d s", len(streams),
-                    len(self.calls()), self.grace_s)
+        logger.info("draining: %d open streams end now, %d calls in flight get %.1f s (SHUTDOWN_GRACE %d s, less "
+                    "%.1f s to close connections)", len(streams), len(self.calls()), self.calls_get_s, self.grace_s,
+                    self.grace_s - self.calls_get_s)
         for served in streams:
             served.end()
         if not self.calls():
             self.calls_done.set()
-        with anyio.move_on_after(max(0.5, self.grace_s - DRAIN_MARGIN_S)):
+        with anyio.move_on_after(self.calls_get_s):
             await self.calls_done.wait()
         late = self.calls()
         for served in late:
             await served.answer_shutdown()
         if late:
-            logger.warning("stopped %d calls still running after %d s of shutdown", len(late), self.grace_s)
+            logger.warning("stopped %d calls still running after %.1f s of shutdown", len(late), self.calls_get_s)
 
 class RequestGate:
     """Checks every request to the MCP endpoint before the SDK sees it, answering bad ones with the
@@ -5480,8 +5624,8 @@ def accepted_media(accept: str) -> tuple[bool, bool]:
 def parse_json_rpc(body: bytes) -> tuple[dict[str, Any] | None, Response | None]:
     """The one JSON-RPC 2.0 message in `body`, or the specific error for a body that is not one."""
     try:
-        message = json.loads(body)
-    except (ValueError, RecursionError):
+        message = parse_json(body)
+    except ValueError:
         return None, json_rpc_error(400, PARSE_ERROR, "Body is not valid JSON")
     if isinstance(message, list):
         return None, json_rpc_error(400, INVALID_REQUEST, "Batches are not supported; send one message per request")
@@ -5592,11 +5736,10 @@ class RequestContext:
     def span(self, scope: Scope, headers: Mapping[bytes, bytes], request_id: str) -> AbstractContextManager[Any]:
         """The request's server span, continuing the caller's traceparent. With tracing off, none, unless
         the caller sent a traceparent: its trace id then still reaches the log lines."""
-        traceparent = headers.get(b"traceparent")
-        if not traceparent and not Tracing.on:
+        carrier = trace_carrier(headers.get(b"traceparent"), headers.get(b"tracestate"))
+        if carrier is None and not Tracing.on:
             return nullcontext()
-        parent = propagate.extract({"traceparent": traceparent.decode("latin-1"), "tracestate": headers.get(
-            b"tracestate", b"").decode("latin-1")}) if traceparent else None
+        parent = propagate.extract(carrier) if carrier is not None else None
         route = scope["path"] if scope["path"] in self.paths else "other"
         return tracer.start_as_current_span(f"{scope['method']} {route}", context=parent, kind=trace.SpanKind.SERVER,
                                             attributes={"http.request.method": scope["method"], "http.route": route,
@@ -6450,7 +6593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         proxy_headers=False,  # build_app applies TRUSTED_PROXIES itself, after noting the proxy's request id
-        timeout_graceful_shutdown=settings.shutdown_grace_s + 1,  # the drain below ends everything before
+        # After the drain below has answered every call and ended every stream, what still runs (a tool
+        # whose caller was answered) is cancelled this soon, inside the margin the drain left.
+        timeout_graceful_shutdown=DRAIN_MARGIN_S / 2,
     )
     server = DrainingServer(config, app.state.drain)
     # After its graceful shutdown uvicorn re-raises the signal that asked for it, which would end the

@@ -31,6 +31,7 @@ class Visit:
     url: str
     status: int
     body: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Browser:
             if self.stop_at and url.startswith(self.stop_at):
                 return Visit("STOP", url, 0, "")
             response = self.http.request(method, url, data=data)
-            visit = Visit(method, url, response.status_code, response.text)
+            visit = Visit(method, url, response.status_code, response.text, dict(response.headers))
             self.visits.append(visit)
             if response.status_code in (301, 302, 303, 307, 308):
                 method, data, url = "GET", None, urljoin(url, response.headers["location"])

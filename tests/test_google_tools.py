@@ -297,4 +297,5 @@ async def test_a_grant_answered_by_another_google_account_is_refused(google_serv
     again = call_tool(google_server, access, "calendar_upcoming")
     google.revoke_person(BOB["sub"])
     assert page.status == 403 and f"You answered Google as {BOB['email']}" in page.body
+    assert ALICE["email"] not in page.body and "a…@example.com" in page.body, "the other account is only hinted at"
     assert again["isError"] and "needs your permission" in again["content"][0]["text"], "Bob's grant is not Alice's"

@@ -5,14 +5,16 @@ files, 405 for wrong methods, and rate limits."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import stat
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx2
 import pytest
@@ -24,8 +26,10 @@ from tests.conftest import (
     StoreUnderTest,
     current_store,
     free_port,
+    mcp_headers,
     running_server,
 )
+from tests.headless_browser import Browser
 from tests.signin import ALICE, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
 PREVIOUS_RELEASE = "ac5fdad"  # the last commit of version 0.1: its stores are upgraded in place
@@ -309,6 +313,7 @@ def test_the_oauth_endpoints_limit_each_client_and_registrations(google: GoogleS
     assert registrations[3].json()["error"] == "temporarily_unavailable" and "retry-after" in registrations[3].headers
     assert [r.status_code for r in tokens] == [400] * 5 + [429]
     assert authorize.status_code == 429 and "Too many attempts" in authorize.text
+    assert int(tokens[5].headers["retry-after"]) > 0 and int(authorize.headers["retry-after"]) > 0
 
 
 def test_sign_ins_are_limited_per_person(google: GoogleStandIn, tmp_path: Path) -> None:
@@ -325,4 +330,126 @@ def test_sign_ins_are_limited_per_person(google: GoogleStandIn, tmp_path: Path) 
         back = parse_qs(urlsplit(browser.continue_link(page.body)).query)
     assert codes == [True, True]
     assert page.status == 429 and "Too many sign-ins for alice@example.com this hour" in page.body
+    assert 0 < int(page.headers["retry-after"]) <= 3600, "every 429 says when to come back"
     assert back["error"] == ["temporarily_unavailable"], "the client is told, through the page's link"
+
+
+# --- what a hostile review found in round 3, each closed as a class
+
+
+FORGED = "2026-01-01 00:00:00,000 INFO    stream_http.audit: {\"event\": \"token_issued\", \"forged\": true}"
+LOG_LINE_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ |    |$)")
+
+
+def test_no_value_a_caller_sends_can_split_the_text_log(signin_server: ServerProcess) -> None:
+    """CWE-117: a client id, client name, redirect URI, tool name, method, header or trace state carrying a
+    line break and a fake record stays on its own line, escaped; no log line starts but with a record's
+    timestamp (or a traceback's indentation), and nothing invalid in a trace header reaches a warning."""
+    base, forged = signin_server.base_url, "x\n" + FORGED
+    httpx2.post(base + "/token", data={"grant_type": "refresh_token", "refresh_token": "r",
+                                       "client_id": "https://x.invalid/a\n" + FORGED})
+    httpx2.post(base + "/register", json={"client_name": forged, "redirect_uris": ["https://evil.example/\n" + FORGED],
+                                          "token_endpoint_auth_method": "none"})
+    httpx2.get(base + "/authorize", params={"client_id": forged, "redirect_uri": forged, "response_type": "code"})
+    for name in (forged, "x\r" + FORGED, "x\u2028" + FORGED):  # in the body only: a header cannot carry it
+        httpx2.post(signin_server.mcp_url, headers=mcp_headers(), json={
+            "jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name, "arguments": {}}})
+    httpx2.post(signin_server.mcp_url, json={"jsonrpc": "2.0", "id": 1, "method": forged}, headers={
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "tracestate": "k=v,bad key=" + FORGED.replace(",", ";"), "accept": "application/json, text/event-stream"})
+    time.sleep(TIME_FOR_A_TRACEBACK_S)
+    log = signin_server.log()
+    assert "\\n2026-01-01 00:00:00,000 INFO" in log, "the forged client id was logged, escaped"
+    broken = [line for line in log.split("\n") if not LOG_LINE_START.match(line)]
+    assert broken == [], broken
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines())
+    assert "Invalid key/value pair" not in log and "opentelemetry" not in log
+
+
+def test_invented_methods_add_no_metric_series(google: GoogleStandIn, tmp_path: Path) -> None:
+    """Labels come from closed sets: fifty methods a signed-in caller invents (one with an email in it) are
+    counted under one `other` series, never one each."""
+    metrics_port = free_port()
+    google.next_login(ALICE)
+    with auth_server(google, tmp_path, env={"METRICS_PORT": str(metrics_port), "RATE_LIMIT_MCP": "0"}) as server:
+        token = RawClient.register(server).sign_in()["access_token"]
+        mcp_call(server, token, "tools/list")
+        before = series(metrics_port)
+        answers = [mcp_call(server, token, f"x/alice@example.com/{n}") for n in range(50)]
+        after = series(metrics_port)
+        scraped = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert {answer.status_code for answer in answers} <= {200, 400, 404}
+    assert len(after) - len(before) <= 2, sorted(set(after) - set(before))  # `other` in the counter and histogram
+    assert "alice@example.com" not in scraped and 'method="other"' in scraped
+
+
+def series(metrics_port: int) -> list[str]:
+    text = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    return [line.rsplit(" ", 1)[0] for line in text.splitlines()
+            if line.startswith(("stream_http_mcp_requests_total{", "stream_http_mcp_request_duration_seconds_count{"))]
+
+
+@pytest.mark.parametrize("path", ["/register", "/mcp"])
+def test_a_nesting_bomb_is_a_clear_400_on_every_json_endpoint(signin_server: ServerProcess, path: str) -> None:
+    bomb = "[" * 30_000 + "]" * 30_000
+    answer = httpx2.post(signin_server.base_url + path, content=bomb, headers={
+        "content-type": "application/json", "accept": "application/json, text/event-stream"})
+    time.sleep(TIME_FOR_A_TRACEBACK_S)
+    if path == "/register":
+        assert answer.status_code == 400 and answer.json()["error"] == "invalid_client_metadata"
+        assert "nested too deeply" in answer.json()["error_description"]
+    else:  # the MCP endpoint reads the body before it asks for a token: no sign-in needed to be refused
+        assert answer.status_code in (400, 401), answer.text
+    assert "Traceback" not in signin_server.log() and "RecursionError" not in signin_server.log()
+
+
+def test_a_nesting_bomb_in_an_mcp_request_is_a_parse_error(stateful_server: ServerProcess) -> None:
+    answer = httpx2.post(stateful_server.mcp_url, content="[" * 30_000 + "]" * 30_000, headers={
+        "content-type": "application/json", "accept": "application/json, text/event-stream"})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == -32700
+
+
+def test_the_consent_page_loaded_twice_still_takes_the_first_answer(signin_server: ServerProcess,
+                                                                      google: GoogleStandIn) -> None:
+    """An embedded browser that fetches the consent page twice: the first load's form still works; a form
+    of another transaction is refused."""
+    google.next_login(ALICE)
+    client = RawClient.register(signin_server)
+    first_visit = httpx2.get(client.authorize_url(pkce_pair()[1]), follow_redirects=True)
+    again = httpx2.get(str(first_visit.url))
+    other = httpx2.get(client.authorize_url(pkce_pair()[1]), follow_redirects=True)
+    form, second_form, other_form = (Browser.consent_form(page.text) for page in (first_visit, again, other))
+    assert form is not None and second_form is not None and other_form is not None
+    assert form[1] == second_form[1], "loading the page again changes nothing in its form"
+    crossed = httpx2.post(urljoin(str(first_visit.url), form[0]), headers={"sec-fetch-site": "same-origin"},
+                          data={**form[1], "csrf": other_form[1]["csrf"], "decision": "approve"})
+    answered = httpx2.post(urljoin(str(first_visit.url), form[0]), headers={"sec-fetch-site": "same-origin"},
+                           data={**form[1], "decision": "approve"})
+    assert crossed.status_code == 400, "another transaction's form is refused"
+    assert answered.status_code == 303 and answered.headers["location"].startswith(google.issuer)
+
+
+@pytest.mark.parametrize("endpoint", ["/token", "/revoke"])
+def test_an_unknown_or_deleted_client_gets_401_invalid_client(signin_server: ServerProcess, endpoint: str) -> None:
+    """The status Claude registers again on, for a client_id never seen and for one the store no longer has."""
+    deleted = RawClient.register(signin_server)
+    data_dir = signin_server.workdir / "data"
+    forget_client(data_dir, deleted.client_id)
+    for client_id in ("never-registered", deleted.client_id):
+        answer = httpx2.post(signin_server.base_url + endpoint, data={
+            "client_id": client_id, "grant_type": "refresh_token", "refresh_token": "r", "token": "t"})
+        assert answer.status_code == 401 and answer.json()["error"] == "invalid_client", (client_id, answer.text)
+
+
+def forget_client(data_dir: Path, client_id: str) -> None:
+    """Delete a registration straight from the store, as a wiped or restored store does."""
+    store = current_store()
+    if store.redis_url is None:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(data_dir / "stream-http.db")) as db, db:
+            db.execute("DELETE FROM records WHERE kind = 'client' AND key = ?", (client_id,))
+    else:
+        import redis
+
+        redis.Redis.from_url(store.redis_url).delete(f"{store.prefix(str(data_dir))}:r:client:{client_id}")

@@ -248,13 +248,35 @@ def test_one_code_raced_on_two_replicas_has_one_winner(cluster: Cluster, attempt
     assert next(r for r in results if r.status_code == 400).json()["error"] == "invalid_grant"
 
 
+def one_chain(cluster: Cluster, client: RawClient, results: list[httpx2.Response]) -> dict[str, Any]:
+    """Every racer got the same pair (one answer, one token chain), and that chain goes on on every replica."""
+    assert {r.status_code for r in results} == {200}, [r.text for r in results]
+    pairs = {(r.json()["access_token"], r.json()["refresh_token"]) for r in results}
+    assert len(pairs) == 1, f"{len(pairs)} token chains for one grant"
+    fresh = results[0].json()
+    assert [whoami(cluster.replica(n), fresh["access_token"]).status_code for n in (1, 2, 3)] == [200, 200, 200]
+    onward = RawClient(cluster.replica(2), client.client_id, client.redirect_uri).refresh(fresh["refresh_token"])
+    assert onward.status_code == 200, onward.text
+    return onward.json()
+
+
 @pytest.mark.parametrize("attempt", range(5))
-def test_one_refresh_token_raced_on_two_replicas_has_one_winner(cluster: Cluster, attempt: int) -> None:
+def test_one_refresh_token_raced_on_three_replicas_gets_one_answer(cluster: Cluster, attempt: int) -> None:
+    """Processes of one client sharing its refresh token refresh at the same instant, through every replica:
+    each gets the one pair the first of them got, and the grant goes on."""
     client, tokens = cluster.sign_in()
-    on = [RawClient(cluster.replica(n), client.client_id, client.redirect_uri) for n in (1, 3)]
-    results = at_once(*(lambda c=c: c.refresh(tokens["refresh_token"]) for c in on))
-    assert sorted(r.status_code for r in results) == [200, 400]
-    assert next(r for r in results if r.status_code == 400).json()["error"] == "invalid_grant"
+    on = [RawClient(cluster.replica(n % 3 + 1), client.client_id, client.redirect_uri) for n in range(9)]
+    one_chain(cluster, client, at_once(*(lambda c=c: c.refresh(tokens["refresh_token"]) for c in on)))
+
+
+def test_two_refreshes_100_ms_apart_both_get_an_answer_the_client_can_use(cluster: Cluster) -> None:
+    """The field's case: two processes share a refresh token and refresh 100 ms apart. Neither ends the grant:
+    both get the same successor, and the next refresh with it works."""
+    client, tokens = cluster.sign_in()
+    first = RawClient(cluster.replica(1), client.client_id, client.redirect_uri).refresh(tokens["refresh_token"])
+    time.sleep(0.1)
+    second = RawClient(cluster.replica(3), client.client_id, client.redirect_uri).refresh(tokens["refresh_token"])
+    one_chain(cluster, client, [first, second])
 
 
 def test_google_sees_one_refresh_when_every_replica_needs_it(cluster: Cluster) -> None:
@@ -372,17 +394,19 @@ def test_redis_going_away_gets_503s_then_everything_back(cluster: Cluster) -> No
 
 
 @pytest.mark.parametrize("attempt", range(3))
-def test_a_retry_after_a_lost_refresh_answer_has_one_winner_across_replicas(cluster: Cluster, attempt: int) -> None:
-    """The answer to a refresh was lost; the client retries with the previous token, twice at once, through
-    different replicas: one gets a fresh pair, the other invalid_grant, and the person stays signed in."""
+def test_retries_after_a_lost_refresh_answer_raced_on_three_replicas_give_one_chain(cluster: Cluster,
+                                                                                   attempt: int) -> None:
+    """The answer to a refresh was lost; past the race window the client retries with the previous token,
+    twelve times at once, through all three replicas. One retry wins (a fresh pair; the lost one is retired),
+    every other gets that same pair, and only that chain goes on: the lost pair's refresh token is dead."""
     client, tokens = cluster.sign_in()
-    client.refresh(tokens["refresh_token"])  # answered, but the answer never reached the client
-    time.sleep(2.5)
-    on = [RawClient(cluster.replica(n), client.client_id, client.redirect_uri) for n in (2, 3)]
+    lost = client.refresh(tokens["refresh_token"]).json()  # answered, but the answer never reached the client
+    time.sleep(2.5)  # past the race window: a retry now, not a duplicate
+    on = [RawClient(cluster.replica(n % 3 + 1), client.client_id, client.redirect_uri) for n in range(12)]
     results = at_once(*(lambda c=c: c.refresh(tokens["refresh_token"]) for c in on))
-    assert sorted(r.status_code for r in results) == [200, 400], [r.text for r in results]
-    fresh = next(r for r in results if r.status_code == 200).json()
-    assert [whoami(cluster.replica(n), fresh["access_token"]).status_code for n in (1, 2, 3)] == [200, 200, 200]
+    one_chain(cluster, client, results)
+    assert results[0].json()["refresh_token"] != lost["refresh_token"], "the retry got a pair of its own"
+    assert whoami(cluster.replica(1), lost["access_token"]).status_code == 401, "the lost pair was retired"
 
 
 def test_a_rate_limit_holds_across_replicas(cluster: Cluster, tmp_path: Path) -> None:
