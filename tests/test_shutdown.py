@@ -75,8 +75,8 @@ async def test_sigterm_drains_streams_and_calls_then_clients_carry_on(tmp_path: 
     assert short_call.messages[-1]["result"]["structuredContent"]["steps_completed"] == 2, "finished in the grace"
     assert long_call.messages[-1]["error"]["code"] == -32000 and "shutting down" in long_call.messages[-1]["error"][
         "message"], long_call.messages[-1]
-    assert f"draining: 2 open streams end now, 2 calls in flight get {GRACE_S - 1.5:.1f} s (SHUTDOWN_GRACE {GRACE_S} s" \
-        in log, "the log says how long calls get, and they get that long"
+    says = f"draining: 2 open streams end now, 2 calls in flight get {GRACE_S - 1.5:.1f} s (SHUTDOWN_GRACE {GRACE_S} s"
+    assert says in log, "the log says how long calls get, and they get that long"
     assert f"stopped 1 calls still running after {GRACE_S - 1.5:.1f} s of shutdown" in log
     assert "ASGI callable returned without completing response" not in log
     assert_no_traceback(log)
