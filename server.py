@@ -38,6 +38,7 @@ import asyncio
 import base64
 import dataclasses
 import datetime
+import errno
 import fnmatch
 import gc
 import hashlib
@@ -199,10 +200,11 @@ mcp: "MCPServer[Runtime]" = MCPServer(
         "duplicates; notes belong to the signed-in user and nobody else sees them."
     ),
     # What `mcp install` and `mcp dev` install to run this file outside the project: pyproject.toml's
-    # dependencies (a test keeps the two lists equal).
-    dependencies=["mcp[cli]>=2.3,<3", "authlib>=1.9", "starlette>=1.0", "uvicorn[standard]>=0.54,<0.55",
-                  "python-dotenv>=1.2", "itsdangerous>=2.2", "httpx2>=2.16", "redis>=8.1", "rich>=15",
-                  "prometheus-client>=0.26", "opentelemetry-sdk>=1.45", "opentelemetry-exporter-otlp-proto-http>=1.45"],
+    # dependencies (a test keeps the two lists equal), bounded with ~= rather than < and >: the Inspector
+    # that Node 20 gets (0.15) passes them through a shell parser, where < and > are redirections.
+    dependencies=["mcp[cli]~=2.3", "authlib~=1.9", "starlette~=1.0", "uvicorn[standard]~=0.54.0",
+                  "python-dotenv~=1.2", "itsdangerous~=2.2", "httpx2~=2.16", "redis~=8.1", "rich~=15.0",
+                  "prometheus-client~=0.26", "opentelemetry-sdk~=1.45", "opentelemetry-exporter-otlp-proto-http~=1.45"],
     lifespan=lambda server: serving_runtime(),
     subscriptions=ChangeFeed(),
 )
@@ -714,15 +716,38 @@ def one_of(*choices: str) -> Parser:
     return parse
 
 
+HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?$",
+                       re.IGNORECASE)
+
+
+def url_problem(url: str) -> str | None:
+    """What keeps `url` from being an http(s) URL a client can reach, said so that it can be fixed; or None."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed [ of an IPv6 address, say
+        return f"is not a URL ({exc}; an IPv6 address goes in brackets: http://[::1]:8000)"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a port that is not a number from 1 to 65535 (write it as http://host:8000)"
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https") or not host:
+        return "must be an http:// or https:// URL with a host, such as https://mcp.example.com"
+    if not (HOST_NAME.match(host) or is_address(host)):
+        return f"has {host!r} for a host, which is neither a name nor an address"
+    if port == 0:
+        return "has port 0, which no client can reach"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry a user name or password"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    return None
+
+
 def http_url(name: str, raw: str, problems: list[str]) -> str:
     """An http(s) URL with a host and no query or fragment, without its trailing slash ("" stays "")."""
-    parts = urlsplit(raw)
-    if not raw:
-        return ""
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append(f"{name}={raw!r} must be an http:// or https:// URL with a host")
-    elif parts.query or parts.fragment:
-        problems.append(f"{name}={raw!r} must not have a query or fragment")
+    if raw and (problem := url_problem(raw)):
+        problems.append(f"{name}={raw!r} {problem}")
     return raw.rstrip("/")
 
 
@@ -915,9 +940,14 @@ class Settings:
 OPTIONS: tuple[Option, ...] = tuple(spec.metadata["option"] for spec in fields(Settings) if "option" in spec.metadata)
 
 
+ENV_FILE = "ENV_FILE"  # where the settings file is; read from the environment only, default ./.env
+
+
 def read_environment() -> dict[str, str]:
-    """The process environment over the values in ./.env (the environment wins)."""
-    from_file = {key: value for key, value in dotenv_values(".env").items() if value is not None}
+    """The process environment over the values in the settings file, ./.env unless ENV_FILE names another (or,
+    empty, none: the tests and the benchmark start servers whose settings they choose, whatever .env holds)."""
+    path = os.environ.get(ENV_FILE, ".env")
+    from_file = {key: value for key, value in dotenv_values(path).items() if value is not None} if path else {}
     return {**from_file, **os.environ}
 
 
@@ -961,6 +991,9 @@ def check_settings(settings: Settings) -> list[str]:
     if bool(settings.google_client_id) != bool(settings.google_client_secret):
         problems.append("GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET must be set together")
     public = urlsplit(settings.public_url)
+    if public.path.endswith(MCP_PATH):
+        problems.append(f"PUBLIC_URL={settings.public_url!r} ends in {MCP_PATH}, but the MCP endpoint is PUBLIC_URL"
+                        f"{MCP_PATH}: write {settings.public_url.removesuffix(MCP_PATH)!r}")
     if settings.auth_enabled and public.scheme != "https" and not is_loopback_host(public.hostname or ""):
         problems.append(f"PUBLIC_URL={settings.public_url!r} must be https:// when sign-in is on "
                         "(only loopback may use http://)")
@@ -1033,6 +1066,14 @@ def default_public_url(host: str, port: int) -> str:
 def is_address_or_network(text: str) -> bool:
     try:
         ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
     return True
@@ -3582,11 +3623,12 @@ class VerifiedTokens:
     starts, or after it broke) it trusts nothing kept and reads every token from the store. A token read
     while a grant ended is not kept (`epoch`), and none is kept longer than VERIFIED_TOKEN_MAX_AGE_S."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool) -> None:
         # By the token itself (held in memory anyway, by the requests that carry it): a hit hashes nothing.
         self.tokens: dict[str, tuple[GrantAccessToken, float]] = {}  # the token, and until when it is kept
         self.epoch = 0  # counts the grant ends (and losses of the feed) heard
         self.trusted = False
+        self.shared = shared  # other processes share the store: whether this one hears them is worth a log line
 
     def get(self, token: str) -> GrantAccessToken | None:
         kept = self.tokens.get(token) if self.trusted else None
@@ -3617,7 +3659,8 @@ class VerifiedTokens:
             self.forget_grant(grant_id)
         elif message is FEED_LISTENING:
             self.trusted = True
-            logger.info("hearing other replicas' revocations: verified tokens are kept in memory")
+            if self.shared:
+                logger.info("hearing other replicas' revocations: verified tokens are kept in memory")
         elif message is FEED_LOST:
             self.trusted, self.epoch = False, self.epoch + 1
             self.tokens.clear()
@@ -3870,7 +3913,7 @@ class Grants:
         self.store = store
         self.google = google
         self.resource = resource_of(settings.public_url)
-        self.verified = VerifiedTokens()
+        self.verified = VerifiedTokens(shared=store.shared)
 
 
     async def load_authorization_code(self, client: OAuthClientInformationFull,
@@ -3906,7 +3949,17 @@ class Grants:
             raise TokenError("invalid_grant", "this authorization code was already used")
         audit("token_issued", client_id=client.client_id, subject=grant.subject, grant_id=grant.id,
               scopes=authorization_code.scopes)
+        await self.supersede_narrower(grant)
         return issued.token
+
+    async def supersede_narrower(self, grant: Grant) -> None:
+        """A step-up widens what a client holds rather than adding to it: the person's earlier grants to the
+        same client whose scopes the new one covers and exceeds end, so one grant per person and client
+        remains (the consent page showed the wider scopes). A sign-in with the same scopes ends nothing: a
+        client_id may be shared by installations on several machines (a metadata document's always is)."""
+        for earlier in await self.store.find(Grant, grant.subject):
+            if earlier.client_id == grant.client_id and set(earlier.scopes) < set(grant.scopes):
+                await self.revoke_grant(earlier.id, reason="widened by a step-up")
 
     def issue_tokens(self, grant: Grant, scopes: Sequence[str]) -> IssuedTokens:
         """A fresh access and refresh token for `grant`, and the records that make them valid."""
@@ -3935,8 +3988,10 @@ class Grants:
         record = await self.store.get(IssuedRefreshToken, token_hash(refresh_token))
         if record is None:
             return None
-        if not within_race_window(record) and await self.standing_of(record) == "reused":
-            # RFC 9700 §4.14.2: a rotated token whose successor was used is a stolen one.
+        if not within_race_window(record) and await self.standing_of(record) == "reused" and \
+                await self.store.get(RefreshAnswer, token_hash(refresh_token)) is None:
+            # RFC 9700 §4.14.2: a rotated token whose successor was used is a stolen one. (Unless a request
+            # with it has just been answered: then this is its twin, racing it, and gets the same answer.)
             audit("refresh_token_reused", client_id=record.client_id, subject=record.subject,
                   grant_id=record.grant_id)
             await self.revoke_grant(record.grant_id, reason="a rotated refresh token was used again")
@@ -5093,7 +5148,7 @@ async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: Call
             result = await call_next(ctx)
         if ctx.method == "initialize" and isinstance(result, dict):
             advertise_notifications(result, ctx.lifespan_context.settings)
-        outcome = "tool_error" if isinstance(result, CallToolResult) and result.is_error else "ok"
+        outcome = "tool_error" if is_tool_error(result) else "ok"
         return result
     finally:
         _current_runtime.reset(token)
@@ -5157,12 +5212,43 @@ async def call_tool(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext
         raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
     needed = google_scopes_of(tool) if tool is not None else frozenset()
     if not needed or running.provider is None or current_user() is LOCAL_USER:
-        return await call_next(ctx)
+        return plainer_argument_errors(await call_next(ctx))
     token = _tool_google_scopes.set(needed)
     try:
-        return await running.provider.google_access.admit(ctx, call_next, needed)
+        return plainer_argument_errors(await running.provider.google_access.admit(ctx, call_next, needed))
     finally:
         _tool_google_scopes.reset(token)
+
+
+# How pydantic words one problem with a tool's arguments, which the SDK passes on to the model as they are.
+ARGUMENT_ERRORS = re.compile(r"^Error executing tool (?P<tool>\S+): \d+ validation errors? for \S+Arguments\n")
+ARGUMENT_ERROR = re.compile(r"^(?P<where>\S[^\n]*)\n  (?P<what>[^\n]+?) \[type=(?P<kind>[^,\]]+)"
+                            r"(?:, input_value=(?P<value>[^\n]*?))?(?:, input_type=\w+)?\]", re.MULTILINE)
+
+
+def is_tool_error(result: HandlerResult) -> bool:
+    """Whether a tools/call result is a failure the model reads (the SDK's answers come as dicts, ours as models)."""
+    if isinstance(result, CallToolResult):
+        return result.is_error
+    return isinstance(result, dict) and result.get("isError") is True
+
+
+def plainer_argument_errors(result: HandlerResult) -> HandlerResult:
+    """A tool's arguments that do not fit its schema as the model and the person can read it: "add was called
+    with arguments that do not fit: argument a: Input should be a valid number (got 'x')", without pydantic's
+    type codes and links."""
+    content = result.get("content") if isinstance(result, dict) and is_tool_error(result) else None
+    text = content[0].get("text", "") if isinstance(content, list) and len(content) == 1 and isinstance(
+        content[0], dict) else ""
+    if not (header := ARGUMENT_ERRORS.match(text)):
+        return result
+    problems = [f"argument {found['where']}: {found['what']}" + (
+        f" (got {found['value'][:60]})" if found["value"] and found["kind"] != "missing" else "")
+        for found in ARGUMENT_ERROR.finditer(text)]
+    if not problems:
+        return result
+    plain = f"{header['tool']} was called with arguments that do not fit: {'; '.join(problems)}."
+    return {**result, "content": [{"type": "text", "text": plain}]}
 
 
 async def get_prompt(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:
@@ -5956,7 +6042,9 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     handler.setFormatter(JsonLogFormat() if log_format == "json" else TextLogFormat())
     handler.addFilter(RequestLogFields())
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    logging.getLogger("mcp").setLevel(level if level == "DEBUG" else "WARNING")
+    # The SDK logs every stateless request, and the HTTP client every call to Google, at INFO.
+    for chatty in ("mcp", "httpx2", "httpcore2"):
+        logging.getLogger(chatty).setLevel(level if level == "DEBUG" else "WARNING")
 
 
 # What BoundedHead overrides in uvicorn's httptools protocol (uvicorn has no head-size limit of its own
@@ -6134,6 +6222,8 @@ def claude_config(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     try:
         mcp_url = args.url or load_settings().mcp_url
+        if problem := url_problem(mcp_url):
+            raise ConfigError(f"--url {mcp_url!r} {problem}")
         entry = claude_server_entry(mcp_url)
         if not args.write:
             print(json.dumps({"mcpServers": {args.name: entry}}, indent=2))
@@ -6253,6 +6343,8 @@ class Doctor:
 
     async def examine(self) -> None:
         first = await self.post_initialize(self.url)
+        if first.status_code in (404, 405) and await self.mcp_endpoint_elsewhere():
+            return
         host_refused = first.status_code in (400, 403, 421) and "host" in first.text.lower()
         if not self.check("Host header", not host_refused, f"{self.origin} is accepted" if not host_refused else
                           f"answered {first.status_code} ({first.text[:80]!r}): set PUBLIC_URL={self.origin}"
@@ -6266,6 +6358,17 @@ class Doctor:
                        "set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET for anything but this machine")
             return
         await self.check_sign_in(first)
+
+    async def mcp_endpoint_elsewhere(self) -> bool:
+        """When the URL answers 404 or 405, whether the MCP endpoint is at URL/mcp instead: a failure that
+        names the right URL, rather than every check failing with the wrong fix."""
+        if self.path.rstrip("/").endswith(MCP_PATH):
+            return False
+        suggested = self.url + MCP_PATH
+        if (await self.post_initialize(suggested)).status_code not in (200, 401):
+            return False
+        self.check("MCP endpoint", False, f"{self.url} is no MCP endpoint, but {suggested} is: check {suggested}")
+        return True
 
     async def check_sign_in(self, first: httpx2.Response) -> None:
         challenge = await self.check_challenge(first)
@@ -6489,6 +6592,10 @@ class Doctor:
                    f"GOOGLE_CLIENT_ID and add {expected_callback} to its authorized redirect URIs")
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def resolving(overrides: Sequence[str]) -> Callable[[httpx2.Request], Awaitable[None]]:
     """A request hook that sends HOST:PORT to ADDRESS, as curl's --resolve does, keeping the Host header and
     the TLS server name: to check a deployment before its DNS name points at it."""
@@ -6525,6 +6632,9 @@ def doctor(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"server.py doctor: configuration error: {exc}", file=sys.stderr)
         return 2
+    if problem := url_problem(url):
+        print(f"server.py doctor: {url!r} {problem}", file=sys.stderr)
+        return 2
     verify: ssl.SSLContext = tls_context()
     if args.cacert:
         verify = ssl.create_default_context(cafile=str(args.cacert))
@@ -6543,7 +6653,7 @@ def doctor(argv: Sequence[str]) -> int:
         print(f"checking {url}")
         for check in checks:
             print(check.line())
-        print(f"{counts['ok']} passed, {counts['warn']} warnings, {counts['fail']} failed")
+        print(f"{counts['ok']} passed, {plural(counts['warn'], 'warning')}, {counts['fail']} failed")
     return 1 if counts["fail"] else 0
 
 
@@ -6551,43 +6661,82 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"claude-config": claude_c
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the HTTP server until SIGINT or SIGTERM (or a command: claude-config, doctor); return the exit status."""
+    """Run the HTTP server until SIGINT or SIGTERM (or a command: claude-config, doctor); return the exit status.
+    Whatever stops it from starting (a setting, a taken port) is one line on stderr and exit status 2, said
+    before anything claims to serve."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
-    overrides = parse_args(argv)
     try:
-        settings = load_settings(overrides=overrides)
+        settings = startup_settings(argv)
+        start_telemetry(settings)
+        listening = listening_socket(settings.host, settings.port)
     except ConfigError as exc:
-        print(f"server.py: configuration error: {exc}", file=sys.stderr)
+        print(f"server.py: {exc}", file=sys.stderr)
         return 2
+    return serve(settings, listening)
+
+
+def startup_settings(argv: Sequence[str]) -> Settings:
+    """The settings to run with (flags over the environment over .env), with logging configured and the
+    warnings about what trades safety for convenience logged; ConfigError says why the server must not start."""
+    try:
+        settings = load_settings(overrides=parse_args(argv))
+    except ConfigError as exc:
+        raise ConfigError(f"configuration error: {exc}") from None
     configure_logging(settings.log_level, settings.log_format)
     if reason := refuse_unsafe_bind(settings):
-        print(f"server.py: {reason}", file=sys.stderr)
-        return 2
+        raise ConfigError(reason)
     if settings.auth_enabled:
         try:
             settings = with_secret_key(settings)
         except ConfigError as exc:
-            print(f"server.py: configuration error: {exc}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"configuration error: {exc}") from None
     if "*" in settings.trusted_proxies:
         logger.warning("TRUSTED_PROXIES is *: any caller can claim another address with X-Forwarded-For; "
                        "list your proxies' addresses instead unless only they can reach this port")
     if settings.cimd_allow_local:
         logger.warning("CIMD_ALLOW_LOCAL is on: client metadata documents may come from loopback and private "
                        "addresses over http; turn it off outside development")
+    return settings
+
+
+def start_telemetry(settings: Settings) -> None:
+    """Traces and the metrics port; either failing (a taken metrics port, an OTLP endpoint without the SDK)
+    stops the server."""
     try:
         configure_tracing()
         serve_metrics(settings)
     except (ConfigError, OSError) as exc:
-        print(f"server.py: cannot start telemetry: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"cannot start telemetry: {exc}") from None
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything starts, so a taken port is said at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host.strip("[]"), port))
+    except OSError as exc:
+        listening.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is taken (is the server already running?): choose another "
+                              f"with --port {port + 1} or PORT={port + 1}") from None
+        if exc.errno == errno.EACCES:
+            raise ConfigError(f"not allowed to listen on port {port} (below 1024 needs privileges): choose "
+                              "another with --port or PORT") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    listening.set_inheritable(True)
+    return listening
+
+
+def serve(settings: Settings, listening: socket.socket) -> int:
+    """Serve the app on uvicorn (uvloop and httptools, its `standard` extra: about twice the requests per core)
+    until asked to stop, draining first."""
     app = build_app(settings)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         http=bounded_http_protocol(),
         h11_max_incomplete_event_size=REQUEST_HEAD_MAX_BYTES,  # the bound where h11 is what runs
         log_config=None,
@@ -6602,7 +6751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # process as "killed by SIGTERM" (or a KeyboardInterrupt traceback); a finished shutdown is a clean exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     with suppress(KeyboardInterrupt):
-        server.run()  # on uvloop and httptools (uvicorn's `standard` extra): about twice the requests per core
+        server.run(sockets=[listening])
     return 0 if server.started else 1
 
 

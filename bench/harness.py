@@ -54,6 +54,20 @@ def pinned(cpu: str, command: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *command] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else command
 
 
+@functools.cache
+def setting_names() -> frozenset[str]:
+    sys.path.insert(0, str(REPO))
+    import server
+
+    return frozenset(option.env for option in server.OPTIONS)
+
+
+def environment_without_settings() -> dict[str, str]:
+    """This process's environment without any of the server's settings, and with no settings file: every
+    contender runs with the settings the benchmark gives it, whatever the person exported or keeps in .env."""
+    return {**{key: value for key, value in os.environ.items() if key not in setting_names()}, "ENV_FILE": ""}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,7 +80,7 @@ def running(contender: Contender, workdir: Path, mode: str = "json",
     """The contender serving `mode` on its port, pinned to the server CPU, checked to answer `add`."""
     port = contender.port
     log = (workdir / f"{contender.name}.log").open("ab")
-    env = {**os.environ, "DATA_DIR": str(workdir / contender.name), **contender.env}
+    env = {**environment_without_settings(), "DATA_DIR": str(workdir / contender.name), **contender.env}
     process = subprocess.Popen(pinned(SERVER_CPU, contender.command(port, mode)), cwd=REPO, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/mcp"

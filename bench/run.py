@@ -98,7 +98,7 @@ def measure(process: subprocess.Popen[bytes], url: str, contender: Contender, er
 
 
 def throughput(chosen: list[Contender], workdir: Path, modes: list[str], eras: list[str], rounds: int,
-               seconds: float, connections: int) -> tuple[list[dict], list[dict]]:
+               seconds: float, connections: int, *, judge: bool = True) -> tuple[list[dict], list[dict]]:
     samples: dict[tuple[str, str, str], list[Sample]] = {}
     for round_number in range(rounds):
         for contender in chosen:
@@ -118,6 +118,10 @@ def throughput(chosen: list[Contender], workdir: Path, modes: list[str], eras: l
                         samples.setdefault((contender.name, mode, era), []).append(sample)
             print(f"round {round_number + 1}/{rounds}: {contender.name} done", file=sys.stderr)
     rows = report(chosen, modes, eras, samples)
+    if not judge:
+        print("\ntargets: not judged in a --quick run (one round of one second measures the harness, not the "
+              "servers); run without --quick to judge them")
+        return rows, []
     return rows, targets(rows)
 
 
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen, stack = chosen_contenders(workdir, only, args.baseline)
         with stack:
             rows, judged = throughput(chosen, workdir, [m for m in args.modes.split(",") if m],
-                              [e for e in args.eras.split(",") if e], args.rounds, args.seconds, args.connections)
+                                      [e for e in args.eras.split(",") if e], args.rounds, args.seconds,
+                                      args.connections, judge=not args.quick)
         results["throughput"], results["targets"] = rows, judged
         if args.chart is not None:
             draw_chart(rows, args.chart)

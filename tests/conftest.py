@@ -46,6 +46,9 @@ WAIT_S = 10.0  # how long a test waits for a state it can see (an event, a gauge
 # cannot be waited for, and the server may still be handling what was sent (after a 202, or a hang-up).
 TIME_FOR_A_TRACEBACK_S = 0.5
 SETTING_NAMES = frozenset(option.env for option in server_module.OPTIONS)  # never leak the developer's own
+# Nor the settings file they keep: every server the tests start (scripts from the repository included) reads
+# no .env, only the settings its test gives it.
+os.environ[server_module.ENV_FILE] = ""
 
 MODES: dict[str, tuple[str, ...]] = {
     "stateful": (),

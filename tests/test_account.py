@@ -99,3 +99,25 @@ def test_signed_out_means_google_first_and_the_same_policy(google: GoogleStandIn
     assert posted.status_code == 303, "no change without signing in first"
     assert refused.status == 403 and "Access refused" in refused.body
     assert 'href="' not in refused.body, "no link that would start the same refusal again"
+
+
+def test_a_step_up_widens_the_clients_grant_instead_of_adding_one(google: GoogleStandIn, tmp_path: Path) -> None:
+    """A client that signed in for `mcp` and is asked for `mcp google` (google_profile) signs in again: the person
+    keeps one grant for that client, the wider one, and /account lists the application once. A sign-in with
+    the same scopes (another machine sharing the client_id) ends nothing."""
+    with auth_server(google, tmp_path) as server:
+        client = RawClient.register(server, client_name="Widened app")
+        google.next_login(ALICE)
+        narrow = client.sign_in("mcp")
+        google.next_login(ALICE)
+        twin = client.sign_in("mcp")  # the same client elsewhere, the same scopes: both stay signed in
+        assert [mcp_call(server, t["access_token"], "tools/list").status_code for t in (narrow, twin)] == [200, 200]
+        google.next_login(ALICE)
+        wide = client.sign_in("mcp google")
+        _, page = open_account(server, google, ALICE)
+        shown = [html.unescape(name) for _, name in DISCONNECT.findall(page)]
+        statuses = [mcp_call(server, t["access_token"], "tools/list").status_code for t in (narrow, twin, wide)]
+        log = server.log()
+    assert shown == ["Widened app"], shown
+    assert statuses == [401, 401, 200], "the narrower grants ended; the wider one serves"
+    assert log.count('"reason": "widened by a step-up"') == 2

@@ -208,6 +208,7 @@ def test_compose_runs_stateless_replicas_on_one_persistent_redis_with_shared_set
     spec = compose()
     server, redis = spec["services"]["stream-http"], spec["services"]["redis"]
     assert server["build"] == "." and server["deploy"]["replicas"] >= 2
+    assert server["env_file"] == [{"path": ".env", "required": False}], "every .env setting reaches the replicas"
     settings = server["environment"]
     readme = (REPO / "README.md").read_text()
     shared = readme[readme.index("**The same on every replica**"):].split("\n- ", 1)[0]

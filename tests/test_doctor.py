@@ -33,7 +33,9 @@ def doctor(url: str, *args: str) -> tuple[int, dict[str, tuple[str, str]], str]:
     assert_no_traceback(done.stdout, done.stderr)
     assert done.stderr == "", "the doctor prints only its own report"
     lines = done.stdout.splitlines()
-    assert lines[0] == f"checking {url}" and re.fullmatch(r"\d+ passed, \d+ warnings, \d+ failed", lines[-1])
+    assert lines[0] == f"checking {url}" and re.fullmatch(r"\d+ passed, (1 warning|\d+ warnings), \d+ failed",
+                                                          lines[-1])
+    assert not re.search(r"\b1 warnings\b", lines[-1])
     checks = {}
     for line in lines[1:-1]:
         assert REPORT_LINE.match(line), line
@@ -233,3 +235,22 @@ def test_behind_a_public_name_every_advertised_url_must_be_public(google: Google
         assert status == 1
         assert {"public URL", "metadata URLs"} <= set(failed(checks)), report
         assert f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/mcp" in checks["metadata URLs"][1]
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://[::1:8000/mcp", "is not a URL"), ("http://127.0.0.1:abc/mcp", "has a port that is not a number"),
+    ("not-a-url", "must be an http:// or https:// URL")])
+def test_a_url_the_doctor_cannot_use_is_one_line_saying_why(url: str, problem: str) -> None:
+    done = run_python("server.py", "doctor", url)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"server.py doctor: {url!r} ") and done.stderr.count("\n") == 1
+    assert problem in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_origin_without_the_mcp_path_gets_the_path_suggested(stateful_server: ServerProcess) -> None:
+    """`doctor http://127.0.0.1:8000`: one failure naming the endpoint, not four with wrong fixes."""
+    status, checks, report = doctor(stateful_server.base_url)
+    assert status == 1 and list(checks) == ["MCP endpoint"], report
+    assert checks["MCP endpoint"] == ("FAIL", f"{stateful_server.base_url} is no MCP endpoint, but "
+                                              f"{stateful_server.mcp_url} is: check {stateful_server.mcp_url}")
+

@@ -100,31 +100,40 @@ def test_a_token_got_through_localhost_works_through_127_0_0_1(signin_server: Se
 
 @pytest.fixture
 def seed_server(google: GoogleStandIn, tmp_path: Path) -> Iterator[ServerProcess]:
-    """The original description's snippet: port 8080, sign-in on, no PUBLIC_URL."""
-    with auth_server(google, tmp_path / "server", port=8080) as server:
+    """The original description's snippet (`http://localhost:8080/mcp/`: the localhost name, the trailing
+    slash), sign-in on, no PUBLIC_URL, on a port of the test's own rather than 8080, which may be someone's."""
+    with auth_server(google, tmp_path / "server") as server:
         yield server
 
 
 @pytest.mark.anyio
-async def test_mcp_remote_signs_in_with_the_seeds_exact_url(peers: Peers, seed_server: ServerProcess,
+async def test_mcp_remote_signs_in_with_the_seeds_url_shape(peers: Peers, seed_server: ServerProcess,
                                                            google: GoogleStandIn, tmp_path: Path) -> None:
     google.next_login(ALICE)
-    claude, visits = mcp_remote(peers, "http://localhost:8080/mcp/", tmp_path)
+    seed_url = f"http://localhost:{seed_server.port}/mcp/"
+    claude, visits = mcp_remote(peers, seed_url, tmp_path)
     with anyio.fail_after(90):
         async with Client(claude, mode="legacy") as remote:
             me = (await remote.call_tool("whoami", {})).structured_content
     assert me["email"] == ALICE["email"]
     log = visits.read_text()
-    assert "http://localhost:8080/consent?txn=" in log and "/oauth/google/callback" in log
+    assert f"http://localhost:{seed_server.port}/consent?txn=" in log and "/oauth/google/callback" in log
     assert_no_traceback(seed_server.log())
 
 
-def test_client_py_signs_in_at_its_default_url(google: GoogleStandIn, tmp_path: Path) -> None:
+def test_client_py_signs_in_and_its_default_url_is_the_servers(google: GoogleStandIn, tmp_path: Path) -> None:
+    """client.py's default URL is where a zero-configuration server serves; the sign-in itself runs against a
+    server on a port of the test's own (a person's own server may hold 8000)."""
+    import client
+    import server
+
+    assert client.DEFAULT_URL == server.load_settings({}).mcp_url == "http://127.0.0.1:8000/mcp"
     google.next_login(ALICE)
     browser, _ = browser_program(tmp_path)
-    with auth_server(google, tmp_path / "server", port=8000):
+    with auth_server(google, tmp_path / "server") as running:
         done = run_python("client.py", "call", "whoami", timeout_s=120,
-                          env={"XDG_CONFIG_HOME": str(tmp_path / "config"), "BROWSER": browser, "MCP_URL": ""})
+                          env={"XDG_CONFIG_HOME": str(tmp_path / "config"), "BROWSER": browser,
+                               "MCP_URL": running.mcp_url})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["email"] == ALICE["email"]
 

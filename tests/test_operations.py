@@ -22,6 +22,7 @@ from tests.conftest import (
     REPO,
     ServerProcess,
     assert_no_traceback,
+    current_store,
     eventually,
     free_port,
     mcp_headers,
@@ -379,3 +380,30 @@ def test_open_sessions_and_streams_are_gauges(tmp_path: Path) -> None:
     assert "stream_http_streams_open 1.0" in during and "stream_http_sessions_open 1.0" in during
     assert "stream_http_mcp_exchanges_open 1.0" in during
     assert "stream_http_streams_open 0.0" in after
+
+
+def test_a_taken_port_is_said_before_anything_claims_to_serve(tmp_path: Path) -> None:
+    """One line naming the port and how to choose another; no "serving MCP at" or "startup complete" first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_python("server.py", "--port", str(port), cwd=tmp_path, env={"DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"server.py: port {port} on 127.0.0.1 is taken (is the server already running?): "
+                                     f"choose another with --port {port + 1} or PORT={port + 1}"), result.stderr
+    assert "serving MCP" not in result.stderr + result.stdout and "startup complete" not in result.stderr
+
+
+def test_a_signed_in_google_call_and_a_lone_sqlite_server_log_only_what_matters(google: GoogleStandIn,
+                                                                                  tmp_path: Path) -> None:
+    """No line per call to Google from the HTTP client, and no word of other replicas where there are none."""
+    google.next_login(ALICE)
+    with auth_server(google, tmp_path) as server:
+        token = RawClient.register(server).sign_in("mcp google")["access_token"]
+        profile = mcp_call(server, token, "tools/call", {"name": "google_profile", "arguments": {}})
+        log = server.log()
+    assert profile.status_code == 200 and '"isError":false' in profile.text.replace(" ", "")
+    assert "HTTP Request:" not in log, "the HTTP client's INFO line for every call to Google"
+    if current_store().kind == "sqlite":
+        assert "replicas" not in log, "a lone SQLite server has no replicas to hear"

@@ -22,6 +22,8 @@ from tests.conftest import ARTIFACTS, REPO, Peers, ServerProcess
 from tests.signin import ALICE, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
 SCREENSHOTS = ARTIFACTS / "screenshots"
+README_SCREENSHOTS = REPO / "tests" / "screenshots"  # what README shows, kept in the repository
+UPDATE_README_SCREENSHOTS = "STREAM_HTTP_UPDATE_SCREENSHOTS"  # =1: this run's shots replace the kept ones
 CHROMIUM = "/usr/bin/chromium"
 VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
 CALLBACK = "http://127.0.0.1:6777/cb"
@@ -111,6 +113,24 @@ def check_page(person: Person, name: str, chromium: Any) -> None:
     assert page.locator("script, link[rel=stylesheet], img[src^=http], iframe").count() == 0, "self-contained"
 
 
+def shoot_for_readme(person: Person, name: str) -> None:
+    """The page at desktop width in light and dark, as README shows it: taken every run (artifacts/readme/),
+    and kept in tests/screenshots/ when STREAM_HTTP_UPDATE_SCREENSHOTS=1. README's images must be there."""
+    page = person.page
+    page.set_viewport_size(VIEWPORTS["desktop"])
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        shot = ARTIFACTS / "readme" / f"{name}-desktop-{scheme}.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.locator("main").screenshot(path=str(shot))  # the card a person reads, without the empty page
+        kept = README_SCREENSHOTS / shot.name
+        if os.environ.get(UPDATE_README_SCREENSHOTS) == "1":
+            README_SCREENSHOTS.mkdir(exist_ok=True)
+            kept.write_bytes(shot.read_bytes())
+        assert kept.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{kept} is README's picture of {name}"
+    page.emulate_media(color_scheme="light")
+
+
 def authorize_url(server: ServerProcess) -> tuple[RawClient, str, str]:
     client = RawClient.register(server, redirect_uri=CALLBACK, client_name="Notes Desktop")
     verifier, challenge = pkce_pair()
@@ -141,6 +161,7 @@ def test_a_sign_in_by_clicking_through_consent_and_google(chromium: Any, site: S
         assert person.page.get_by_role("heading", level=1).inner_text() == "Allow access?"
         assert "Notes Desktop" in person.page.inner_text("main") and "127.0.0.1:6777" in person.page.inner_text("main")
         check_page(person, "consent", chromium)
+        shoot_for_readme(person, "consent")
         person.page.set_viewport_size(VIEWPORTS["desktop"])
         person.page.keyboard.press("Tab")  # the keyboard reaches Allow first
         assert person.page.evaluate("document.activeElement.textContent") == "Allow"
@@ -204,6 +225,7 @@ def test_the_connected_apps_page_disconnects_by_click(chromium: Any, site: Serve
         assert person.page.get_by_role("heading", level=1).inner_text() == "Connected applications"
         assert person.page.get_by_role("heading", name="Notes Desktop").count() >= 1
         check_page(person, "account", chromium)
+        shoot_for_readme(person, "account")
         person.page.set_viewport_size(VIEWPORTS["desktop"])
         person.page.get_by_role("button", name="Disconnect Notes Desktop").first.click()
         person.page.wait_for_load_state()

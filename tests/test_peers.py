@@ -1,6 +1,6 @@
 """Third-party peers against real server processes: the official conformance suite, the Inspector
 (CLI, and the web app `mcp dev` launches), mcp-remote (Claude Desktop's route), the SDK's Client over
-stdio through `mcp run`, and the seed's trailing-slash URL on port 8080."""
+stdio through `mcp run`, and the seed's trailing-slash URL."""
 
 from __future__ import annotations
 
@@ -127,11 +127,12 @@ async def test_a_stdio_session_through_mcp_remote(peers: Peers, server: ServerPr
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", ["stateful", "stateless"])
-async def test_the_seeds_trailing_slash_url_on_port_8080(peers: Peers, tmp_path: Path, mode: str,
-                                                        era: str) -> None:
-    """The seed's Claude Desktop snippet: mcp-remote at http://localhost:8080/mcp/ (with the slash)."""
-    url = "http://localhost:8080/mcp/"
-    with running_server(tmp_path, *MODES[mode], port=8080):
+async def test_the_seeds_trailing_slash_url(peers: Peers, tmp_path: Path, mode: str, era: str) -> None:
+    """The seed's Claude Desktop snippet: mcp-remote at http://localhost:8080/mcp/ (the localhost name, the
+    slash), on a port of the test's own rather than 8080, which may be someone's own server."""
+    port = free_port()
+    url = f"http://localhost:{port}/mcp/"
+    with running_server(tmp_path, *MODES[mode], port=port):
         async with Client(mcp_remote(peers, url, tmp_path), mode="legacy") as claude:
             through_remote = await claude.call_tool("echo", {"message": "hello from mcp-remote"})
         async with Client(url, mode=era) as sdk:

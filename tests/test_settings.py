@@ -52,6 +52,7 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_dotenv_is_read_and_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / ".env").write_text("PORT=9001\nLOG_LEVEL=DEBUG\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(server.ENV_FILE)  # the tests set it empty: here the file is read, as it is for users
     monkeypatch.setenv("LOG_LEVEL", "WARNING")
     for name in ("PORT", "HOST", "PUBLIC_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -105,3 +106,39 @@ def test_a_server_icon_must_be_a_small_image(tmp_path: Path) -> None:
         with pytest.raises(server.ConfigError) as raised:
             server.load_settings({"SERVER_ICON": str(path)})
         assert problem in str(raised.value)
+
+
+def test_env_file_names_the_settings_file_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENV_FILE (from the environment only) points at another settings file; empty, none is read."""
+    (tmp_path / ".env").write_text("PORT=9001\n")
+    (tmp_path / "other.env").write_text("PORT=9002\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.setenv(server.ENV_FILE, str(tmp_path / "other.env"))
+    assert server.load_settings().port == 9002
+    monkeypatch.setenv(server.ENV_FILE, "")
+    assert server.load_settings().port == 8000
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("http://exa mple.com", "has 'exa mple.com' for a host, which is neither a name nor an address"),
+    ("http://127.0.0.1:abc", "has a port that is not a number"),
+    ("http://example.com:80:80", "has a port that is not a number"),
+    ("http://127.0.0.1:8000/mcp", "ends in /mcp, but the MCP endpoint is PUBLIC_URL/mcp: write 'http://127.0.0.1:8000'"),
+    ("https://user:secret@mcp.example.com", "must not carry a user name or password"),
+    ("mcp.example.com", "must be an http:// or https:// URL with a host"),
+])
+def test_a_malformed_public_url_stops_the_server_saying_what_to_write(value: str, problem: str) -> None:
+    with pytest.raises(server.ConfigError) as raised:
+        server.load_settings({"PUBLIC_URL": value})
+    assert problem in str(raised.value)
+    result = run_python("server.py", "--public-url", value)
+    assert result.returncode == 2 and problem in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["CORS_ORIGINS", "GOOGLE_DISCOVERY_URL", "GOOGLE_CALENDAR_API", "GOOGLE_DRIVE_API"])
+def test_every_url_setting_is_checked_as_strictly(name: str) -> None:
+    with pytest.raises(server.ConfigError) as raised:
+        server.load_settings({name: "http://127.0.0.1:abc"})
+    assert f"{name}='http://127.0.0.1:abc' has a port that is not a number" in str(raised.value)
+
