@@ -263,25 +263,34 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Client]:
 
 
 async def logout(args: argparse.Namespace) -> int:
-    """Revoke this server's tokens at the server (which ends the grant) and forget them."""
+    """Revoke every token client.py keeps for this server (the refresh token first: that ends the grant on
+    servers that tie the two, and a server that does not still gets the access token revoked), then forget
+    them and the client registration."""
     cache = TokenCache(args.url)
     entry = cache.entry()
-    token = (entry.get("tokens") or {}).get("refresh_token") or (entry.get("tokens") or {}).get("access_token")
-    client_id = (entry.get("client") or {}).get("client_id")
-    if not token or not client_id:
+    tokens, client = entry.get("tokens") or {}, entry.get("client") or {}
+    held = [(kind, tokens[kind]) for kind in ("refresh_token", "access_token") if tokens.get(kind)]
+    if not held or not client.get("client_id"):
+        cache.forget()
         err.print(f"Not signed in to {args.url}.")
         return 0
     async with httpx2.AsyncClient(timeout=30) as http:
         endpoint = await revocation_endpoint(http, args.url)
-        form = {"token": token, "client_id": client_id}
-        if secret := (entry.get("client") or {}).get("client_secret"):
-            form["client_secret"] = secret
-        response = await http.post(endpoint, data=form)
-    if response.status_code != 200:
-        raise Failure(f"the server refused to revoke the tokens (HTTP {response.status_code})")
+        for kind, token in held:
+            await revoke(http, endpoint, client, token, kind)
     cache.forget()
     err.print(f"Signed out of {args.url}: the tokens are revoked and forgotten.")
     return 0
+
+
+async def revoke(http: httpx2.AsyncClient, endpoint: str, client: dict[str, Any], token: str, kind: str) -> None:
+    """One token revoked (RFC 7009), authenticated as the registered client."""
+    form = {"token": token, "token_type_hint": kind, "client_id": client["client_id"]}
+    if secret := client.get("client_secret"):
+        form["client_secret"] = secret
+    response = await http.post(endpoint, data=form)
+    if response.status_code != 200:
+        raise Failure(f"the server refused to revoke the {kind.replace('_', ' ')} (HTTP {response.status_code})")
 
 
 async def revocation_endpoint(http: httpx2.AsyncClient, mcp_url: str) -> str:
