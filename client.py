@@ -12,7 +12,8 @@
 the client asks the server which it speaks. When the server asks for sign-in, the client opens your
 browser (or prints the link with --no-browser), waits for the answer on a loopback port, and keeps the
 tokens in an owner-only file in your config directory; it refreshes them silently after that.
-Failures print one line on stderr and exit 1.
+A wrong command line prints one line on stderr and exits 2; every other failure prints one line and
+exits 1.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import webbrowser
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -46,6 +47,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 from mcp.shared.exceptions import MCPError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 DEFAULT_URL = "http://127.0.0.1:8000/mcp"
@@ -82,10 +84,19 @@ class Failure(Exception):
     """Something went wrong that the user should read about in one line."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a wrong command line is one line on stderr, like every other failure (argparse
+    prints its whole usage text); it keeps argparse's exit status 2, which tells it apart from those."""
+
+    def error(self, message: str) -> NoReturn:
+        err.print(f"[red]error:[/red] {escape(message)} (see: uv run client.py --help)")
+        raise SystemExit(2)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="client.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[2:]))
+    parser = ArgumentParser(prog="client.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="\n".join(__doc__.split("\n")[2:]))
     parser.add_argument("--url", default=os.environ.get("MCP_URL") or DEFAULT_URL,
                         help=f"the server's MCP endpoint (default: $MCP_URL or {DEFAULT_URL})")
     era = parser.add_mutually_exclusive_group()
@@ -100,19 +111,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command not in ("list", "logout") and not args.target:
         parser.error(f"'{args.command}' needs a {'resource URI' if args.command == 'read' else 'name'}")
+    if malformed := next((pair for pair in args.arguments if not pair.partition("=")[0] or "=" not in pair), None):
+        parser.error(f"argument {malformed!r} is not key=value")
     return args
 
 
 def parse_arguments(pairs: Sequence[str], schema: dict[str, Any] | None = None, *,
                     all_text: bool = False) -> dict[str, Any]:
-    """`key=value` pairs as a dict. A value is taken as JSON (2, true, ["a"]) where it parses, except
-    for arguments the schema declares as strings, and everywhere with `all_text` (prompt arguments)."""
+    """`key=value` pairs (parse_args has checked their shape) as a dict. A value is taken as JSON (2, true,
+    ["a"]) where it parses, except for arguments the schema declares as strings, and everywhere with
+    `all_text` (prompt arguments)."""
     properties = (schema or {}).get("properties", {})
     result: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise Failure(f"argument {pair!r} is not key=value")
+        key, _, value = pair.partition("=")
         if all_text or properties.get(key, {}).get("type") == "string":
             result[key] = value
             continue
