@@ -53,6 +53,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 DEFAULT_URL = "http://127.0.0.1:8000/mcp"
 MODERN_VERSION = "2026-07-28"
 SIGN_IN_TIMEOUT_S = 300
+MCP_PATH = "/mcp"  # where stream-http serves MCP, for the hint when --url names only the origin
 CALLBACK_CSS = ("body{margin:0;font:16px/1.5 system-ui,sans-serif;color:#1b1f24;background:#f6f7f9}"
                 "main{max-width:32rem;margin:2rem auto;padding:1.5rem;background:#fff;border:1px solid #d0d7de;"
                 "border-radius:12px}h1{font-size:1.35rem}@media (max-width:30rem){main{margin:0;border-radius:0}}")
@@ -468,6 +469,20 @@ def describe(exc: BaseException, url: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def missing_path_hint(url: str) -> str | None:
+    """For a URL that names only an origin (http://127.0.0.1:8000) where origin/mcp answers: the line that
+    says so. A server may serve MCP at its root, so this is asked only once that has failed."""
+    parts = urlsplit(url)
+    if parts.path not in ("", "/"):
+        return None
+    guess = f"{parts.scheme}://{parts.netloc}{MCP_PATH}"
+    try:
+        found = httpx2.get(guess, timeout=5).status_code != 404
+    except httpx2.HTTPError:
+        return None
+    return f"no MCP endpoint at {url}; did you mean {guess}?" if found else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # The SDK logs failures with tracebacks; this tool reports each failure in one line instead.
@@ -480,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return first.code if isinstance(first.code, int) else 1
         if isinstance(first, KeyboardInterrupt):
             return 130
-        err.print(f"[red]error:[/red] {describe(first, args.url)}")
+        hint = missing_path_hint(args.url) if isinstance(first, (MCPError, httpx2.HTTPStatusError)) else None
+        err.print(f"[red]error:[/red] {escape(hint or describe(first, args.url))}")
         return 1
 
 

@@ -90,6 +90,14 @@ def test_an_http_error_is_one_line(stateful_server: ServerProcess) -> None:
     assert_no_traceback(result.stderr)
 
 
+@pytest.mark.parametrize("tail", ["", "/"])
+def test_a_url_without_the_mcp_path_names_the_one_that_answers(stateful_server: ServerProcess, tail: str) -> None:
+    origin = stateful_server.base_url
+    result = client(origin + tail)
+    assert result.returncode == 1
+    assert result.stderr == f"error: no MCP endpoint at {origin}{tail}; did you mean {origin}/mcp?\n"
+
+
 @pytest.mark.parametrize(("args", "problem"), [
     (("call",), "'call' needs a name"),
     (("read",), "'read' needs a resource URI"),
