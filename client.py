@@ -576,7 +576,11 @@ async def ask(question: str) -> str:
 
     err.print(question, end="")
     threading.Thread(target=read, daemon=True).start()
-    return await answer
+    try:
+        return await answer
+    except asyncio.CancelledError:  # abandoned (Ctrl-C): what is printed next starts a line of its own
+        err.print()
+        raise
 
 
 def _default_answer(spec: dict[str, Any]) -> Any:

@@ -113,6 +113,19 @@ def test_a_spinner_says_what_sign_in_waits_for(google: GoogleStandIn, signin_ser
     assert_no_traceback(terminal.text)
 
 
+def test_a_confirmation_is_answered_on_the_terminal(stateful_server: ServerProcess, tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    added = Terminal("--url", stateful_server.mcp_url, "call", "add_note", "title=Old", env=env)
+    note = json.loads(added.finish()[1])
+    terminal = Terminal("--url", stateful_server.mcp_url, "call", "delete_note", f"note_id={note['id']}", env=env,
+                        typing=True)
+    terminal.wait_for(r"Delete this note for good\? $")
+    terminal.type("y\n")
+    status, output = terminal.finish()
+    assert status == 0, terminal.text
+    assert json.loads(output) == {"deleted": True, "note_id": note["id"], "confirmation": "confirmed"}
+
+
 # --- a link a tool sends the person to (a Google permission)
 
 GRANT_LINK = r"(http://127\.0\.0\.1:\d+/oauth/google/grant\?\S+)"
@@ -168,6 +181,18 @@ def test_the_person_agrees_before_the_link_opens(google_server: ServerProcess, t
     assert status == 0, terminal.text
     assert [event["summary"] for event in json.loads(output)["events"]] == ["Design review", "Lunch with Bob"]
     assert "/oauth/google/grant" in visits.read_text()
+    assert_no_traceback(terminal.text)
+
+
+def test_ctrl_c_at_the_question_ends_at_once(google_server: ServerProcess, tmp_path: Path) -> None:
+    browser, _ = browser_program(tmp_path)
+    terminal = Terminal("--url", google_server.mcp_url, "call", "calendar_upcoming",
+                        env={"XDG_CONFIG_HOME": str(tmp_path), "BROWSER": browser}, typing=True)
+    terminal.wait_for(r"Open it in your browser\? \[Y/n\] ")
+    terminal.process.send_signal(signal.SIGINT)
+    status, _ = terminal.finish(timeout_s=15)  # not held up by the question's pending read
+    assert status == 130
+    assert terminal.last_line() == "interrupted (Ctrl-C)"
     assert_no_traceback(terminal.text)
 
 
