@@ -258,6 +258,11 @@ def browser_program(workdir: Path, decision: str = "approve") -> tuple[str, Path
     return str(script), log
 
 
+def google_apis(google: GoogleStandIn) -> dict[str, str]:
+    """The settings that send server.py's Calendar and Drive requests to the stand-in."""
+    return {"GOOGLE_CALENDAR_API": f"{google.issuer}/calendar/v3", "GOOGLE_DRIVE_API": f"{google.issuer}/drive/v3"}
+
+
 def mcp_remote(peers: Peers, url: str, workdir: Path) -> tuple[StdioServerParameters, Path]:
     """mcp-remote for `url` as Claude Desktop starts it, signing in through the headless browser; and the
     log of the pages that browser visited."""

@@ -65,7 +65,6 @@ def test_confirmation_questions_are_answered_with_yes(stateful_server: ServerPro
     (("call", "add", "a=two", "b=3"), "error: tool add failed: "),
     (("call", "nope"), "error: the server refused: Unknown tool: nope (error -32602)"),
     (("read", "notes://missing"), "error: the server refused: There is no note 'missing' (error -32602)"),
-    (("call", "add", "a"), "error: argument 'a' is not key=value"),
 ])
 def test_failures_are_one_line_and_exit_1(stateful_server: ServerProcess, args: tuple[str, ...],
                                           message: str) -> None:
@@ -91,10 +90,35 @@ def test_an_http_error_is_one_line(stateful_server: ServerProcess) -> None:
     assert_no_traceback(result.stderr)
 
 
-def test_usage_errors_exit_2() -> None:
-    result = run_python("client.py", "call")
+@pytest.mark.parametrize("tail", ["", "/"])
+def test_a_url_without_the_mcp_path_names_the_one_that_answers(stateful_server: ServerProcess, tail: str) -> None:
+    origin = stateful_server.base_url
+    result = client(origin + tail)
+    assert result.returncode == 1
+    assert result.stderr == f"error: no MCP endpoint at {origin}{tail}; did you mean {origin}/mcp?\n"
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (("call",), "'call' needs a name"),
+    (("read",), "'read' needs a resource URI"),
+    (("call", "add", "a"), "argument 'a' is not key=value"),
+    (("call", "add", "=2"), "argument '=2' is not key=value"),
+    (("frobnicate",), "argument command: invalid choice: 'frobnicate'"),
+    (("--nope",), "unrecognized arguments: --nope"),
+    (("--legacy", "--modern"), "argument --modern: not allowed with argument --legacy"),
+])
+def test_a_wrong_command_line_is_one_line_naming_help_and_exits_2(args: tuple[str, ...], problem: str) -> None:
+    result = run_python("client.py", *args)
     assert result.returncode == 2
-    assert "'call' needs a name" in result.stderr
+    assert result.stderr.startswith(f"error: {problem}"), result.stderr
+    assert result.stderr.endswith(" (see: uv run client.py --help)\n"), result.stderr
+    assert result.stderr.count("\n") == 1 and "usage:" not in result.stderr
+
+
+def test_help_is_still_the_whole_usage() -> None:
+    result = run_python("client.py", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: client.py") and "--no-browser" in result.stdout
 
 
 def test_string_arguments_stay_strings_even_when_they_look_like_json(stateful_server: ServerProcess) -> None:

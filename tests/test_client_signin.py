@@ -12,14 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2
+
 from tests.conftest import REPO, ServerProcess, assert_no_traceback, run_python
 from tests.headless_browser import Browser
 from tests.signin import ALICE, GoogleStandIn, auth_server, browser_program, mcp_call
 
 
-def client(server: ServerProcess, home: Path, *args: str,
-           browser: str = "/bin/false") -> subprocess.CompletedProcess[str]:
-    return run_python("client.py", "--url", server.mcp_url, *args,
+def client(server: ServerProcess, home: Path, *args: str, browser: str = "/bin/false",
+           url: str | None = None) -> subprocess.CompletedProcess[str]:
+    return run_python("client.py", "--url", url or server.mcp_url, *args,
                       env={"XDG_CONFIG_HOME": str(home / "config"), "BROWSER": browser}, timeout_s=120)
 
 
@@ -85,10 +87,25 @@ def test_tokens_from_a_logged_out_client_no_longer_work(google: GoogleStandIn, s
     browser, _ = browser_program(tmp_path)
     assert client(signin_server, tmp_path, "call", "whoami", browser=browser).returncode == 0
     cache = tmp_path / "config" / "stream-http" / "tokens.json"
-    access = json.loads(cache.read_text())[signin_server.mcp_url]["tokens"]["access_token"]
+    held = json.loads(cache.read_text())[signin_server.mcp_url]
+    access, refresh = held["tokens"]["access_token"], held["tokens"]["refresh_token"]
     assert mcp_call(signin_server, access, "tools/list").status_code == 200
     assert client(signin_server, tmp_path, "logout").returncode == 0
     assert mcp_call(signin_server, access, "tools/list").status_code == 401
+    refreshed = httpx2.post(signin_server.base_url + "/token", data={
+        "grant_type": "refresh_token", "refresh_token": refresh, "client_id": held["client"]["client_id"]})
+    assert refreshed.status_code == 400 and refreshed.json()["error"] == "invalid_grant"
+    assert signin_server.mcp_url not in json.loads(cache.read_text()), "tokens and registration forgotten"
+    again = client(signin_server, tmp_path, "logout")
+    assert again.returncode == 0 and again.stderr == f"Not signed in to {signin_server.mcp_url}.\n"
+
+
+def test_a_url_without_the_mcp_path_is_named_before_any_sign_in(signin_server: ServerProcess,
+                                                                  tmp_path: Path) -> None:
+    origin = signin_server.base_url
+    result = client(signin_server, tmp_path, "call", "whoami", url=origin)
+    assert result.returncode == 1
+    assert result.stderr == f"error: no MCP endpoint at {origin}; did you mean {origin}/mcp?\n"
 
 
 def test_a_token_is_refreshed_before_it_can_expire_on_its_way(tmp_path: Path) -> None:
