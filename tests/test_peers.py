@@ -4,6 +4,7 @@ stdio through `mcp run`, and the seed's trailing-slash URL on port 8080."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,30 +195,59 @@ def response_to(events: EventStream, request_id: int, timeout_s: float = 30) -> 
                       interval_s=0.1, showing=lambda: events.messages[-5:])
 
 
-@pytest.fixture
-def mcp_dev(peers: Peers, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """`mcp dev server.py`, run from the peers directory so npx finds the pinned Inspector."""
-    env = peers.node_env(HOME=str(tmp_path), MCP_AUTO_OPEN_ENABLED="false", CLIENT_PORT=str(free_port()),
-                         DATA_DIR=str(tmp_path / "data"), MCP_INSPECTOR_SECRET_STORE="memory")
+@dataclass
+class McpDev:
+    """A running `uv run mcp dev server.py`: its process and everything it has printed so far."""
+
+    process: subprocess.Popen[str]
+    output: list[str]
+
+    def printed(self) -> str:
+        return "".join(self.output)
+
+
+@contextlib.contextmanager
+def running_mcp_dev(cwd: Path, env: dict[str, str], ready: str) -> Iterator[tuple[McpDev, re.Match[str]]]:
+    """`uv run mcp dev server.py` as README says, run from `cwd` so that npx finds the Inspector pinned there,
+    once it has printed what `ready` matches (and that match). Its output is read on a thread of its own, so
+    it never waits for the test to read it."""
     uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
     process = subprocess.Popen([uv, "run", "--project", str(REPO), "mcp", "dev", str(REPO / "server.py")],
-                               cwd=peers.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
-    output: list[str] = []
+    dev = McpDev(process, [])
 
-    def inspector_address() -> re.Match[str] | None:
-        line = process.stdout.readline() if process.stdout else ""  # the next line, as soon as it is printed
-        output.append(line)
-        assert line or process.poll() is None, "`mcp dev` exited:\n" + "".join(output)
-        return re.search(r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)", line)
+    def read() -> None:
+        for line in process.stdout or ():
+            dev.output.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def printed() -> re.Match[str] | None:
+        exited = process.poll() is not None
+        if exited:
+            reader.join(5)  # all it printed before it ended
+        found = re.search(ready, dev.printed())
+        assert found or not exited, "`mcp dev` exited:\n" + dev.printed()
+        return found
 
     try:
-        url = eventually(inspector_address, 120, awaiting="`mcp dev` to print the Inspector's address", interval_s=0,
-                         showing=lambda: "".join(output))
-        yield url.group(1), {"x-mcp-remote-auth": f"Bearer {url.group(2)}"}
+        yield dev, eventually(printed, 120, awaiting=f"`mcp dev` to print {ready!r}", interval_s=0.1,
+                              showing=dev.printed)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(20)
+
+
+@pytest.fixture
+def mcp_dev(peers: Peers, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """`mcp dev server.py`, run from the peers directory so npx finds the pinned Inspector (2.12, on Node 22)."""
+    env = peers.node_env(HOME=str(tmp_path), MCP_AUTO_OPEN_ENABLED="false", CLIENT_PORT=str(free_port()),
+                         DATA_DIR=str(tmp_path / "data"), MCP_INSPECTOR_SECRET_STORE="memory")
+    address = r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)"
+    with running_mcp_dev(peers.root, env, address) as (_, url):
+        yield url.group(1), {"x-mcp-remote-auth": f"Bearer {url.group(2)}"}
 
 
 def test_mcp_dev_opens_the_inspector_on_this_server_over_stdio(mcp_dev: tuple[str, dict[str, str]]) -> None:
