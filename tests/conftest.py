@@ -2,8 +2,8 @@
 
 Every server a test talks to is `server.py` started as its own process, exactly as a user starts it,
 in a scratch directory with its own DATA_DIR. The npm peers (conformance suite, Inspector CLI,
-mcp-remote, the TypeScript SDK, Node 22) come from tests/peers, installed from its lockfile on first
-use.
+mcp-remote, the TypeScript SDK, Node 22) come from tests/peers, and the Inspector that Node 20's npx takes
+from tests/peers/node20, each installed from its lockfile on first use.
 
 The whole suite runs once per store: the embedded SQLite file, then a real Redis (Debian's
 `redis-server`, started here on a free loopback port). `--store sqlite` or `--store redis` runs one.
@@ -330,15 +330,17 @@ class Peers:
                               timeout=timeout_s, env=env or self.node_env(), cwd=cwd, check=False)
 
 
-def install_peers() -> None:
-    marker = PEERS / "node_modules" / ".package-lock.json"
-    lock = PEERS / "package-lock.json"
+def install_peers(root: Path = PEERS) -> None:
+    """`npm ci` in a peers directory (tests/peers, or tests/peers/node20), unless its node_modules is
+    already installed from its present lockfile."""
+    marker = root / "node_modules" / ".package-lock.json"
+    lock = root / "package-lock.json"
     if marker.exists() and marker.stat().st_mtime >= lock.stat().st_mtime:
         return
     npm = shutil.which("npm")
     if npm is None:
-        pytest.fail("npm is needed to install the test peers (tests/peers); install Node.js and npm")
-    subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=PEERS, check=True)
+        pytest.fail(f"npm is needed to install the test peers ({root.relative_to(REPO)}); install Node.js and npm")
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=root, check=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ stdio through `mcp run`, and the seed's trailing-slash URL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,23 @@ import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 
-from tests.conftest import MODES, REPO, EventStream, Peers, ServerProcess, eventually, free_port, running_server
+import server as server_module
+from tests.conftest import (
+    MODES,
+    REPO,
+    EventStream,
+    Peers,
+    ServerProcess,
+    eventually,
+    free_port,
+    install_peers,
+    running_server,
+)
 
 CONFORMANCE = "@modelcontextprotocol/conformance/dist/index.js"
 INSPECTOR = "@modelcontextprotocol/inspector/clients/launcher/build/index.js"
 MCP_REMOTE = "mcp-remote/dist/proxy.js"
+NODE20_PEERS = REPO / "tests" / "peers" / "node20"  # the Inspector npx gives Node 20 (0.15), for `mcp dev`
 
 
 def start_conformance_server(workdir: Path, mode: str) -> ServerProcess:
@@ -193,30 +208,69 @@ def response_to(events: EventStream, request_id: int, timeout_s: float = 30) -> 
                       interval_s=0.1, showing=lambda: events.messages[-5:])
 
 
-@pytest.fixture
-def mcp_dev(peers: Peers, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """`mcp dev server.py`, run from the peers directory so npx finds the pinned Inspector."""
-    env = peers.node_env(HOME=str(tmp_path), MCP_AUTO_OPEN_ENABLED="false", CLIENT_PORT=str(free_port()),
-                         DATA_DIR=str(tmp_path / "data"), MCP_INSPECTOR_SECRET_STORE="memory")
+@dataclass
+class McpDev:
+    """A running `uv run mcp dev server.py`: its process (which leads a session of its own, so every process
+    it starts is found by that session) and everything it has printed so far."""
+
+    process: subprocess.Popen[str]
+    output: list[str]
+
+    def printed(self) -> str:
+        return "".join(self.output)
+
+    def commands(self) -> list[list[str]]:
+        """The command line of every process `mcp dev` started, and of the processes they started."""
+        commands = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):  # a process that has just ended
+                if int(stat.read_text().rpartition(")")[2].split()[3]) == self.process.pid:
+                    commands.append((stat.parent / "cmdline").read_bytes().decode().split("\0")[:-1])
+        return commands
+
+
+@contextlib.contextmanager
+def running_mcp_dev(cwd: Path, env: dict[str, str], ready: str) -> Iterator[tuple[McpDev, re.Match[str]]]:
+    """`uv run mcp dev server.py` as README says, run from `cwd` so that npx finds the Inspector pinned there,
+    once it has printed what `ready` matches (and that match). Its output is read on a thread of its own, so
+    it never waits for the test to read it."""
     uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
     process = subprocess.Popen([uv, "run", "--project", str(REPO), "mcp", "dev", str(REPO / "server.py")],
-                               cwd=peers.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
-    output: list[str] = []
+    dev = McpDev(process, [])
 
-    def inspector_address() -> re.Match[str] | None:
-        line = process.stdout.readline() if process.stdout else ""  # the next line, as soon as it is printed
-        output.append(line)
-        assert line or process.poll() is None, "`mcp dev` exited:\n" + "".join(output)
-        return re.search(r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)", line)
+    def read() -> None:
+        for line in process.stdout or ():
+            dev.output.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def printed() -> re.Match[str] | None:
+        exited = process.poll() is not None
+        if exited:
+            reader.join(5)  # all it printed before it ended
+        found = re.search(ready, dev.printed())
+        assert found or not exited, "`mcp dev` exited:\n" + dev.printed()
+        return found
 
     try:
-        url = eventually(inspector_address, 120, awaiting="`mcp dev` to print the Inspector's address", interval_s=0,
-                         showing=lambda: "".join(output))
-        yield url.group(1), {"x-mcp-remote-auth": f"Bearer {url.group(2)}"}
+        yield dev, eventually(printed, 120, awaiting=f"`mcp dev` to print {ready!r}", interval_s=0.1,
+                              showing=dev.printed)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(20)
+
+
+@pytest.fixture
+def mcp_dev(peers: Peers, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """`mcp dev server.py`, run from the peers directory so npx finds the pinned Inspector (2.12, on Node 22)."""
+    env = peers.node_env(HOME=str(tmp_path), MCP_AUTO_OPEN_ENABLED="false", CLIENT_PORT=str(free_port()),
+                         DATA_DIR=str(tmp_path / "data"), MCP_INSPECTOR_SECRET_STORE="memory")
+    address = r"(http://127\.0\.0\.1:\d+)\?MCP_INSPECTOR_API_TOKEN=(\w+)"
+    with running_mcp_dev(peers.root, env, address) as (_, url):
+        yield url.group(1), {"x-mcp-remote-auth": f"Bearer {url.group(2)}"}
 
 
 def test_mcp_dev_opens_the_inspector_on_this_server_over_stdio(mcp_dev: tuple[str, dict[str, str]]) -> None:
@@ -245,5 +299,79 @@ def test_mcp_dev_opens_the_inspector_on_this_server_over_stdio(mcp_dev: tuple[st
         send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1,
                                                                                                      "b": 1}}})
         assert response_to(events, 2)["result"]["structuredContent"] == {"result": 2}
+    finally:
+        events.stop()
+
+
+# --- `mcp dev server.py` on Node 20, where npx takes the Inspector 0.15, driven through its proxy's own API
+
+
+@pytest.fixture
+def mcp_dev_on_node20(tmp_path: Path) -> Iterator[tuple[McpDev, str, dict[str, str]]]:
+    """`mcp dev server.py` as a Node 20 user runs it: the system's node and npx (not tests/peers' Node 22),
+    from tests/peers/node20, where npx finds the Inspector that Node 20 gets (0.15), pinned. Its cli starts
+    the proxy on SERVER_PORT and the web app on CLIENT_PORT; the proxy prints the token its API asks for."""
+    node = shutil.which("node")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip() if node else ""
+    if not version.startswith("v20."):
+        pytest.skip(f"this runs `mcp dev` on the system's Node 20; the system's node is {version or 'missing'}")
+    install_peers(NODE20_PEERS)
+    proxy_port = free_port()
+    env = {**os.environ, "HOME": str(tmp_path), "MCP_AUTO_OPEN_ENABLED": "false", "SERVER_PORT": str(proxy_port),
+           "CLIENT_PORT": str(free_port()), "DATA_DIR": str(tmp_path / "data")}
+    with running_mcp_dev(NODE20_PEERS, env, r"Session token: (\w+)") as (dev, token):
+        yield dev, f"http://127.0.0.1:{proxy_port}", {"x-mcp-proxy-auth": f"Bearer {token.group(1)}"}
+
+
+def test_mcp_dev_on_node20_opens_inspector_0_15_on_this_server_with_its_packages_whole(
+        mcp_dev_on_node20: tuple[McpDev, str, dict[str, str]], tmp_path: Path) -> None:
+    """0.15's proxy gets `mcp dev`'s `uv run --with PACKAGE ... mcp run server.py` as one string and splits it
+    with a shell parser when it starts the server: a `<` or `>` in server.py's package list would reach uv as
+    `[object Object]` ("Failed to spawn: [object Object]"). The test connects as 0.15's web app does: the
+    proxy's defaults from /config, an SSE stream from /stdio, messages POSTed to the endpoint it names."""
+    dev, base, headers = mcp_dev_on_node20
+    config = httpx2.get(f"{base}/config", headers=headers).json()
+    assert config["defaultCommand"] == "uv", config
+    assert config["defaultArgs"].endswith(f" mcp run {REPO / 'server.py'}"), config
+    query = {"transportType": "stdio", "command": config["defaultCommand"], "args": config["defaultArgs"],
+             "env": json.dumps({**config["defaultEnvironment"], "DATA_DIR": str(tmp_path / "data")})}
+    events = EventStream(f"{base}/stdio", headers, params=query, timeout_s=60)
+    try:
+        assert events.wait_until_answered() == 200
+        endpoint = events.wait_for(1)[0]
+        assert endpoint.event == "endpoint", endpoint
+
+        def relayed() -> list[dict[str, Any]]:
+            return [json.loads(event.data) for event in events.carrying() if event.event == "message"]
+
+        def seen() -> str:
+            return f"the proxy relayed: {relayed()[-10:]}\n`mcp dev` printed:\n{dev.printed()[-3000:]}"
+
+        def started() -> list[list[str]]:
+            return [command for command in dev.commands() if Path(command[0]).name == "uv" and "--with" in command]
+
+        spawned = eventually(started, awaiting="the proxy's `uv run --with ... mcp run server.py`", showing=seen)
+        assert len(spawned) == 1, spawned
+        packages = [spawned[0][at + 1] for at, arg in enumerate(spawned[0]) if arg == "--with"]
+        assert set(server_module.mcp.dependencies) <= set(packages), spawned[0]
+        assert spawned[0][-3:] == ["mcp", "run", str(REPO / "server.py")], spawned[0]
+
+        def send(message: dict[str, Any]) -> None:
+            sent = httpx2.post(base + endpoint.data, headers=headers, json=message, timeout=60)
+            assert sent.status_code == 202, f"{sent.text}\n{seen()}"
+
+        def answer_to(request_id: int) -> dict[str, Any]:
+            return eventually(lambda: next((message for message in relayed() if message.get("id") == request_id),
+                                           None),
+                              120, awaiting=f"the proxy to relay the answer to {request_id}", interval_s=0.1,
+                              showing=seen)
+
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "inspector", "version": "0"}}})
+        assert answer_to(1)["result"]["serverInfo"]["name"] == "stream-http"
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "add", "arguments": {"a": 1,
+                                                                                                     "b": 1}}})
+        assert answer_to(2)["result"]["structuredContent"] == {"result": 2}
     finally:
         events.stop()
