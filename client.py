@@ -349,12 +349,13 @@ async def carry_out(client: Client, args: argparse.Namespace, wait: BrowserWait)
         result = await client.read_resource(args.target)
         for content in result.contents:
             out.print(content.text if isinstance(content, types.TextResourceContents)
-                      else f"<{content.mime_type}, {len(content.blob) * 3 // 4} bytes>")
+                      else f"<{content.mime_type}, {len(content.blob) * 3 // 4} bytes>", markup=False)
         return 0
     prompt = await client.get_prompt(args.target, parse_arguments(args.arguments, all_text=True))
     for message in prompt.messages:
         text = message.content.text if isinstance(message.content, types.TextContent) else message.content
-        out.print(f"[bold]{message.role}:[/bold] {text}")
+        out.print(f"{message.role}:", style="bold", end=" ")
+        out.print(text, markup=False)  # the server's text, shown as it is (a note may hold [brackets])
     return 0
 
 
@@ -391,7 +392,7 @@ async def call_tool(client: Client, name: str, arguments: dict[str, Any], wait: 
         out.print_json(data=result.structured_content)
     else:
         for content in result.content:
-            out.print(content.text if isinstance(content, types.TextContent) else content)
+            out.print(content.text if isinstance(content, types.TextContent) else content, markup=False)
     return 0
 
 
@@ -399,8 +400,9 @@ class ProgressDisplay:
     """Shows the progress a tool reports: a bar on a terminal, plain lines otherwise."""
 
     def __init__(self, wait: BrowserWait) -> None:
+        # Progress without a total (the spec allows it) is a count, not a fraction.
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed:g}/{task.total:g}"), TimeElapsedColumn(),
+                            TextColumn("{task.completed:g}{task.fields[of]}"), TimeElapsedColumn(),
                             console=err, transient=True)
         self.task: TaskID | None = None
         self.wait = wait
@@ -417,15 +419,16 @@ class ProgressDisplay:
         if not err.is_terminal:
             err.print(f"progress {progress:g}{f'/{total:g}' if total else ''}: {description}")
             return
+        of = f"/{total:g}" if total else ""
         if self.task is None:
             self.wait.hide()  # a tool that reports progress is running, and a terminal shows one live display
             self.bar.start()
-            self.task = self.bar.add_task(description, total=total)
-        self.bar.update(self.task, completed=progress, total=total, description=description)
+            self.task = self.bar.add_task(description, total=total, of=of)
+        self.bar.update(self.task, completed=progress, total=total, description=description, of=of)
 
 
 async def show_log(params: types.LoggingMessageNotificationParams) -> None:
-    err.print(f"[dim]{params.level}: {params.data}[/dim]")
+    err.print(f"{params.level}: {params.data}", style="dim", markup=False)
 
 
 class BrowserWait:
