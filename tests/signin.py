@@ -83,6 +83,13 @@ class GoogleStandIn:
         """Every refresh-token request Google saw, with its outcome ("success" or "error")."""
         return self.control("/test/log")["refreshes"]
 
+    def refresh_tokens(self, sub: str, client_id: str | None = None) -> dict[str, Any]:
+        """How many refresh tokens Google issued to `sub` (for one client, else for all), how many of them are
+        still live and how many were revoked: {"live", "issued", "revoked"}, the rest having expired. With
+        several clients and no client_id, "clients" has the counts of each."""
+        query = {"sub": sub, **({"client_id": client_id} if client_id else {})}
+        return self.control("/test/refresh-tokens?" + urlencode(query))
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)

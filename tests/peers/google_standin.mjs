@@ -5,10 +5,12 @@
 //
 // Like Google: authorization-code flow with PKCE and nonce, RS256 id_tokens with a `kid`, claims
 // sub/email/email_verified/hd/name/picture inside the id_token, `access_type=offline` for a refresh
-// token (issued again only with `prompt=consent`), userinfo, refresh and revocation.
+// token only when the person is shown the consent (the first time, with `prompt=consent`, or for scopes
+// not granted before), userinfo, refresh and revocation. Refresh tokens outlive the browser session, and
+// at most 100 per account and client stay live: the oldest is revoked silently beyond that.
 // Test controls (JSON, under /test/): register clients, choose who signs in next (or a refusal),
 // untick scopes on the next consent (Google's granular consent), make the next token or API response
-// misbehave, revoke a user's grants, and read what was asked for.
+// misbehave, revoke a user's grants, and read what was asked for and how many refresh tokens are live.
 // Scopes as Google grants them: a person may untick any scope beyond openid, and with
 // include_granted_scopes=true a grant carries every scope granted to the client before.
 // Google REST APIs answer in their documented shapes, checking the bearer token and its scope:
@@ -26,12 +28,15 @@ const { values: options } = parseArgs({
     port: { type: "string", default: "0" },
     interactive: { type: "boolean", default: false },
     "access-token-ttl": { type: "string", default: "3600" },
+    "refresh-token-limit": { type: "string", default: "100" },  // Google's, per account and client
   },
 });
 
 const accounts = new Map(); // sub -> claims
 const refreshIssuedTo = new Set(); // `${sub} ${clientId}` that already got a refresh token
-const offlineGrants = new Map(); // grantId -> whether a refresh token may be issued
+const offlineGrants = new Map(); // grantId -> whether its next code exchange issues a refresh token
+const refreshTokens = new Map(); // jti -> { sub, clientId, grantId, exp, revoked }, in the order issued
+const refreshLimitDue = new Set(); // `${sub} ${clientId}` that got a refresh token in this token request
 const authorizationRequests = []; // the query of every /auth request, for assertions
 const revocations = []; // tokens revoked at the revocation endpoint
 const refreshes = []; // every refresh_token grant: which grant, and whether it succeeded
@@ -80,8 +85,11 @@ const configuration = {
   ttl: { AccessToken: Number(options["access-token-ttl"]), IdToken: 3600, RefreshToken: 14 * 24 * 3600,
          Interaction: 600, Session: 3600, Grant: 14 * 24 * 3600 },
   async issueRefreshToken(ctx, client, code) {
-    return client.grantTypeAllowed("refresh_token") && Boolean(offlineGrants.get(code.grantId));
+    const issue = client.grantTypeAllowed("refresh_token") && Boolean(offlineGrants.get(code.grantId));
+    if (issue) offlineGrants.set(code.grantId, false);  // once per consent shown, not on a later silent sign-in
+    return issue;
   },
+  expiresWithSession: async () => false,  // Google's tokens outlive the browser's sign-in
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   async renderError(ctx, out) {
     ctx.type = "application/json";
@@ -97,6 +105,7 @@ const provider = new Provider(issuer, configuration);
 
 provider.on("grant.revoked", (ctx, grantId) => {
   revocations.push({ grantId, at: Date.now() });
+  refreshTokensRevoked((record) => record.grantId === grantId);
   grantedScopes.delete(grantScopeKeys.get(grantId));  // Google forgets every scope of a revoked grant
 });
 
@@ -112,6 +121,74 @@ function withGrantedScopes(url) {
   url.searchParams.set("scope", [...new Set([...asked, ...before])].join(" "));
   return url;
 }
+
+// --- refresh tokens as Google counts them: per account and client, live until revoked or expired
+
+provider.on("refresh_token.saved", (token) => {
+  refreshTokens.set(token.jti, { sub: token.accountId, clientId: token.clientId, grantId: token.grantId,
+                                 exp: token.exp ?? Math.floor(Date.now() / 1000) + token.expiration, revoked: false });
+  refreshLimitDue.add(grantKey(token.accountId, token.clientId));
+});
+provider.on("refresh_token.destroyed", (token) => refreshTokensRevoked((record, jti) => jti === token.jti));
+provider.on("refresh_token.consumed", (token) => refreshTokensRevoked((record, jti) => jti === token.jti));
+provider.on("grant.destroyed", (grant) => refreshTokensRevoked((record) => record.grantId === grant.jti));
+
+function refreshTokensRevoked(which) {
+  for (const [jti, record] of refreshTokens) if (which(record, jti)) record.revoked = true;
+}
+
+// Whether a refresh token still works: neither revoked (itself or its grant) nor expired.
+async function refreshTokenLive(jti, record) {
+  if (record.revoked || record.exp <= Date.now() / 1000) return false;
+  const token = await provider.RefreshToken.find(jti);
+  const live = Boolean(token && !token.consumed && await provider.Grant.find(token.grantId));
+  if (!live) record.revoked = true;  // gone some other way than expiry
+  return live;
+}
+
+async function refreshTokenCounts(sub, clientId) {
+  const clients = {};
+  for (const [jti, record] of refreshTokens) {
+    if (record.sub !== sub || (clientId && record.clientId !== clientId)) continue;
+    const counts = clients[record.clientId] ||= { live: 0, issued: 0, revoked: 0 };
+    counts.issued += 1;
+    if (await refreshTokenLive(jti, record)) counts.live += 1;
+    else if (record.revoked) counts.revoked += 1;  // the rest expired
+  }
+  const total = { live: 0, issued: 0, revoked: 0 };
+  for (const counts of Object.values(clients)) for (const name in total) total[name] += counts[name];
+  return Object.keys(clients).length > 1 ? { ...total, clients } : total;
+}
+
+// Google keeps the newest refresh tokens of an account and client, and revokes the oldest beyond its limit.
+async function enforceRefreshTokenLimit() {
+  const due = [...refreshLimitDue];
+  refreshLimitDue.clear();
+  for (const key of due) {
+    const live = [];
+    for (const [jti, record] of refreshTokens) {
+      if (grantKey(record.sub, record.clientId) === key && await refreshTokenLive(jti, record)) live.push(jti);
+    }
+    for (const jti of live.slice(0, Math.max(0, live.length - Number(options["refresh-token-limit"])))) {
+      await (await provider.RefreshToken.find(jti))?.destroy();
+      refreshTokens.get(jti).revoked = true;
+    }
+  }
+}
+
+// A refresh token this token response issued but a misbehaviour keeps from the client was never issued.
+async function forgetNewRefreshToken(ctx) {
+  const value = ctx.body?.refresh_token;
+  if (!value || value === ctx.oidc?.params?.refresh_token) return;
+  refreshTokens.delete(value);  // an opaque token's value is its jti
+  await (await provider.RefreshToken.find(value))?.destroy();
+}
+
+provider.use(async (ctx, next) => {
+  await next();
+  if (ctx.path === "/token") await enforceRefreshTokenLimit();  // after any misbehaviour below
+});
+
 for (const outcome of ["success", "error"]) {
   provider.on(`grant.${outcome}`, (ctx) => {
     if (ctx.oidc.params?.grant_type === "refresh_token") refreshes.push({ outcome, at: Date.now() });
@@ -124,6 +201,7 @@ provider.use(async (ctx, next) => {
   if (ctx.path !== "/token" || !misbehaviour || misbehaviour.startsWith("api_") || ctx.status !== 200) return;
   const mode = misbehaviour;
   misbehaviour = null;
+  if (mode === "token_error" || mode === "no_refresh_token") await forgetNewRefreshToken(ctx);
   if (mode === "token_error") {
     ctx.status = 400;
     ctx.body = { error: "invalid_grant", error_description: "Bad Request" };
@@ -167,6 +245,7 @@ async function finishConsent(req, res, details) {
     : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
   const scopeKey = grantKey(session.accountId, params.client_id);
   const asked = String(params.scope).split(" ");
+  const newScopes = asked.some((scope) => !grantedScopes.get(scopeKey)?.has(scope));  // before this consent
   const granted = new Set(asked.filter((scope) => !untickNext.includes(scope)));
   const unticked = asked.filter((scope) => !granted.has(scope));
   untickNext = [];
@@ -178,7 +257,8 @@ async function finishConsent(req, res, details) {
   const key = grantKey(session.accountId, params.client_id);
   const offline = params.access_type === "offline";
   const consentPrompt = String(params.prompt || "").split(" ").includes("consent");
-  offlineGrants.set(grantId, offline && (consentPrompt || !refreshIssuedTo.has(key)));
+  // Google shows the consent, and so issues a refresh token, the first time, when prompted, or for new scopes.
+  offlineGrants.set(grantId, offline && (consentPrompt || !refreshIssuedTo.has(key) || newScopes));
   if (offline) refreshIssuedTo.add(key);
   await provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
 }
@@ -330,6 +410,11 @@ server.on("request", async (req, res) => {
       }
       for (const key of [...refreshIssuedTo]) if (key.startsWith(`${sub} `)) refreshIssuedTo.delete(key);
       return json(res, 200, { ok: true });
+    }
+    if (url.pathname === "/test/refresh-tokens" && req.method === "GET") {
+      const sub = url.searchParams.get("sub");
+      if (!sub) return json(res, 400, { error: "sub is required" });
+      return json(res, 200, await refreshTokenCounts(sub, url.searchParams.get("client_id")));
     }
     if (url.pathname === "/test/log" && req.method === "GET") {
       return json(res, 200, { authorizationRequests, revocations, refreshes, apiRequests });
