@@ -90,6 +90,17 @@ class GoogleStandIn:
         query = {"sub": sub, **({"client_id": client_id} if client_id else {})}
         return self.control("/test/refresh-tokens?" + urlencode(query))
 
+    @property
+    def risc_discovery_url(self) -> str:
+        """Cross-Account Protection's configuration: the issuer and the keys its security event tokens verify with."""
+        return self.issuer + "/.well-known/risc-configuration"
+
+    def risc_token(self, events: dict[str, Any], aud: str, **claims: Any) -> str:
+        """A security event token as Google pushes it to a RISC receiver: a JWT (RS256, with the stand-in's kid)
+        of iss, aud, iat, jti and `events`. `claims`: iat (default now), jti (default random), iss (default the
+        issuer), kid, and sign_with="stranger" for one signed with a key the served JWKS does not hold."""
+        return self.control("/test/risc/token", {"events": events, "aud": aud, **claims})["token"]
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)

@@ -1,4 +1,4 @@
-"""The Google stand-in itself: refresh tokens issued and counted as Google does.
+"""The Google stand-in itself: refresh tokens issued and counted as Google does, and its RISC tokens.
 
 Driven with raw requests, as a browser and a confidential client would, without server.py.
 """
@@ -115,3 +115,39 @@ def test_beyond_the_limit_the_oldest_refresh_token_is_revoked(google_limit_2: Go
     assert google_limit_2.refresh_tokens(who["sub"]) == counts(2, 3, 1)
     assert [refresh(google_limit_2, token) for token in tokens] == [400, 200, 200]
 
+
+SESSIONS_REVOKED = "https://schemas.openid.net/secevent/risc/event-type/sessions-revoked"
+
+
+def test_a_risc_token_verifies_against_the_served_keys_and_a_forged_one_does_not(google: GoogleStandIn) -> None:
+    import jwt
+
+    configuration = httpx2.get(google.risc_discovery_url).json()
+    assert configuration["issuer"] == google.issuer
+    assert configuration["jwks_uri"].startswith(google.issuer + "/")
+    keys = httpx2.get(configuration["jwks_uri"]).json()["keys"]
+    assert [(key["kty"], key["alg"]) for key in keys] == [("RSA", "RS256")] and keys[0]["kid"]
+    assert "d" not in keys[0], "the public key only"
+    events = {SESSIONS_REVOKED: {"subject": {"subject_type": "iss-sub", "iss": google.issuer,
+                                             "sub": "100000000000000000001"}}}
+    jwks = jwt.PyJWKClient(configuration["jwks_uri"])
+
+    def verify(token: str) -> dict[str, Any]:
+        key = jwks.get_signing_key_from_jwt(token)
+        return jwt.decode(token, key, algorithms=["RS256"], audience=CLIENT_ID, issuer=configuration["issuer"])
+
+    token = google.risc_token(events, CLIENT_ID)
+    assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": keys[0]["kid"]}
+    claims = verify(token)
+    assert claims["events"] == events and claims["aud"] == CLIENT_ID and len(claims["jti"]) >= 16
+    assert set(claims) == {"iss", "aud", "iat", "jti", "events"}
+    chosen = verify(google.risc_token(events, CLIENT_ID, iat=1_700_000_000, jti="jti-1"))
+    assert (chosen["iat"], chosen["jti"]) == (1_700_000_000, "jti-1")
+    with pytest.raises(jwt.InvalidSignatureError):
+        verify(google.risc_token(events, CLIENT_ID, sign_with="stranger"))
+    with pytest.raises(jwt.PyJWKClientError):
+        verify(google.risc_token(events, CLIENT_ID, kid="no-such-key"))
+    with pytest.raises(jwt.InvalidIssuerError):
+        verify(google.risc_token(events, CLIENT_ID, iss="https://accounts.example.net"))
+    with pytest.raises(httpx2.HTTPStatusError):
+        google.risc_token(events, CLIENT_ID, sign_with="nobody")

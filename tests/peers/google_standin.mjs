@@ -16,7 +16,11 @@
 // Google REST APIs answer in their documented shapes, checking the bearer token and its scope:
 // Calendar v3 events.list on the primary calendar, Drive v3 files.list, and Tasks v1 tasklists.list.
 // With --interactive the sign-in is an HTML form a browser fills in, instead of plain redirects.
+// Cross-Account Protection (RISC) as Google serves it: /.well-known/risc-configuration names the issuer and
+// the keys (/risc/keys, the public part of the id_token signing key), and POST /test/risc/token makes a
+// security event token as Google would push it, or a forged one.
 
+import { randomBytes } from "node:crypto";
 import http from "node:http";
 import { parseArgs } from "node:util";
 
@@ -53,8 +57,10 @@ let nextLogin = { sub: "100000000000000000001", email: "alice@example.com", emai
 let misbehaviour = null; // one-shot: wrong_aud | wrong_iss | wrong_nonce | token_error | no_refresh_token,
                         // or for the REST APIs api_quota | api_unauthorized | api_insufficient
 
-const { privateKey } = await jose.generateKeyPair("RS256", { extractable: true });
+const { privateKey, publicKey } = await jose.generateKeyPair("RS256", { extractable: true });
 const signingKey = { ...(await jose.exportJWK(privateKey)), kid: "standin-rs256", alg: "RS256", use: "sig" };
+const publicSigningKey = { ...(await jose.exportJWK(publicKey)), kid: signingKey.kid, alg: "RS256", use: "sig" };
+const { privateKey: strangerKey } = await jose.generateKeyPair("RS256");  // in no JWKS: signs forged tokens
 
 function grantKey(sub, clientId) {
   return `${sub} ${clientId}`;
@@ -368,6 +374,24 @@ async function googleApi(req, res, url) {
   return answer(404, "notFound", "Not Found");
 }
 
+// --- Cross-Account Protection (RISC): security event tokens, signed as Google signs them
+
+const RISC_KEYS_PATH = "/risc/keys";
+
+// {events, aud, iat?, jti?, sign_with?: "own" | "stranger", iss?, kid?} -> a signed security event token
+async function riscToken(body) {
+  const { events, aud, iat, jti, iss, kid, sign_with: signWith = "own" } = body;
+  if (!events || typeof events !== "object" || Array.isArray(events) || typeof aud !== "string") {
+    return [400, { error: "events (an object) and aud (a string) are required" }];
+  }
+  if (!["own", "stranger"].includes(signWith)) return [400, { error: 'sign_with is "own" or "stranger"' }];
+  const claims = { iss: iss ?? issuer, aud, iat: iat ?? Math.floor(Date.now() / 1000),
+                   jti: jti ?? randomBytes(16).toString("hex"), events };
+  const token = await new jose.SignJWT(claims).setProtectedHeader({ alg: "RS256", kid: kid ?? signingKey.kid })
+    .sign(signWith === "own" ? privateKey : strangerKey);  // a stranger's token still names the stand-in's kid
+  return [200, { token }];
+}
+
 const callback = provider.callback();
 server.on("request", async (req, res) => {
   const url = new URL(req.url, issuer);
@@ -415,6 +439,14 @@ server.on("request", async (req, res) => {
       const sub = url.searchParams.get("sub");
       if (!sub) return json(res, 400, { error: "sub is required" });
       return json(res, 200, await refreshTokenCounts(sub, url.searchParams.get("client_id")));
+    }
+    if (url.pathname === "/.well-known/risc-configuration" && req.method === "GET") {
+      return json(res, 200, { issuer, jwks_uri: issuer + RISC_KEYS_PATH, delivery_methods_supported: [
+        "https://schemas.openid.net/secevent/risc/delivery-method/push"] });
+    }
+    if (url.pathname === RISC_KEYS_PATH && req.method === "GET") return json(res, 200, { keys: [publicSigningKey] });
+    if (url.pathname === "/test/risc/token" && req.method === "POST") {
+      return json(res, ...(await riscToken(await readJson(req))));
     }
     if (url.pathname === "/test/log" && req.method === "GET") {
       return json(res, 200, { authorizationRequests, revocations, refreshes, apiRequests });
