@@ -51,6 +51,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -143,6 +144,7 @@ from opentelemetry import propagate, trace
 from pydantic import AnyHttpUrl, AnyUrl, BaseModel, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials
+from starlette.datastructures import FormData
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -866,9 +868,14 @@ class Settings:
                                       "on every use).", whole_number(60))
     redirect_uri_patterns: tuple[str, ...] = option(
         "REDIRECT_URI_PATTERNS", "", "Comma-separated patterns (* wildcards) a client's redirect URI must match to "
-        "register, e.g. https://claude.ai/*,http://127.0.0.1:*/*. A pattern may also admit an app scheme such as "
-        "myapp://*. Empty: any https or loopback URI, and the app callbacks of Cursor and Claude's desktop app.",
-        comma_list)
+        "register, e.g. https://claude.ai/*,http://127.0.0.1:*/*, or clients by name, e.g. claude,chatgpt,cursor "
+        "(server.py connect --help lists them). A pattern may also admit an app scheme such as myapp://*. Empty: "
+        "any https or loopback URI, and the app callbacks of the known clients (Cursor, Claude, Grok).", comma_list)
+    pinned_client_documents: bool = option("PINNED_CLIENT_DOCUMENTS", "true", "Use the metadata documents of "
+                                           "Claude, Claude Code, ChatGPT, VS Code and Cursor that ship with the "
+                                           "server, without fetching them (a blocked or challenged fetch then "
+                                           "cannot make them unknown); false: fetch them like any other.",
+                                           true_or_false)
     cimd_allow_local: bool = option("CIMD_ALLOW_LOCAL", "false", "Accept client metadata documents from loopback "
                                     "and private addresses, over http too. For developing a client only.",
                                     true_or_false)
@@ -2787,6 +2794,10 @@ class GoogleGrants:
             held = dataclasses.replace(held, withdrawn=tuple(s for s in held.withdrawn if s not in again))
         await self.keep(subject, GoogleTokens.from_response(token_response, held))
 
+    async def holds_refresh_token(self, subject: str) -> bool:
+        tokens = await self.tokens(subject)
+        return bool(tokens and tokens.refresh_token)
+
     async def keep(self, subject: str, tokens: GoogleTokens) -> None:
         await self.store.put(Entry(subject, self.cipher.seal(subject, tokens), owner=subject))
 
@@ -2992,12 +3003,12 @@ def google_scopes_of(tool: MCPTool) -> frozenset[str]:
     return google_scopes((tool.meta or {}).get(GOOGLE_SCOPES, ()))
 
 
-def acts_with_sign_in_scopes_only(tool: MCPTool) -> bool:
-    """Whether a tool acts on the person's Google account with nothing but what they granted at sign-in (openid
-    email profile). Google asks them nothing more for it, so this server asks instead: the client must hold
-    the scope that lets it use the person's Google profile (GOOGLE_TOOLS_SCOPE, section 7). A tool that needs
-    more is asked for at Google, on Google's own consent screen, when it is first called."""
-    needed = google_scopes_of(tool)
+def acts_with_sign_in_scopes_only(needed: frozenset[str]) -> bool:
+    """Whether a tool that needs these Google scopes acts on the person's Google account with nothing but
+    what they granted at sign-in (openid email profile). Google asks them nothing more for it, so this
+    server asks instead: the client must hold the scope that lets it use the person's Google profile
+    (GOOGLE_TOOLS_SCOPE, section 7). A tool that needs more is asked for at Google, on Google's own consent
+    screen, when it is first called."""
     return bool(needed) and needed <= google_scopes(GOOGLE_SIGN_IN_SCOPES)
 
 
@@ -3081,20 +3092,135 @@ REFRESH_RACE_GRACE_S = 2  # the same refresh token used twice this close togethe
 CLIENT_DOCUMENT_TTL_S = 3600
 CLIENT_DOCUMENT_MAX_BYTES = 10_240
 CLIENT_DOCUMENT_TIMEOUT_S = 5
-# The app-scheme callbacks of well-known MCP clients, allowed while REDIRECT_URI_PATTERNS is empty
-# (any https and loopback URI is, too).
-KNOWN_APP_CALLBACKS = (
-    "cursor://anysphere.cursor-mcp/oauth/callback",  # Cursor's desktop app
-    "claude://claude.ai/mcp-auth-callback/sdk",  # Claude's desktop app, for Claude Code in it
-)
 REFUSALS_LOGGED_MAX = 1000
 PKCE_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # BASE64URL(SHA-256(verifier)), RFC 7636 §4.2
 PKCE_VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")  # RFC 7636 §4.1
 SUPPORTED_GRANT_TYPES = frozenset({"authorization_code", "refresh_token"})
+PRIVATE_KEY_JWT = "private_key_jwt"  # RFC 7523 client assertions, from metadata-document clients with keys
+JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_ALGORITHMS = ("RS256", "PS256", "ES256")
+ASSERTION_MAX_LIFETIME_S = 300  # an assertion that expires later than this is refused (RFC 7523 §3: bounded)
+CLIENT_KEYS_TTL_S = 3600
 SECRET_DIGEST_PREFIX = "sha256:"  # noqa: S105 - how a stored secret's hash begins, not a secret
 
 
+# --- the MCP clients of late 2026: their callbacks and metadata documents
+
+
+@dataclass(frozen=True)
+class KnownClient:
+    """An MCP client people connect with, as this server knows it: the redirect URIs it sends (fnmatch patterns,
+    which REDIRECT_URI_PATTERNS may name it by), and the metadata documents it signs in with, pinned."""
+
+    key: str  # how REDIRECT_URI_PATTERNS and `server.py connect` name it
+    name: str
+    callbacks: tuple[str, ...]
+    documents: tuple[str, ...] = ()  # client_ids of its documents in PINNED_DOCUMENTS
+
+
+KNOWN_CLIENTS: tuple[KnownClient, ...] = (
+    KnownClient("claude", "Claude (web, desktop, mobile)", (
+        "https://claude.ai/api/mcp/auth_callback", "https://claude.com/api/mcp/auth_callback",
+        "claude://claude.ai/mcp-auth-callback/sdk"), ("https://claude.ai/oauth/mcp-oauth-client-metadata",)),
+    KnownClient("claude-code", "Claude Code", (
+        "http://localhost/callback", "http://127.0.0.1/callback", "http://localhost:*/callback",
+        "http://127.0.0.1:*/callback"), ("https://claude.ai/oauth/claude-code-client-metadata",)),
+    KnownClient("chatgpt", "ChatGPT", (
+        "https://chatgpt.com/connector/oauth/*", "https://chatgpt.com/connector_platform_oauth_redirect"),
+        ("https://chatgpt.com/oauth/client.json", "https://chatgpt.com/oauth/mcp/client.json")),
+    KnownClient("vscode", "VS Code", (
+        "https://vscode.dev/redirect", "https://insiders.vscode.dev/redirect", "http://127.0.0.1/",
+        "http://127.0.0.1:*/"), ("https://vscode.dev/oauth/client-metadata.json",)),
+    KnownClient("cursor", "Cursor", (
+        "cursor://anysphere.cursor-mcp/oauth/callback", "cursor://anysphere.cursor-mcp/oauth/return",
+        "https://www.cursor.com/agents/mcp/oauth/callback", "https://www.cursor.com/bot/mcp/oauth/callback",
+        "http://localhost:*/callback", "http://127.0.0.1:*/callback"), ("https://cursor.com/oauth/mcp-client.json",)),
+    KnownClient("gemini", "Gemini (gemini.google.com)", ("https://oauth-redirect.googleusercontent.com/r/*",)),
+    KnownClient("gemini-cli", "Gemini CLI", ("http://localhost:*/oauth/callback", "http://127.0.0.1:*/oauth/callback")),
+    KnownClient("antigravity", "Antigravity", ("https://antigravity.google/oauth-callback",)),
+    KnownClient("grok", "Grok", ("https://grok.com/connectors-oauth-exchange-code/", "grokbot://mcp/oauth/callback")),
+    KnownClient("mcp-remote", "mcp-remote (Claude Desktop's bridge)", (
+        "http://localhost:*/oauth/callback", "http://127.0.0.1:*/oauth/callback")),
+    KnownClient("inspector", "MCP Inspector", ("http://localhost:*/oauth/callback",
+                                              "http://localhost:*/oauth/callback/debug")),
+)
+# Allowed while REDIRECT_URI_PATTERNS is empty, besides any https and loopback URI: the known clients'
+# app-scheme callbacks (private-use schemes, RFC 8252 §7.1; PKCE protects them).
+KNOWN_APP_CALLBACKS = tuple(callback for client in KNOWN_CLIENTS for callback in client.callbacks
+                            if not callback.startswith(("http://", "https://")))
+
+# The metadata documents of the well-known clients, as their vendors publish them (the date each copy was
+# seen published; pinned here on 2026-12-06). Used without a fetch, so a blocked or bot-challenged fetch
+# from a datacenter never makes these clients unknown; PINNED_CLIENT_DOCUMENTS=false fetches them instead.
+PINNED_DOCUMENTS: dict[str, dict[str, Any]] = {
+    "https://claude.ai/oauth/mcp-oauth-client-metadata": {  # seen 2026-09-29
+        "client_id": "https://claude.ai/oauth/mcp-oauth-client-metadata", "client_name": "Claude",
+        "client_uri": "https://claude.ai", "redirect_uris": ["https://claude.ai/api/mcp/auth_callback"],
+        "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:jwt-bearer"],
+        "response_types": ["code"], "token_endpoint_auth_method": "none"},
+    "https://claude.ai/oauth/claude-code-client-metadata": {  # seen 2026-09-21
+        "client_id": "https://claude.ai/oauth/claude-code-client-metadata", "client_name": "Claude Code",
+        "client_uri": "https://claude.ai", "redirect_uris": ["http://localhost/callback", "http://127.0.0.1/callback"],
+        "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+        "token_endpoint_auth_method": "none"},
+    "https://chatgpt.com/oauth/client.json": {  # seen 2026-09-08
+        "client_id": "https://chatgpt.com/oauth/client.json", "client_uri": "https://chatgpt.com/",
+        "redirect_uris": ["https://chatgpt.com/connector_platform_oauth_redirect"],
+        "token_endpoint_auth_method": "private_key_jwt", "token_endpoint_auth_methods_supported": ["none",
+                                                                                                    "private_key_jwt"],
+        "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"], "client_name": "ChatGPT",
+        "logo_uri": "https://persistent.oaistatic.com/sonic/misc/openai-logo.png",
+        "token_endpoint_auth_signing_alg": "RS256", "jwks_uri": "https://chatgpt.com/oauth/jwks.json"},
+    "https://chatgpt.com/oauth/mcp/client.json": {  # seen 2026-08-03
+        "client_id": "https://chatgpt.com/oauth/mcp/client.json", "client_uri": "https://chatgpt.com/",
+        "redirect_uris": ["https://chatgpt.com/connector/oauth/mcp"],
+        "token_endpoint_auth_methods_supported": ["none", "private_key_jwt"],
+        "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"], "client_name": "ChatGPT",
+        "logo_uri": "https://persistent.oaistatic.com/sonic/misc/openai-logo.png",
+        "token_endpoint_auth_signing_alg": "RS256", "jwks_uri": "https://chatgpt.com/oauth/jwks.json"},
+    "https://vscode.dev/oauth/client-metadata.json": {  # seen 2026-09-08
+        "client_name": "Visual Studio Code", "logo_uri": "https://code.visualstudio.com/assets/branding/code-stable.png",
+        "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
+        "response_types": ["code"], "token_endpoint_auth_method": "none", "application_type": "native",
+        "client_id": "https://vscode.dev/oauth/client-metadata.json", "client_uri": "https://vscode.dev/product",
+        "redirect_uris": ["http://127.0.0.1:33418/", "https://vscode.dev/redirect"]},
+    # Seen October 2026 in a client's test fixture, perhaps trimmed: a redirect URI it lacks sends this server
+    # to fetch the published document (see ClientDocuments.client).
+    "https://cursor.com/oauth/mcp-client.json": {
+        "client_id": "https://cursor.com/oauth/mcp-client.json", "client_name": "Cursor",
+        "token_endpoint_auth_method": "none", "redirect_uris": [
+            "https://www.cursor.com/agents/mcp/oauth/callback", "https://www.cursor.com/bot/mcp/oauth/callback",
+            "https://grok.com/connectors-oauth-exchange-code/", "http://localhost:8787/callback",
+            "http://127.0.0.1:8787/callback"]},
+}
+
+
+def known_client(key: str) -> KnownClient | None:
+    return next((client for client in KNOWN_CLIENTS if client.key == key), None)
+
+
+def redirect_patterns(entries: Sequence[str]) -> tuple[str, ...]:
+    """REDIRECT_URI_PATTERNS with each client named (claude, chatgpt, cursor, ...) replaced by its callbacks;
+    ConfigError for a bare word that names no client."""
+    patterns: list[str] = []
+    for entry in entries:
+        if ":" in entry or "/" in entry or "*" in entry:
+            patterns.append(entry)
+        elif (client := known_client(entry.lower())) is not None:
+            patterns.extend(client.callbacks)
+        else:
+            names = ", ".join(client.key for client in KNOWN_CLIENTS)
+            raise ConfigError(f"REDIRECT_URI_PATTERNS names {entry!r}, which is neither a URL pattern nor a client "
+                              f"this server knows ({names})")
+    return tuple(dict.fromkeys(patterns))
+
+
 # --- decisions: pure functions of what was asked and what is allowed
+
+
+def scopes_to_call(google_needed: frozenset[str]) -> tuple[str, ...]:
+    """The scopes a client's token must hold to call a tool that needs these Google scopes."""
+    return (REQUIRED_SCOPE, GOOGLE_TOOLS_SCOPE) if acts_with_sign_in_scopes_only(google_needed) else (REQUIRED_SCOPE,)
 
 
 def token_hash(token: str) -> str:
@@ -3140,7 +3266,7 @@ class RedirectPolicy:
     """Which redirect URIs clients may register, logging each one refused once, with the setting to change."""
 
     def __init__(self, patterns: Sequence[str]) -> None:
-        self.patterns = patterns
+        self.patterns = redirect_patterns(patterns)
         self._told: set[str] = set()
 
     def problem(self, uri: str, client: str) -> str | None:
@@ -3296,9 +3422,11 @@ class RegistrationFingerprint:
 
 
 class ClientDocument(OAuthClientInformationFull):
-    """A client that describes itself at its https `client_id` (a Client ID Metadata Document), cached."""
+    """A client that describes itself at its https `client_id` (a Client ID Metadata Document), cached. Of the
+    ways it offers to authenticate at /token, those this server supports (none; private_key_jwt with keys)."""
 
     kind: ClassVar[str] = "cimd"
+    auth_methods: list[str] = Field(default_factory=lambda: ["none"])
 
 
 @dataclass(frozen=True)
@@ -3319,6 +3447,7 @@ class PendingAuthorization:
     csrf: str
     consented: bool = False
     remembered_for: str | None = None  # whose remembered approval skipped the consent page
+    google_consent_asked: bool = False  # sent back to Google for a refresh token (see send_to_google)
     identity: GoogleIdentity | None = None  # the verified person, once back from Google
     purpose: Literal["authorize", "account"] = "authorize"  # "account": a person opening /account
     issuer: str = ""  # this server as the client knows it (PUBLIC_URL, or the loopback name it used)
@@ -3535,7 +3664,21 @@ class ClientDocuments:
         self.http = http
         self.redirects = redirects
 
-    async def client(self, url: str) -> ClientDocument:
+    async def client(self, url: str, *, redirect_uri: str | None = None) -> ClientDocument:
+        """The client at `url`: its pinned document (no fetch), else the one published there. A pinned document
+        that does not list `redirect_uri` gives way to the published one, when that can be had: vendors add
+        callbacks."""
+        pinned = PINNED_DOCUMENTS.get(url) if self.settings.pinned_client_documents else None
+        if pinned is None:
+            return await self.published(url)
+        client = self.validate(url, pinned)
+        if redirect_uri is None or pick_redirect_uri([str(uri) for uri in client.redirect_uris or []], redirect_uri):
+            return client
+        with suppress(ClientDocumentError):
+            return await self.published(url)
+        return client
+
+    async def published(self, url: str) -> ClientDocument:
         cached = await self.store.get(ClientDocument, url)
         if cached is not None:
             return cached
@@ -3596,8 +3739,10 @@ class ClientDocuments:
     def validate(self, url: str, document: dict[str, Any]) -> ClientDocument:
         if document.get("client_id") != url:
             raise ClientDocumentError("the document's client_id must be its own URL")
-        if document.get("token_endpoint_auth_method", "none") != "none":
-            raise ClientDocumentError("a metadata-document client must be public (token_endpoint_auth_method none)")
+        methods = auth_methods_offered(document)
+        if not methods:
+            raise ClientDocumentError("the document offers no client authentication this server supports: none, or "
+                                      "private_key_jwt with jwks or jwks_uri")
         uris = document.get("redirect_uris")
         if not isinstance(uris, list) or not uris or not all(isinstance(uri, str) for uri in uris):
             raise ClientDocumentError("the document needs a list of redirect_uris")
@@ -3606,13 +3751,136 @@ class ClientDocuments:
                 raise ClientDocumentError(problem)
         try:
             return ClientDocument.model_validate({
-                **{key: document[key] for key in ("client_name", "client_uri", "logo_uri", "grant_types",
-                                                  "response_types", "scope") if key in document},
-                "client_id": url, "redirect_uris": uris, "token_endpoint_auth_method": "none",
+                **{key: document[key] for key in ("client_name", "client_uri", "logo_uri", "response_types", "scope",
+                                                  "jwks", "jwks_uri") if key in document},
+                # Grants it lists that this server does not offer (Claude's jwt-bearer) are no reason to refuse it.
+                "grant_types": [grant for grant in document.get("grant_types") or sorted(SUPPORTED_GRANT_TYPES)
+                                if grant in SUPPORTED_GRANT_TYPES] or ["authorization_code"],
+                "client_id": url, "redirect_uris": uris, "auth_methods": methods,
+                "token_endpoint_auth_method": "none" if "none" in methods else "private_key_jwt",
             })
         except ValidationError as exc:
             raise ClientDocumentError(f"the document is not valid client metadata: {exc.error_count()} problem(s)"
                                       ) from exc
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """A client's public keys, fetched from its document's jwks_uri (cached; fetched again for a key id not seen)."""
+
+    kind: ClassVar[str] = "client_keys"
+
+    jwks: dict[str, Any]
+
+
+class ClientAssertionError(Exception):
+    """A client assertion (RFC 7523) that does not prove who sent it."""
+
+
+class ClientAssertions:
+    """private_key_jwt (RFC 7523 §2.2, §3): a metadata-document client authenticates at /token with a JWT it
+    signed: checked against the keys of its document (jwks, or jwks_uri fetched as documents are), with
+    `iss` and `sub` its client_id, `aud` this server (its issuer or the endpoint called), an `exp` no more
+    than ASSERTION_MAX_LIFETIME_S ahead, and a `jti` accepted once (counted in the store, on every replica).
+    joserfc, Authlib's JOSE library, checks the signature."""
+
+    def __init__(self, documents: ClientDocuments, store: Store) -> None:
+        self.documents = documents
+        self.store = store
+
+    async def verify(self, client: ClientDocument, assertion: str, audiences: Sequence[str]) -> None:
+        from joserfc import jwt
+        from joserfc.errors import JoseError
+
+        try:
+            token = jwt.decode(assertion, await self.keys(client, assertion), algorithms=list(ASSERTION_ALGORITHMS))
+        except (JoseError, ValueError, TypeError) as exc:
+            raise ClientAssertionError(f"the client_assertion does not verify ({type(exc).__name__})") from None
+        await self.check_claims(client.client_id, token.claims, audiences)
+
+    async def check_claims(self, client_id: str, claims: Mapping[str, Any], audiences: Sequence[str]) -> None:
+        now, expires = time.time(), claims.get("exp")
+        audience = claims.get("aud")
+        named = audience if isinstance(audience, list) else [audience]
+        if claims.get("iss") != client_id or claims.get("sub") != client_id:
+            raise ClientAssertionError("the client_assertion's iss and sub must both be the client_id")
+        if not set(named) & set(audiences):
+            raise ClientAssertionError(f"the client_assertion's aud must name this server ({audiences[0]})")
+        if not isinstance(expires, int | float) or not now < expires <= now + ASSERTION_MAX_LIFETIME_S:
+            raise ClientAssertionError(f"the client_assertion must expire within {ASSERTION_MAX_LIFETIME_S} s")
+        if isinstance(claims.get("iat"), int | float) and claims["iat"] > now + 60:
+            raise ClientAssertionError("the client_assertion was issued in the future")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise ClientAssertionError("the client_assertion needs a jti")
+        uses, _ = await self.store.hit(f"jti {client_id} {jti}", max(1.0, expires - now + 60))
+        if uses > 1:
+            raise ClientAssertionError("this client_assertion was used before (its jti)")
+
+    async def keys(self, client: ClientDocument, assertion: str) -> Any:
+        from joserfc.jws import extract_compact
+
+        kid = extract_compact(assertion.encode()).protected.get("kid")
+        if client.jwks:
+            return public_key_set(client.jwks)
+        if client.jwks_uri is None:
+            raise ClientAssertionError("the client's document names no keys")
+        url = str(client.jwks_uri)
+        kept = await self.store.get(ClientKeys, url)
+        if kept is None or (kid and kid not in key_ids(kept.jwks)):
+            try:
+                kept = ClientKeys(await self.documents.fetch(url))
+            except ClientDocumentError as exc:
+                raise ClientAssertionError(f"the client's keys cannot be had: {exc}") from None
+            public_key_set(kept.jwks)  # a malformed set is refused before it is kept
+            await self.store.put(Entry(url, kept, ttl_s=CLIENT_KEYS_TTL_S))
+        return public_key_set(kept.jwks)
+
+
+def key_ids(jwks: Mapping[str, Any]) -> set[str]:
+    keys = jwks.get("keys")
+    return {key["kid"] for key in keys if isinstance(key, dict) and isinstance(key.get("kid"), str)} \
+        if isinstance(keys, list) else set()
+
+
+def public_key_set(jwks: Any) -> Any:
+    """A client's JWK Set (RFC 7517 §5) as joserfc keys, its public keys only: a symmetric key there could
+    be read by anyone, so it proves nothing. ClientAssertionError for a set that is not one."""
+    from joserfc.errors import JoseError
+    from joserfc.jwk import KeySet
+
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(key, dict) for key in keys):
+        raise ClientAssertionError("the client's keys are not a JWK Set")
+    try:
+        return KeySet.import_key_set({"keys": [key for key in keys if key.get("kty") in ("RSA", "EC", "OKP")]})
+    except (JoseError, ValueError, KeyError, TypeError) as exc:
+        raise ClientAssertionError(f"the client's keys cannot be read ({type(exc).__name__})") from None
+
+
+def assertion_subject(assertion: str) -> str:
+    """The client an assertion says it is from (its `sub`, unverified: the client_id a request without one names)."""
+    from joserfc.errors import JoseError
+    from joserfc.jws import extract_compact
+
+    try:
+        claims = parse_json(extract_compact(assertion.encode()).payload)
+    except (JoseError, ValueError, TypeError):
+        return ""
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) else ""
+
+
+def auth_methods_offered(document: Mapping[str, Any]) -> list[str]:
+    """The ways to authenticate at /token a metadata document offers that this server supports: its
+    token_endpoint_auth_method, and the list some put in token_endpoint_auth_methods_supported (ChatGPT's:
+    none and private_key_jwt, RFC 7591 "metadata choices"); private_key_jwt only with keys to check it by."""
+    offered = [document.get("token_endpoint_auth_method") or "none"]
+    if isinstance(choices := document.get("token_endpoint_auth_methods_supported"), list):
+        offered += [choice for choice in choices if isinstance(choice, str)]
+    with_keys = bool(document.get("jwks") or document.get("jwks_uri"))
+    return [method for method in dict.fromkeys(offered)
+            if method == "none" or (method == PRIVATE_KEY_JWT and with_keys)]
 
 
 class VerifiedTokens:
@@ -3690,13 +3958,13 @@ class Clients:
         self.store = store
         self.documents = documents
         self.redirects = redirects
+        self.assertions = ClientAssertions(documents, store)
 
-
-    async def find(self, client_id: str) -> OAuthClientInformationFull | None:
+    async def find(self, client_id: str, *, redirect_uri: str | None = None) -> OAuthClientInformationFull | None:
         """The client with this id, from its registration or its metadata document (which raises
-        ClientDocumentError when it cannot be used)."""
+        ClientDocumentError when it cannot be used; `redirect_uri`: the one it asks to return to)."""
         if is_document_client_id(client_id):
-            return await self.documents.client(client_id)
+            return await self.documents.client(client_id, redirect_uri=redirect_uri)
         return await self.store.get(RegisteredClient, client_id)
 
     async def get(self, client_id: str) -> OAuthClientInformationFull | None:
@@ -3790,9 +4058,12 @@ class SignIns:
         return await self.issue_code(approved) if approved.identity else await self.send_to_google(approved)
 
     async def send_to_google(self, pending: PendingAuthorization, login_hint: str | None = None) -> str:
+        """Google's sign-in page for this authorization. Google is made to ask for consent (and so to issue a
+        refresh token) only on a second trip, when the first gave none and this server holds none for the
+        person: it keeps at most 100 live refresh tokens per person and client, silently revoking the
+        oldest, so a sign-in that minted one every time would end older ones that are still in use."""
         state = new_id()
-        ask_consent = pending.purpose == "authorize" and not (
-            pending.remembered_for and await self.google.tokens(pending.remembered_for))
+        ask_consent = pending.google_consent_asked
         try:
             url, nonce, verifier = await self.google.login.authorization_url(state, login_hint=login_hint,
                                                                              ask_consent=ask_consent)
@@ -3835,6 +4106,9 @@ class SignIns:
                   "unverified_email", **who)
             return LoginOutcome(self.refusal_target(pending, error="access_denied", error_description=reason),
                                 identity=identity, refused=reason)
+        if await self.needs_google_consent(pending, identity, google_tokens):
+            again = dataclasses.replace(pending, google_consent_asked=True)
+            return LoginOutcome(await self.send_to_google(again, login_hint=identity.email), identity=identity)
         if over := await self.over_sign_in_budget(pending, identity):
             return over
         audit("sign_in_allowed", **who)
@@ -3848,6 +4122,13 @@ class SignIns:
             await self.store.put(Entry(known.id, known, ttl_s=TRANSACTION_TTL_S))
             return LoginOutcome(self.consent_url(known), identity=identity)
         return LoginOutcome(await self.issue_code(known), identity=identity)
+
+    async def needs_google_consent(self, pending: PendingAuthorization, identity: GoogleIdentity,
+                                   google_tokens: Mapping[str, Any]) -> bool:
+        """Whether to send the person back to Google to consent: Google gave no refresh token (it gives one
+        only with consent) and this server holds none for them."""
+        return pending.purpose == "authorize" and not pending.google_consent_asked and \
+            not google_tokens.get("refresh_token") and not await self.google.holds_refresh_token(identity.subject)
 
     async def over_sign_in_budget(self, pending: PendingAuthorization, identity: GoogleIdentity) -> LoginOutcome | None:
         """A refusal (429) when this person has signed in too often this hour, else None."""
@@ -4506,10 +4787,12 @@ def authorization_server_metadata(issuer: str) -> OAuthMetadata:
     """RFC 8414, with what the SDK leaves out: public clients, `iss` in responses, metadata documents."""
     metadata = build_metadata(AnyHttpUrl(issuer), None, ClientRegistrationOptions(
         enabled=True, valid_scopes=list(SCOPES)), RevocationOptions(enabled=True))
-    methods = ["none", "client_secret_post", "client_secret_basic"]
+    methods = ["none", "client_secret_post", "client_secret_basic", PRIVATE_KEY_JWT]
     return OAuthMetadata.model_validate({  # from strings, so the issuer keeps its exact spelling (RFC 8414 §3.3)
         **metadata.model_dump(mode="json", exclude_none=True), "issuer": issuer,
         "token_endpoint_auth_methods_supported": methods, "revocation_endpoint_auth_methods_supported": methods,
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGORITHMS),
         "authorization_response_iss_parameter_supported": True, "client_id_metadata_document_supported": True})
 
 
@@ -4605,9 +4888,13 @@ def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
 
 
 async def requested_client_id(request: Request) -> str:
-    """The client_id a request to /token or /revoke names: in its form, or as HTTP Basic's user ("" if none)."""
+    """The client_id a request to /token or /revoke names: in its form, as HTTP Basic's user, or as its client
+    assertion's subject ("" if none)."""
+    form = await request.form()
     basic = basic_credentials(request.headers.get("authorization"))
-    client_id = (await request.form()).get("client_id") or (basic[0] if basic else "")
+    assertion = form.get("client_assertion")
+    client_id = form.get("client_id") or (basic[0] if basic else "") or (
+        assertion_subject(assertion) if isinstance(assertion, str) else "")
     return client_id if isinstance(client_id, str) else ""
 
 
@@ -4628,6 +4915,8 @@ class ClientCredentials(ClientAuthenticator):
         client = await self.provider.get_client(client_id)
         if client is None:
             raise AuthenticationError("Invalid client_id")
+        if isinstance(client, ClientDocument):
+            return await self.document_client(client, form, request)
         method = client.token_endpoint_auth_method
         if method == "none":
             return client
@@ -4644,6 +4933,40 @@ class ClientCredentials(ClientAuthenticator):
         if client.client_secret_expires_at and client.client_secret_expires_at < time.time():
             raise AuthenticationError("The client_secret has expired")
         return client
+
+    async def document_client(self, client: ClientDocument, form: Any, request: Request) -> ClientDocument:
+        """A metadata-document client: with a client assertion, one that verifies (private_key_jwt); without,
+        only if its document lets it be public."""
+        assertion, assertion_type = form.get("client_assertion"), form.get("client_assertion_type")
+        if assertion is None:
+            if "none" in client.auth_methods:
+                return client
+            raise AuthenticationError("This client authenticates with a client_assertion (private_key_jwt)")
+        if PRIVATE_KEY_JWT not in client.auth_methods or not isinstance(assertion, str):
+            raise AuthenticationError("This client's metadata document offers no private_key_jwt keys")
+        if assertion_type != JWT_BEARER_ASSERTION:
+            raise AuthenticationError(f"client_assertion_type must be {JWT_BEARER_ASSERTION}")
+        issuer = self.provider.settings.public_url_for(request.headers.get("host"))
+        metadata = authorization_server_metadata(issuer)
+        audiences = [issuer, str(metadata.token_endpoint), str(metadata.revocation_endpoint)]
+        try:
+            await self.provider.clients.assertions.verify(client, assertion, audiences)
+        except ClientAssertionError as exc:
+            raise AuthenticationError(str(exc)) from None
+        return client
+
+
+def with_form_field(request: Request, form: FormData, name: str, value: str) -> Request:
+    """The same request with one more field in its form (re-encoded as application/x-www-form-urlencoded)."""
+    fields = [(key, item) for key, item in form.multi_items() if isinstance(item, str)] + [(name, value)]
+    body = urlencode(fields).encode()
+    headers = [(key, item) for key, item in request.scope["headers"] if key not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/x-www-form-urlencoded"), (b"content-length", b"%d" % len(body))]
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request({**request.scope, "headers": headers}, receive)
 
 
 def browser_session(app: ASGIApp, settings: Settings) -> ASGIApp:
@@ -4701,7 +5024,9 @@ class OAuthEndpoints:
             audit("rate_limited", client_id=client_id, budget="client")
             return self.pages.too_many(wait)
         try:
-            client = await self.provider.clients.find(client_id)
+            requested = params.get("redirect_uri")
+            client = await self.provider.clients.find(client_id, redirect_uri=requested if isinstance(requested, str)
+                                                       else None)
         except ClientDocumentError as exc:
             return self.pages.message("Unknown application", f"The application's metadata document at "
                                       f"{client_id} cannot be used: {exc}", status=400)
@@ -4800,10 +5125,10 @@ class OAuthEndpoints:
             return forgotten
         if limited := await self.over_budget(request):
             return limited
-        verifier, code = form.get("code_verifier"), form.get("code")
+        verifier, code, client_id = form.get("code_verifier"), form.get("code"), await requested_client_id(request)
         if form.get("grant_type") == "authorization_code" and isinstance(verifier, str) and \
                 not PKCE_VERIFIER.fullmatch(verifier):
-            if isinstance(code, str) and (client := await self.provider.get_client(str(form.get("client_id")))):
+            if isinstance(code, str) and (client := await self.provider.get_client(client_id)):
                 await self.provider.grants.load_authorization_code(client, code)  # used up, as by any failed attempt
             return oauth_error(400, "invalid_grant", "code_verifier must be 43 to 128 characters of A-Z a-z 0-9 "
                                "- . _ ~ (RFC 7636 §4.1)")
@@ -4811,6 +5136,8 @@ class OAuthEndpoints:
         served = resource_of(self.settings.public_url_for(request.headers.get("host")))
         if isinstance(resource, str) and not serves_resource(resource, served):
             return oauth_error(400, "invalid_target", f"This server issues tokens only for {served}")
+        if form.get("client_id") is None:  # named by Basic or its assertion: the SDK's handler wants it in the form
+            request = with_form_field(request, form, "client_id", client_id)
         return await self.tokens.handle(request)
 
     async def over_budget(self, request: Request) -> Response | None:
@@ -5148,6 +5475,8 @@ async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: Call
             result = await call_next(ctx)
         if ctx.method == "initialize" and isinstance(result, dict):
             advertise_notifications(result, ctx.lifespan_context.settings)
+        elif ctx.method == "tools/list" and isinstance(result, dict):
+            describe_for_directories(result.get("tools", []), ctx.lifespan_context.settings.auth_enabled)
         outcome = "tool_error" if is_tool_error(result) else "ok"
         return result
     finally:
@@ -5158,6 +5487,19 @@ async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: Call
 
 mcp.middleware.append(serve_message)
 SESSION_METHODS = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
+
+
+def describe_for_directories(tools: list[dict[str, Any]], signed_in: bool) -> None:
+    """What ChatGPT's and Claude's app directories read of each tool beyond the SDK's listing: its title among
+    its annotations too, and the sign-in it needs as OpenAI's Apps SDK declares it, `securitySchemes` (in
+    `_meta`, where MCP keeps extensions, and on the tool, where the Apps SDK documents it)."""
+    for tool in tools:
+        if "title" in tool:
+            tool.setdefault("annotations", {}).setdefault("title", tool["title"])
+        meta = tool.setdefault("_meta", {})
+        needed = scopes_to_call(google_scopes(meta.get(GOOGLE_SCOPES, ())))
+        schemes = [{"type": "oauth2", "scopes": list(needed)}] if signed_in else [{"type": "noauth"}]
+        tool.setdefault("securitySchemes", meta.setdefault("securitySchemes", schemes))
 
 
 def handshake_session(ctx: ServerRequestContext[Runtime, Any]) -> HandshakeSession | None:
@@ -5365,14 +5707,12 @@ class Bearer:
         return None
 
     async def scopes_for(self, message: Mapping[str, Any] | None) -> tuple[str, ...]:
-        """The scopes a message needs: every request's, and GOOGLE_TOOLS_SCOPE for a call of a tool that acts
-        on the person's Google account with what sign-in granted (`acts_with_sign_in_scopes_only`)."""
+        """The scopes a message needs: every request's, and for a tool call, what the tool needs (`scopes_to_call`)."""
         params = (message or {}).get("params")
         name = params.get("name") if isinstance(params, dict) and (message or {}).get("method") == "tools/call" \
             else None
         tool = await tool_named(self.running, name) if isinstance(name, str) else None
-        return (REQUIRED_SCOPE, GOOGLE_TOOLS_SCOPE) if tool is not None and acts_with_sign_in_scopes_only(tool) \
-            else (REQUIRED_SCOPE,)
+        return scopes_to_call(google_scopes_of(tool)) if tool is not None else (REQUIRED_SCOPE,)
 
     async def check_tool(self, headers: Mapping[bytes, bytes], token: GrantAccessToken,
                          message: Mapping[str, Any]) -> Response | None:
@@ -6242,17 +6582,106 @@ def claude_config(argv: Sequence[str]) -> int:
     return 0
 
 
+# --- connect: what to do in each client, for this server's real URL
+
+
+def connect_guide(client: str, name: str, mcp_url: str) -> tuple[str, ...]:
+    """The steps that connect `client` to the server at `mcp_url` as `name`, config and commands included."""
+    def config(document: dict[str, Any]) -> str:
+        return json.dumps(document, indent=2)
+
+    cursor_link = "cursor://anysphere.cursor-deeplink/mcp/install?" + urlencode({
+        "name": name, "config": base64.b64encode(json.dumps({"url": mcp_url}).encode()).decode()})
+    guides: dict[str, tuple[str, ...]] = {
+        "claude": ("In Claude (claude.ai, and the desktop and mobile apps signed in to it): Settings, Connectors, "
+                   "Add custom connector.", f"Name: {name}", f"Remote MCP server URL: {mcp_url}",
+                   "Then Connect: Claude opens this server's sign-in in your browser."),
+        "claude-desktop": ("Claude Desktop through mcp-remote, which signs in in your browser and bridges stdio to "
+                           "this server. Add to claude_desktop_config.json (or run `server.py claude-config "
+                           "--write`), then restart Claude Desktop:",
+                           config({"mcpServers": {name: claude_server_entry(mcp_url)}})),
+        "claude-code": ("In a terminal (add --scope user to have it in every project):",
+                        f"claude mcp add --transport http {shlex.quote(name)} {shlex.quote(mcp_url)}",
+                        "Then, in Claude Code, /mcp and choose it to sign in."),
+        "chatgpt": ("In ChatGPT: Settings, Apps & Connectors, Advanced settings: turn on Developer mode (in a "
+                    "workspace, an admin allows it first).", "Then Settings, Apps & Connectors, Create:",
+                    f"Name: {name}", f"MCP server URL: {mcp_url}", "Authentication: OAuth",
+                    "In a chat: +, Developer mode, and turn the connector on."),
+        "vscode": ("In .vscode/mcp.json (this workspace) or MCP: Open User Configuration (every workspace):",
+                   config({"servers": {name: {"type": "http", "url": mcp_url}}}),
+                   "or from a terminal: code --add-mcp " + shlex.quote(json.dumps(
+                       {"name": name, "type": "http", "url": mcp_url})),
+                   "Then Start above the entry: VS Code opens the sign-in in your browser."),
+        "cursor": ("In ~/.cursor/mcp.json (every project) or .cursor/mcp.json (this one):",
+                   config({"mcpServers": {name: {"url": mcp_url}}}),
+                   f"or open this link to add it: {cursor_link}",
+                   "Then Settings, MCP: Connect next to it signs you in."),
+        "gemini-cli": ("In a terminal (--scope user: every project):",
+                       f"gemini mcp add --transport http {shlex.quote(name)} {shlex.quote(mcp_url)}",
+                       "which writes this to .gemini/settings.json:",
+                       config({"mcpServers": {name: {"url": mcp_url, "type": "http"}}}),
+                       f"Then, in Gemini CLI: /mcp auth {shlex.quote(name)}"),
+    }
+    return guides[client]
+
+
+CONNECT_CLIENTS = {"claude": "claude", "claude-desktop": "mcp-remote", "claude-code": "claude-code",
+                   "chatgpt": "chatgpt", "vscode": "vscode", "cursor": "cursor", "gemini-cli": "gemini-cli"}
+CLOUD_CLIENTS = frozenset({"claude", "chatgpt"})  # they connect from their vendor's servers, not your computer
+
+
+def deployment_needs(client: str, mcp_url: str, settings: Settings) -> tuple[str, ...]:
+    """What `client` needs of this deployment, and whether it has it."""
+    known = next(known for known in KNOWN_CLIENTS if known.key == CONNECT_CLIENTS[client])
+    parts = urlsplit(mcp_url)
+    needs: list[str] = []
+    if client in CLOUD_CLIENTS:
+        public = parts.scheme == "https" and not is_loopback_host(parts.hostname or "")
+        needs.append(f"{known.name} connects from its vendor's servers: the URL must be public https "
+                     f"({'it is' if public else 'it is not: put the server behind https, see Running in production'}).")
+    if settings.auth_enabled:
+        patterns = redirect_patterns(settings.redirect_uri_patterns)
+        refused = [uri for uri in example_callbacks(known) if redirect_uri_problem(uri, patterns)]
+        needs.append(f"Its callbacks ({', '.join(known.callbacks)}) are allowed." if not refused else
+                     f"REDIRECT_URI_PATTERNS refuses its callbacks: add {known.key} to it.")
+        for document in known.documents:
+            how = "pinned in server.py" if settings.pinned_client_documents else "fetched when it connects"
+            needs.append(f"It signs in with its metadata document {document} ({how}).")
+    else:
+        needs.append("Sign-in is off: anyone who can reach the URL can use the server (set GOOGLE_CLIENT_ID and "
+                     "GOOGLE_CLIENT_SECRET to turn it on).")
+    return tuple(needs)
+
+
+def connect(argv: Sequence[str]) -> int:
+    """`server.py connect CLIENT`: print what to do in CLIENT to connect it to this server."""
+    parser = argparse.ArgumentParser(prog="server.py connect", description="Print the steps that connect an MCP "
+                                     "client to this server, with its real URL.")
+    parser.add_argument("client", choices=list(CONNECT_CLIENTS), help="the client to connect")
+    parser.add_argument("--name", default=SERVER_NAME, help=f"the server's name in the client (default {SERVER_NAME})")
+    parser.add_argument("--url", help="the MCP endpoint (default PUBLIC_URL/mcp from the settings)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        mcp_url = args.url or settings.mcp_url
+        if problem := url_problem(mcp_url):
+            raise ConfigError(f"--url {mcp_url!r} {problem}")
+        needs = deployment_needs(args.client, mcp_url, settings)
+    except ConfigError as exc:
+        print(f"server.py connect: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(connect_guide(args.client, args.name, mcp_url)))
+    print("\nWhat it needs from this deployment:\n" + "\n".join(f"- {need}" for need in needs))
+    return 0
+
+
 # --- doctor: check a running deployment from outside, as its clients will meet it
 
-# The callback URLs well-known MCP clients register (as they send them in December 2026).
-KNOWN_CALLBACKS: dict[str, tuple[str, ...]] = {
-    "Claude": ("https://claude.ai/api/mcp/auth_callback",),
-    "Claude Code in Claude's desktop app": ("claude://claude.ai/mcp-auth-callback/sdk",),
-    "MCP Inspector": ("http://localhost:6274/oauth/callback",),
-    "mcp-remote": ("http://localhost:3334/oauth/callback",),
-    "VS Code": ("http://127.0.0.1:33418/", "https://vscode.dev/redirect"),
-    "Cursor": ("https://www.cursor.com/agents/mcp/oauth/callback", "cursor://anysphere.cursor-mcp/oauth/callback"),
-}
+def example_callbacks(client: KnownClient) -> tuple[str, ...]:
+    """A redirect URI like each the client sends (a port of 8080, an id of `doctor` where its patterns vary)."""
+    return tuple(dict.fromkeys(pattern.replace(":*", ":8080").replace("*", "doctor") for pattern in client.callbacks))
+
+
 DOCTOR_ORIGIN = "http://localhost:6274"  # a browser client's origin: the Inspector's
 DOCTOR_CALLBACK = "http://127.0.0.1:9/stream-http-doctor"  # never reached: the doctor stops before it
 PORTLESS_CALLBACK = "http://127.0.0.1/stream-http-doctor"  # as Claude Code's metadata document lists its own
@@ -6381,6 +6810,7 @@ class Doctor:
             return
         client_id = await self.check_known_clients(metadata["registration_endpoint"])
         await self.check_loopback_ports(metadata)
+        await self.check_client_documents(metadata["authorization_endpoint"])
         if client_id is not None:
             await self.check_google(metadata["authorization_endpoint"], client_id)
         self.warn("Google publishing status", "if the app is in Testing at Google (OAuth consent screen), Google's "
@@ -6509,7 +6939,8 @@ class Doctor:
         """Register one client with every known callback (and the doctor's own), dropping each one the
         policy refuses; a refused callback is a client that cannot sign in, which REDIRECT_URI_PATTERNS
         may mean on purpose (a warning). Leaves one registered client."""
-        wanted = [DOCTOR_CALLBACK, *(uri for uris in KNOWN_CALLBACKS.values() for uri in uris)]
+        examples = {client.name: example_callbacks(client) for client in KNOWN_CLIENTS}
+        wanted = list(dict.fromkeys([DOCTOR_CALLBACK, *(uri for uris in examples.values() for uri in uris)]))
         refused: dict[str, str] = {}
         for _ in range(len(wanted)):
             response = await self.register(registration_endpoint, wanted)
@@ -6523,12 +6954,30 @@ class Doctor:
                 return None
             refused[culprit] = reason
             wanted.remove(culprit)
-        for client, uris in KNOWN_CALLBACKS.items():
+        for client, uris in examples.items():
             bad = [uri for uri in uris if uri in refused]
             self.check(f"callback for {client}", not bad, f"{', '.join(uris)} allowed" if not bad else
                        f"{client} cannot sign in ({refused[bad[0]]}); if it should, add {bad[0]} to "
                        "REDIRECT_URI_PATTERNS", otherwise="warn")
         return response.json()["client_id"] if response.status_code == 201 else None
+
+    async def check_client_documents(self, authorization_endpoint: str) -> None:
+        """The clients that sign in with a metadata document (Claude, ChatGPT, VS Code, ...): the server must
+        know each one's document, pinned or fetched, or their sign-in stops at "Unknown application"."""
+        for client in (client for client in KNOWN_CLIENTS if client.documents):
+            unknown: dict[str, int] = {}
+            for document in client.documents:
+                callback = PINNED_DOCUMENTS[document]["redirect_uris"][0]
+                answer = await self.http.get(authorization_endpoint, params={
+                    "response_type": "code", "client_id": document, "redirect_uri": callback, "scope": "mcp",
+                    "state": "doctor", "code_challenge": "A" * 43, "code_challenge_method": "S256",
+                    "resource": self.url})
+                if not answer.is_redirect:
+                    unknown[document] = answer.status_code
+            self.check(f"metadata document of {client.name}", not unknown, f"{', '.join(client.documents)} known"
+                       if not unknown else f"{', '.join(unknown)}: /authorize answered {next(iter(unknown.values()))}; "
+                       "with PINNED_CLIENT_DOCUMENTS=false the server must fetch it, which a blocked or challenged "
+                       "network refuses, and REDIRECT_URI_PATTERNS must allow its callbacks", otherwise="warn")
 
     async def check_loopback_ports(self, metadata: Mapping[str, Any]) -> None:
         """A native client listens on whatever port is free: a loopback redirect URI registered without a
@@ -6657,7 +7106,8 @@ def doctor(argv: Sequence[str]) -> int:
     return 1 if counts["fail"] else 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"claude-config": claude_config, "doctor": doctor}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"claude-config": claude_config, "connect": connect,
+                                                        "doctor": doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -6687,6 +7137,10 @@ def startup_settings(argv: Sequence[str]) -> Settings:
     configure_logging(settings.log_level, settings.log_format)
     if reason := refuse_unsafe_bind(settings):
         raise ConfigError(reason)
+    try:
+        redirect_patterns(settings.redirect_uri_patterns)  # a client named there must be one this server knows
+    except ConfigError as exc:
+        raise ConfigError(f"configuration error: {exc}") from None
     if settings.auth_enabled:
         try:
             settings = with_secret_key(settings)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import secrets
 import subprocess
 import sys
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -248,6 +252,40 @@ class RawClient:
         response = self.exchange(query["code"], verifier)
         assert response.status_code == 200, response.text
         return response.json()
+
+
+class DocumentHost:
+    """JSON documents served on loopback, as a developer's client serves its metadata document and keys
+    (a server sees them only with CIMD_ALLOW_LOCAL on). Counts the fetches of each path."""
+
+    def __init__(self) -> None:
+        self.documents: dict[str, Any] = {}
+        self.fetches: Counter[str] = Counter()
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host.fetches[self.path] += 1
+                document = host.documents.get(self.path)
+                body = json.dumps(document).encode()
+                self.send_response(200 if document is not None else 404)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def publish(self, path: str, document: Any) -> str:
+        self.documents[path] = document
+        return self.base_url + path
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
 
 
 def mcp_call(server: ServerProcess, access_token: str | None, method: str = "tools/call",

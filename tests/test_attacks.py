@@ -4,12 +4,10 @@ server and the Google stand-in. Plus a property-based fuzz of the OAuth endpoint
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -21,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import TIME_FOR_A_TRACEBACK_S, ServerProcess
 from tests.headless_browser import Browser
-from tests.signin import ALICE, BOB, CAROL, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
+from tests.signin import ALICE, BOB, CAROL, DocumentHost, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
 
 
 def assert_page(response: httpx2.Response, status: int, words: str) -> None:
@@ -314,26 +312,13 @@ def test_a_metadata_document_on_a_private_address_is_refused(signin_server: Serv
 @pytest.fixture
 def client_document() -> Iterator[dict[str, Any]]:
     """A client metadata document served on loopback, as a developer's client might serve it."""
-    document: dict[str, Any] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(document).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            return
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/oauth/client.json"
-    document.update({"client_id": url, "client_name": "Document Client", "redirect_uris": ["http://127.0.0.1:6999/cb"],
-                     "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"]})
-    yield document
-    httpd.shutdown()
+    host = DocumentHost()
+    url = host.publish("/oauth/client.json", {})
+    host.documents["/oauth/client.json"].update({
+        "client_id": url, "client_name": "Document Client", "redirect_uris": ["http://127.0.0.1:6999/cb"],
+        "token_endpoint_auth_method": "none", "grant_types": ["authorization_code", "refresh_token"]})
+    yield host.documents["/oauth/client.json"]
+    host.stop()
 
 
 def test_a_metadata_document_client_signs_in(google: GoogleStandIn, tmp_path: Path,

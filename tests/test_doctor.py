@@ -17,11 +17,15 @@ from tests.conftest import ServerProcess, assert_no_traceback, free_port, run_py
 from tests.nginx import Nginx, readme_config, readme_nginx_block
 from tests.signin import GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, GoogleStandIn, auth_server
 
+CALLBACKS = ["Claude (web, desktop, mobile)", "Claude Code", "ChatGPT", "VS Code", "Cursor",
+             "Gemini (gemini.google.com)", "Gemini CLI", "Antigravity", "Grok",
+             "mcp-remote (Claude Desktop's bridge)", "MCP Inspector"]
+DOCUMENTS = ["Claude (web, desktop, mobile)", "Claude Code", "ChatGPT", "VS Code", "Cursor"]
 HEALTHY = ["Host header", "2025-11-25 handshake", "2026-07-28 discover", "CORS preflight", "CORS exposed headers",
            "401 challenge", "public URL", "trailing slash", "resource metadata (path-aware)",
-           "resource metadata (root)", "issuer", "PKCE", "iss in responses", "callback for Claude",
-           "callback for Claude Code in Claude's desktop app", "callback for MCP Inspector", "callback for mcp-remote",
-           "callback for VS Code", "callback for Cursor", "loopback redirect on any port", "consent page",
+           "resource metadata (root)", "issuer", "PKCE", "iss in responses",
+           *(f"callback for {client}" for client in CALLBACKS), "loopback redirect on any port",
+           *(f"metadata document of {client}" for client in DOCUMENTS), "consent page",
            "Google callback", "offline access", "Google discovery", "Google accepts the client",
            "Google publishing status"]
 REPORT_LINE = re.compile(r"^(ok  |warn|FAIL)  [^:]+: .+$")
@@ -67,7 +71,7 @@ def test_a_healthy_default_deployment_passes_with_one_reminder(healthy: ServerPr
     assert failed(checks) == {}
     assert list(warned(checks)) == ["Google publishing status"]
     assert "refresh tokens expire after 7 days" in checks["Google publishing status"][1]
-    assert report.splitlines()[-1] == f"{len(HEALTHY) - 1} passed, 1 warnings, 0 failed"
+    assert report.splitlines()[-1] == f"{len(HEALTHY) - 1} passed, 1 warning, 0 failed"
     assert checks["Google callback"][1].startswith(f"{healthy.base_url}/oauth/google/callback")
     assert "cursor://anysphere.cursor-mcp/oauth/callback" in checks["callback for Cursor"][1]
 
@@ -85,11 +89,10 @@ def test_a_narrow_redirect_policy_warns_of_each_client_it_shuts_out(google: Goog
     """Shutting clients out may be deliberate: a warning naming the fix, not a failure."""
     with auth_server(google, tmp_path, env={"REDIRECT_URI_PATTERNS": "http://127.0.0.1:*/*"}) as server:
         status, checks, report = doctor(server.mcp_url)
-    assert set(warned(checks)) == {"callback for Claude", "callback for Claude Code in Claude's desktop app",
-                                   "callback for MCP Inspector", "callback for mcp-remote", "callback for VS Code",
-                                   "callback for Cursor", "Google publishing status"}, report
+    assert set(warned(checks)) == {*(f"callback for {client}" for client in CALLBACKS), "Google publishing status",
+                                   *(f"metadata document of {client}" for client in DOCUMENTS)}, report
     assert "if it should, add https://claude.ai/api/mcp/auth_callback to REDIRECT_URI_PATTERNS" in \
-        checks["callback for Claude"][1]
+        checks["callback for Claude (web, desktop, mobile)"][1]
     # ...but this pattern also refuses port-less loopback callbacks, which breaks Claude Code: that fails.
     assert status == 1 and list(failed(checks)) == ["loopback redirect on any port"]
     assert checks["Google accepts the client"][0] == "ok", "the rest of the sign-in still checked"

@@ -104,3 +104,53 @@ def test_a_google_refresh_without_a_new_refresh_token_keeps_the_old_one(short_li
         second = profile(server, tokens["access_token"])  # refreshed again, with the one kept
     assert first["isError"] is False and second["isError"] is False, (first, second)
     assert [refresh["outcome"] for refresh in google.refreshes()][-2:] == ["success", "success"]
+
+
+# --- Google's limit of 100 live refresh tokens per person and OAuth client
+
+
+def someone_new() -> dict[str, Any]:
+    """A person the session-wide stand-in has never seen (so its counts are this test's alone)."""
+    sub = f"2{time.time_ns() % 10**19:019d}"
+    return {"sub": sub, "email": f"p{sub[-6:]}@example.com", "email_verified": True, "name": "New Person"}
+
+
+def test_twenty_sign_ins_keep_one_google_refresh_token(signin_server: Any, google: GoogleStandIn) -> None:
+    """Several clients, a new browser (device) each time: Google is never made to ask again, so it mints no
+    refresh token beyond the first, and the oldest one still in use is never pushed out."""
+    person = someone_new()
+    clients = [RawClient.register(signin_server, f"http://127.0.0.1:{6700 + n}/cb") for n in range(3)]
+    before = len(google.authorization_requests())
+    for n in range(20):
+        google.next_login(person)
+        tokens = clients[n % 3].sign_in()
+    asked = google.authorization_requests()[before:]
+    counts = google.refresh_tokens(person["sub"])
+    print(f"20 sign-ins through 3 clients: {len(asked)} trips to Google, refresh tokens {counts}")
+    assert counts == {"live": 1, "issued": 1, "revoked": 0}
+    assert [request.get("prompt") for request in asked] == [None] * 20
+    google.next_login(person)
+    step_up = RawClient.register(signin_server).sign_in("mcp google")
+    assert profile(signin_server, step_up["access_token"])["structuredContent"]["email"] == person["email"]
+    assert tokens["access_token"] and google.refresh_tokens(person["sub"])["issued"] == 1
+
+
+def test_a_server_without_a_refresh_token_has_google_ask_once_more(google: GoogleStandIn, tmp_path: Path) -> None:
+    """Someone who consented before (to another deployment with the same Google client, or whose tokens this
+    server forgot): Google gives no refresh token without consent, so the server goes back once for it."""
+    person = someone_new()
+    with auth_server(google, tmp_path / "first") as first:
+        google.next_login(person)
+        RawClient.register(first).sign_in()
+    with auth_server(google, tmp_path / "second") as second:
+        before = len(google.authorization_requests())
+        google.next_login(person)
+        RawClient.register(second).sign_in()
+        google.next_login(person)
+        again = RawClient.register(second).sign_in("mcp google")
+        email = profile(second, again["access_token"])["structuredContent"]["email"]
+    asked = google.authorization_requests()[before:]
+    assert [request.get("prompt") for request in asked] == [None, "consent", None]
+    assert asked[1]["login_hint"] == person["email"]
+    assert email == person["email"]
+    assert google.refresh_tokens(person["sub"])["issued"] == 2
