@@ -642,6 +642,7 @@ def confirmation_of(answer: Any) -> Literal["confirmed", "declined", "cancelled"
 MCP_PATH = "/mcp"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configuration"
+GOOGLE_RISC_DISCOVERY_URL = "https://accounts.google.com/.well-known/risc-configuration"
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
 HERE = Path(__file__).resolve().parent  # where server.py is
 STORE_SCHEMES = ("sqlite", "redis", "rediss")  # what STORE_URL may start with (section 4 opens each)
@@ -852,6 +853,12 @@ class Settings:
     google_client_secret: Secret | None = option("GOOGLE_CLIENT_SECRET", "", "Its client secret.", secret_text)
     google_discovery_url: str = option("GOOGLE_DISCOVERY_URL", GOOGLE_DISCOVERY_URL, "Google's OpenID discovery "
                                        "document (a stand-in's, for tests).", http_url)
+    google_risc: bool = option("GOOGLE_RISC", "false", "Receive Google's Cross-Account Protection (RISC) security "
+                               "events at /oauth/google/risc: when Google says a person's account was taken over, "
+                               "disabled or deleted, or their tokens revoked, their access here ends at once. "
+                               "Register the receiver with Google too (README, Sign in with Google).", true_or_false)
+    google_risc_discovery_url: str = option("GOOGLE_RISC_DISCOVERY_URL", GOOGLE_RISC_DISCOVERY_URL, "Google's RISC "
+                                            "configuration (a stand-in's, for tests).", http_url)
     google_calendar_api: str = option("GOOGLE_CALENDAR_API", "https://www.googleapis.com/calendar/v3", "Where "
                                       "Google's Calendar API v3 answers (a stand-in's, for tests).", http_url)
     google_drive_api: str = option("GOOGLE_DRIVE_API", "https://www.googleapis.com/drive/v3", "Where Google's "
@@ -3066,6 +3073,142 @@ def scope_label(scope: str) -> str:
     return GOOGLE_SCOPE_LABELS.get(scope) or GOOGLE_SIGN_IN_SCOPE_LABELS.get(scope) or scope
 
 
+# --- Cross-Account Protection: Google's word that an account is at risk
+
+RISC_PATH = "/oauth/google/risc"
+RISC_MAX_AGE_S = 3600  # an event issued longer ago is refused (Google delivers within minutes, retries included)
+RISC_SKEW_S = 300
+RISC_CONFIG_TTL_S = 3600
+RISC_BODY_MAX_BYTES = 65_536
+SECEVENT = "https://schemas.openid.net/secevent/"
+# The events that end a person's access here (their grants and Google tokens), and what the audit line says.
+RISC_ENDS_ACCESS = {
+    SECEVENT + "risc/event-type/sessions-revoked": "Google ended the account's sessions",
+    SECEVENT + "oauth/event-type/tokens-revoked": "Google revoked the account's tokens",
+    SECEVENT + "oauth/event-type/token-revoked": "Google revoked a token of the account",
+    SECEVENT + "risc/event-type/account-disabled": "Google disabled the account",
+    SECEVENT + "risc/event-type/account-purged": "Google deleted the account",
+}
+
+
+class SecurityEventError(Exception):
+    """A security event token refused, with RFC 8935's error code (§2.3) for Google's delivery log."""
+
+    def __init__(self, err: str, description: str) -> None:
+        super().__init__(description)
+        self.err = err
+        self.description = description
+
+
+@dataclass(frozen=True)
+class SecurityEvent:
+    """One event of a verified token: its type, the Google account it is about, and Google's reason."""
+
+    type: str
+    subject: str | None
+    reason: str | None
+
+    @property
+    def name(self) -> str:
+        return self.type.rsplit("/", 1)[-1]
+
+    @property
+    def ends_access(self) -> str | None:
+        return RISC_ENDS_ACCESS.get(self.type)
+
+
+def key_ids(jwks: Mapping[str, Any]) -> set[str]:
+    """The key ids of a JWK Set."""
+    keys = jwks.get("keys")
+    return {key["kid"] for key in keys if isinstance(key, dict) and isinstance(key.get("kid"), str)} \
+        if isinstance(keys, list) else set()
+
+
+class SecurityEvents:
+    """Google's Cross-Account Protection (RISC): verifies the security event tokens Google pushes (RFC 8417)
+    against its RISC configuration and keys, both fetched and cached: RS256 signature, the configuration's
+    issuer, our Google client id as audience, issued within RISC_MAX_AGE_S, each `jti` accepted once
+    (counted in the store, on every replica). joserfc checks the signature."""
+
+    def __init__(self, settings: Settings, store: Store, http: httpx2.AsyncClient) -> None:
+        self.settings = settings
+        self.store = store
+        self.http = http
+        self._configuration: tuple[float, dict[str, Any]] | None = None
+        self._keys: dict[str, Any] = {}
+
+    async def verify(self, token: str) -> list[SecurityEvent]:
+        from joserfc import jwt
+        from joserfc.errors import JoseError
+
+        configuration = await self.configuration()
+        try:
+            decoded = jwt.decode(token, await self.key_set(token, configuration), algorithms=["RS256"])
+        except (JoseError, ValueError, TypeError) as exc:
+            raise SecurityEventError("invalid_key", f"the token does not verify ({type(exc).__name__})") from None
+        claims = decoded.claims
+        if claims.get("iss") != configuration.get("issuer"):
+            raise SecurityEventError("invalid_issuer", "the token is not from Google's RISC issuer")
+        audience = claims.get("aud")
+        if self.settings.google_client_id not in (audience if isinstance(audience, list) else [audience]):
+            raise SecurityEventError("invalid_audience", "the token is not for this server's Google client")
+        issued, now = claims.get("iat"), time.time()
+        if not isinstance(issued, int | float) or not now - RISC_MAX_AGE_S <= issued <= now + RISC_SKEW_S:
+            raise SecurityEventError("invalid_request", f"the token was not issued in the last {RISC_MAX_AGE_S} s")
+        events, jti = claims.get("events"), claims.get("jti")
+        if not isinstance(events, dict) or not events or not isinstance(jti, str) or not jti:
+            raise SecurityEventError("invalid_request", "the token needs events and a jti")
+        uses, _ = await self.store.hit(f"risc {jti}", RISC_MAX_AGE_S + RISC_SKEW_S)
+        if uses > 1:
+            raise SecurityEventError("invalid_request", "this token was delivered before (its jti)")
+        return [SecurityEvent(str(kind), *event_subject(body)) for kind, body in events.items()]
+
+    async def configuration(self) -> dict[str, Any]:
+        if self._configuration and self._configuration[0] > time.monotonic():
+            return self._configuration[1]
+        configuration = await self.fetch_json(self.settings.google_risc_discovery_url)
+        if not isinstance(configuration.get("issuer"), str) or not isinstance(configuration.get("jwks_uri"), str):
+            raise GoogleError("Google's RISC configuration names no issuer and keys")
+        self._configuration = (time.monotonic() + RISC_CONFIG_TTL_S, configuration)
+        return configuration
+
+    async def key_set(self, token: str, configuration: Mapping[str, Any]) -> Any:
+        """Google's RISC keys, fetched again for a key id not seen before (Google rotates them)."""
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
+        from joserfc.jws import extract_compact
+
+        try:
+            kid = extract_compact(token.encode()).protected.get("kid")
+        except JoseError:
+            raise SecurityEventError("invalid_request", "the body is not a signed security event token") from None
+        if not self._keys or kid not in key_ids(self._keys):
+            self._keys = await self.fetch_json(str(configuration["jwks_uri"]))
+        try:
+            return KeySet.import_key_set(self._keys)
+        except (JoseError, ValueError, KeyError, TypeError) as exc:
+            raise GoogleError(f"Google's RISC keys cannot be read ({type(exc).__name__})") from None
+
+    async def fetch_json(self, url: str) -> dict[str, Any]:
+        try:
+            response = await self.http.get(url, timeout=GOOGLE_TIMEOUT_S)
+            response.raise_for_status()
+            document = parse_json(response.content)
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise GoogleError(f"{url} is unavailable: {exc}") from exc
+        if not isinstance(document, dict):
+            raise GoogleError(f"{url} is not a JSON object")
+        return document
+
+
+def event_subject(body: Any) -> tuple[str | None, str | None]:
+    """The Google account an event is about (its `sub`, RFC 9493 iss-sub or id_token_claims) and Google's reason."""
+    subject = body.get("subject") if isinstance(body, dict) else None
+    sub = subject.get("sub") if isinstance(subject, dict) else None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return (sub if isinstance(sub, str) and sub else None), (reason if isinstance(reason, str) else None)
+
+
 # === 7. OAuth provider =======================================================
 #
 # The server is the OAuth 2.1 authorization server MCP clients talk to: Google cannot register
@@ -3837,12 +3980,6 @@ class ClientAssertions:
         return public_key_set(kept.jwks)
 
 
-def key_ids(jwks: Mapping[str, Any]) -> set[str]:
-    keys = jwks.get("keys")
-    return {key["kid"] for key in keys if isinstance(key, dict) and isinstance(key.get("kid"), str)} \
-        if isinstance(keys, list) else set()
-
-
 def public_key_set(jwks: Any) -> Any:
     """A client's JWK Set (RFC 7517 §5) as joserfc keys, its public keys only: a symmetric key there could
     be read by anyone, so it proves nothing. ClientAssertionError for a set that is not one."""
@@ -3944,7 +4081,8 @@ def build_provider(settings: Settings, store: Store, http: httpx2.AsyncClient,
     redirects = RedirectPolicy(settings.redirect_uri_patterns)
     clients = Clients(store, ClientDocuments(settings, store, http, redirects), redirects)
     grants = Grants(settings, store, google)
-    return OAuthProvider(settings, clients, SignIns(settings, store, google, limits), grants, google, limits)
+    return OAuthProvider(settings, clients, SignIns(settings, store, google, limits), grants, google, limits,
+                         SecurityEvents(settings, store, http))
 
 
 # --- clients: who may ask, by registration (RFC 7591) or metadata document
@@ -4443,9 +4581,10 @@ class OAuthProvider:
     what its handlers ask of clients, sign-ins and grants, answered by the three parts above."""
 
     def __init__(self, settings: Settings, clients: Clients, sign_ins: SignIns, grants: Grants,
-                 google: GoogleGrants, limits: RateLimits) -> None:
+                 google: GoogleGrants, limits: RateLimits, security_events: SecurityEvents) -> None:
         self.settings = settings
         self.limits = limits
+        self.security_events = security_events
         self.clients = clients
         self.sign_ins = sign_ins
         self.grants = grants
@@ -5304,11 +5443,44 @@ def browser_page(handler: Callable[[Request], Awaitable[Response]], settings: Se
     return browser_session(bounded(handler), settings)
 
 
+async def receive_security_events(request: Request, provider: OAuthProvider) -> Response:
+    """RISC_PATH: Google's security event tokens, pushed (RFC 8935). A verified event that puts the account at
+    risk ends the person's access on every replica (their grants, their Google tokens) before 202 is
+    answered; a refused token changes nothing and gets 400 with RFC 8935's error code."""
+    body = await request.body()
+    if len(body) > RISC_BODY_MAX_BYTES:
+        return JSONResponse({"err": "invalid_request", "description": "the body is too large"}, status_code=413)
+    try:
+        events = await provider.security_events.verify(body.decode("ascii").strip())
+    except UnicodeDecodeError:
+        events, refused = [], SecurityEventError("invalid_request", "the body is not a security event token")
+    except SecurityEventError as exc:
+        events, refused = [], exc
+    except GoogleError as exc:
+        logger.warning("cannot check a Google security event: %s", exc)
+        return JSONResponse({"err": "temporarily_unavailable", "description": "Google's RISC keys are unavailable"},
+                            status_code=503, headers={"Retry-After": "60"})
+    else:
+        refused = None
+    if refused is not None:
+        audit("security_event_refused", err=refused.err, reason=refused.description)
+        return JSONResponse({"err": refused.err, "description": refused.description}, status_code=400)
+    for event in events:
+        if event.ends_access and event.subject:
+            await provider.end_access(event.subject, reason=event.ends_access)
+        audit("security_event", type=event.name, subject=event.subject, reason=event.reason,
+              action="access ended" if event.ends_access and event.subject else "noted")
+    return Response(status_code=202)
+
+
 def oauth_routes(provider: OAuthProvider, settings: Settings, pages: Pages) -> list[Route]:
-    """Every route of sign-in: the discovery documents, the OAuth endpoints, /account and the grant pages."""
+    """Every route of sign-in: the discovery documents, the OAuth endpoints, /account, the grant pages and,
+    with GOOGLE_RISC on, Google's security events."""
     granting = GoogleGrantPages(provider, pages)
+    risc = [Route(RISC_PATH, partial(receive_security_events, provider=provider), methods=["POST"])] \
+        if settings.google_risc else []
     return [*discovery_routes(settings), *OAuthEndpoints(provider, settings, pages, granting).routes(),
-            *AccountPages(provider, settings, pages).routes(), *granting.routes(settings)]
+            *AccountPages(provider, settings, pages).routes(), *granting.routes(settings), *risc]
 
 
 # === 10. Serving MCP over HTTP ===============================================

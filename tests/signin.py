@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,12 @@ CAROL = {"sub": "100000000000000000003", "email": "carol@corp.example", "email_v
          "name": "Carol Corp", "hd": "corp.example"}
 GOOGLE_CLIENT_ID = "stream-http-test.apps.googleusercontent.com"
 GOOGLE_CLIENT_SECRET = "stand-in-secret"
+
+
+def someone_new() -> dict[str, Any]:
+    """A person the session-wide stand-in has never seen (so its counts are the calling test's alone)."""
+    sub = f"2{time.time_ns() % 10**19:019d}"
+    return {"sub": sub, "email": f"p{sub[-6:]}@example.com", "email_verified": True, "name": "New Person"}
 
 
 class GoogleStandIn:

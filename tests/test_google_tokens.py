@@ -12,7 +12,7 @@ import httpx2
 import pytest
 
 from tests.conftest import Peers
-from tests.signin import ALICE, CAROL, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair
+from tests.signin import ALICE, CAROL, GoogleStandIn, RawClient, auth_server, mcp_call, pkce_pair, someone_new
 
 
 @pytest.fixture
@@ -107,12 +107,6 @@ def test_a_google_refresh_without_a_new_refresh_token_keeps_the_old_one(short_li
 
 
 # --- Google's limit of 100 live refresh tokens per person and OAuth client
-
-
-def someone_new() -> dict[str, Any]:
-    """A person the session-wide stand-in has never seen (so its counts are this test's alone)."""
-    sub = f"2{time.time_ns() % 10**19:019d}"
-    return {"sub": sub, "email": f"p{sub[-6:]}@example.com", "email_verified": True, "name": "New Person"}
 
 
 def test_twenty_sign_ins_keep_one_google_refresh_token(signin_server: Any, google: GoogleStandIn) -> None:
