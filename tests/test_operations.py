@@ -388,7 +388,8 @@ def test_a_taken_port_is_said_before_anything_claims_to_serve(tmp_path: Path) ->
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_python("server.py", "--port", str(port), cwd=tmp_path, env={"DATA_DIR": str(tmp_path / "data")})
+        result = run_python(str(REPO / "server.py"), "--port", str(port), cwd=tmp_path,
+                            env={"DATA_DIR": str(tmp_path / "data")})
     assert result.returncode == 2
     assert result.stderr.strip() == (f"server.py: port {port} on 127.0.0.1 is taken (is the server already running?): "
                                      f"choose another with --port {port + 1} or PORT={port + 1}"), result.stderr
