@@ -3079,7 +3079,6 @@ RISC_PATH = "/oauth/google/risc"
 RISC_MAX_AGE_S = 3600  # an event issued longer ago is refused (Google delivers within minutes, retries included)
 RISC_SKEW_S = 300
 RISC_CONFIG_TTL_S = 3600
-RISC_BODY_MAX_BYTES = 65_536
 SECEVENT = "https://schemas.openid.net/secevent/"
 # The events that end a person's access here (their grants and Google tokens), and what the audit line says.
 RISC_ENDS_ACCESS = {
@@ -3124,11 +3123,20 @@ def key_ids(jwks: Mapping[str, Any]) -> set[str]:
         if isinstance(keys, list) else set()
 
 
+@dataclass(frozen=True)
+class DeliveredSecurityEvent:
+    """A security event token acted on (by its jti)."""
+
+    kind: ClassVar[str] = "risc_jti"
+
+    at: float
+
+
 class SecurityEvents:
     """Google's Cross-Account Protection (RISC): verifies the security event tokens Google pushes (RFC 8417)
     against its RISC configuration and keys, both fetched and cached: RS256 signature, the configuration's
-    issuer, our Google client id as audience, issued within RISC_MAX_AGE_S, each `jti` accepted once
-    (counted in the store, on every replica). joserfc checks the signature."""
+    issuer, our Google client id as audience, issued within RISC_MAX_AGE_S, each `jti` acted on once
+    (remembered in the store, on every replica). joserfc checks the signature."""
 
     def __init__(self, settings: Settings, store: Store, http: httpx2.AsyncClient) -> None:
         self.settings = settings
@@ -3136,8 +3144,10 @@ class SecurityEvents:
         self.http = http
         self._configuration: tuple[float, dict[str, Any]] | None = None
         self._keys: dict[str, Any] = {}
+        self._keys_fetched = 0.0
 
-    async def verify(self, token: str) -> list[SecurityEvent]:
+    async def verify(self, token: str) -> tuple[str, list[SecurityEvent]]:
+        """The token's jti and events, once it verifies; SecurityEventError says why it does not."""
         from joserfc import jwt
         from joserfc.errors import JoseError
 
@@ -3150,7 +3160,8 @@ class SecurityEvents:
         if claims.get("iss") != configuration.get("issuer"):
             raise SecurityEventError("invalid_issuer", "the token is not from Google's RISC issuer")
         audience = claims.get("aud")
-        if self.settings.google_client_id not in (audience if isinstance(audience, list) else [audience]):
+        if not any(name == self.settings.google_client_id for name in (audience if isinstance(audience, list)
+                                                                         else [audience])):
             raise SecurityEventError("invalid_audience", "the token is not for this server's Google client")
         issued, now = claims.get("iat"), time.time()
         if not isinstance(issued, int | float) or not now - RISC_MAX_AGE_S <= issued <= now + RISC_SKEW_S:
@@ -3158,10 +3169,14 @@ class SecurityEvents:
         events, jti = claims.get("events"), claims.get("jti")
         if not isinstance(events, dict) or not events or not isinstance(jti, str) or not jti:
             raise SecurityEventError("invalid_request", "the token needs events and a jti")
-        uses, _ = await self.store.hit(f"risc {jti}", RISC_MAX_AGE_S + RISC_SKEW_S)
-        if uses > 1:
+        if await self.store.get(DeliveredSecurityEvent, jti) is not None:
             raise SecurityEventError("invalid_request", "this token was delivered before (its jti)")
-        return [SecurityEvent(str(kind), *event_subject(body)) for kind, body in events.items()]
+        return jti, [SecurityEvent(str(kind), *event_subject(body)) for kind, body in events.items()]
+
+    async def acted_on(self, jti: str) -> None:
+        """Remember a token acted on, so that a replay changes nothing. Only once acted on: a delivery that
+        failed half-way is delivered again by Google, and must then be acted on."""
+        await self.store.put(Entry(jti, DeliveredSecurityEvent(time.time()), ttl_s=RISC_MAX_AGE_S + RISC_SKEW_S))
 
     async def configuration(self) -> dict[str, Any]:
         if self._configuration and self._configuration[0] > time.monotonic():
@@ -3182,8 +3197,9 @@ class SecurityEvents:
             kid = extract_compact(token.encode()).protected.get("kid")
         except JoseError:
             raise SecurityEventError("invalid_request", "the body is not a signed security event token") from None
-        if not self._keys or kid not in key_ids(self._keys):
-            self._keys = await self.fetch_json(str(configuration["jwks_uri"]))
+        if not self._keys or (kid not in key_ids(self._keys) and time.monotonic() > self._keys_fetched + 60):
+            self._keys = await self.fetch_json(str(configuration["jwks_uri"]))  # Google rotates its keys
+            self._keys_fetched = time.monotonic()
         try:
             return KeySet.import_key_set(self._keys)
         except (JoseError, ValueError, KeyError, TypeError) as exc:
@@ -3812,8 +3828,8 @@ class ClientDocuments:
         that does not list `redirect_uri` gives way to the published one, when that can be had: vendors add
         callbacks."""
         pinned = PINNED_DOCUMENTS.get(url) if self.settings.pinned_client_documents else None
-        if pinned is None:
-            return await self.published(url)
+        if pinned is None or await self.store.get(ClientDocument, url) is not None:
+            return await self.published(url)  # once fetched (a callback the pin lacked), the same for every step
         client = self.validate(url, pinned)
         if redirect_uri is None or pick_redirect_uri([str(uri) for uri in client.redirect_uris or []], redirect_uri):
             return client
@@ -3944,7 +3960,7 @@ class ClientAssertions:
     async def check_claims(self, client_id: str, claims: Mapping[str, Any], audiences: Sequence[str]) -> None:
         now, expires = time.time(), claims.get("exp")
         audience = claims.get("aud")
-        named = audience if isinstance(audience, list) else [audience]
+        named = [name for name in (audience if isinstance(audience, list) else [audience]) if isinstance(name, str)]
         if claims.get("iss") != client_id or claims.get("sub") != client_id:
             raise ClientAssertionError("the client_assertion's iss and sub must both be the client_id")
         if not set(named) & set(audiences):
@@ -3970,7 +3986,10 @@ class ClientAssertions:
             raise ClientAssertionError("the client's document names no keys")
         url = str(client.jwks_uri)
         kept = await self.store.get(ClientKeys, url)
-        if kept is None or (kid and kid not in key_ids(kept.jwks)):
+        unknown_kid = kept is not None and kid and kid not in key_ids(kept.jwks)
+        if unknown_kid and (await self.store.hit(f"jwks-fetch {url}", 60))[0] > 1:
+            unknown_kid = False  # fetched again less than a minute ago: a kid unknown still is refused
+        if kept is None or unknown_kid:
             try:
                 kept = ClientKeys(await self.documents.fetch(url))
             except ClientDocumentError as exc:
@@ -5095,6 +5114,13 @@ class ClientCredentials(ClientAuthenticator):
         return client
 
 
+def client_budget(client_id: str) -> str:
+    """The rate-limit budget a request from this client spends. A metadata document's client_id is shared by
+    every installation of that client (all of Claude's users): there it is each address's own, or anyone
+    could spend it for all of them."""
+    return f"client:{client_id} {client_address()}" if is_document_client_id(client_id) else f"client:{client_id}"
+
+
 def with_form_field(request: Request, form: FormData, name: str, value: str) -> Request:
     """The same request with one more field in its form (re-encoded as application/x-www-form-urlencoded)."""
     fields = [(key, item) for key, item in form.multi_items() if isinstance(item, str)] + [(name, value)]
@@ -5159,7 +5185,7 @@ class OAuthEndpoints:
         if not isinstance(client_id, str) or not client_id:
             return self.pages.message("Incomplete sign-in link", "The application did not say who it is "
                                       "(client_id is missing).", status=400)
-        if wait := await self.provider.limits.spend(f"client:{client_id}", self.settings.rate_limit_client, 60):
+        if wait := await self.provider.limits.spend(client_budget(client_id), self.settings.rate_limit_client, 60):
             audit("rate_limited", client_id=client_id, budget="client")
             return self.pages.too_many(wait)
         try:
@@ -5283,7 +5309,7 @@ class OAuthEndpoints:
         """429 when this client, or the person whose refresh token this is, has used up their budget."""
         form, client_id = await request.form(), await requested_client_id(request)
         limits, settings = self.provider.limits, self.settings
-        if wait := await limits.spend(f"client:{client_id}", settings.rate_limit_client, 60):
+        if wait := await limits.spend(client_budget(client_id), settings.rate_limit_client, 60):
             audit("rate_limited", client_id=client_id, budget="client")
             return too_many(wait, "from this client")
         token = form.get("refresh_token")
@@ -5448,14 +5474,12 @@ async def receive_security_events(request: Request, provider: OAuthProvider) -> 
     risk ends the person's access on every replica (their grants, their Google tokens) before 202 is
     answered; a refused token changes nothing and gets 400 with RFC 8935's error code."""
     body = await request.body()
-    if len(body) > RISC_BODY_MAX_BYTES:
-        return JSONResponse({"err": "invalid_request", "description": "the body is too large"}, status_code=413)
     try:
-        events = await provider.security_events.verify(body.decode("ascii").strip())
+        jti, events = await provider.security_events.verify(body.decode("ascii").strip())
     except UnicodeDecodeError:
-        events, refused = [], SecurityEventError("invalid_request", "the body is not a security event token")
+        jti, events, refused = "", [], SecurityEventError("invalid_request", "the body is not a security event token")
     except SecurityEventError as exc:
-        events, refused = [], exc
+        jti, events, refused = "", [], exc
     except GoogleError as exc:
         logger.warning("cannot check a Google security event: %s", exc)
         return JSONResponse({"err": "temporarily_unavailable", "description": "Google's RISC keys are unavailable"},
@@ -5470,6 +5494,7 @@ async def receive_security_events(request: Request, provider: OAuthProvider) -> 
             await provider.end_access(event.subject, reason=event.ends_access)
         audit("security_event", type=event.name, subject=event.subject, reason=event.reason,
               action="access ended" if event.ends_access and event.subject else "noted")
+    await provider.security_events.acted_on(jti)
     return Response(status_code=202)
 
 
@@ -5477,7 +5502,7 @@ def oauth_routes(provider: OAuthProvider, settings: Settings, pages: Pages) -> l
     """Every route of sign-in: the discovery documents, the OAuth endpoints, /account, the grant pages and,
     with GOOGLE_RISC on, Google's security events."""
     granting = GoogleGrantPages(provider, pages)
-    risc = [Route(RISC_PATH, partial(receive_security_events, provider=provider), methods=["POST"])] \
+    risc = [Route(RISC_PATH, bounded(partial(receive_security_events, provider=provider)), methods=["POST"])] \
         if settings.google_risc else []
     return [*discovery_routes(settings), *OAuthEndpoints(provider, settings, pages, granting).routes(),
             *AccountPages(provider, settings, pages).routes(), *granting.routes(settings), *risc]

@@ -183,6 +183,7 @@ def test_forged_and_replayed_assertions_get_nothing_and_lose_nothing(local_docum
         "an EC key not in the set": (client.signed(client.assertion(key=ECKey.generate_key("P-256"), alg="ES256")),
                                      "does not verify"),
         "another audience": (client.signed(client.assertion(aud="https://other.example/token")), "aud must name"),
+        "an audience of objects": (client.signed(client.assertion(aud=[{}, ["x"]])), "aud must name"),
         "another issuer": (client.signed(client.assertion(iss="https://other.example/client.json")), "iss and sub"),
         "expired": (client.signed(client.assertion(exp=int(time.time()) - 5)), "must expire within"),
         "no expiry": (client.signed(client.assertion(exp=None)), "must expire within"),
@@ -352,3 +353,21 @@ def test_without_sign_in_every_tool_is_noauth(tmp_path: Path) -> None:
     assert len(tools) >= 10
     for tool in tools:
         assert_described(tool, [{"type": "noauth"}])
+
+
+def test_a_shared_client_id_has_a_budget_per_address(google: GoogleStandIn, tmp_path: Path) -> None:
+    """Every Claude user signs in as Claude's one client_id: someone spending its budget at /token must not
+    lock the others out. A registered client's budget stays its own, from any address."""
+    with auth_server(google, tmp_path, env={"RATE_LIMIT_CLIENT": "3", "TRUSTED_PROXIES": "127.0.0.1"}) as server:
+        registered = RawClient.register(server)
+
+        def token(client_id: str, address: str) -> int:
+            return httpx2.post(server.base_url + "/token", headers={"X-Forwarded-For": address}, data={
+                "client_id": client_id, "grant_type": "refresh_token", "refresh_token": "x"}).status_code
+
+        spender = [token(CLAUDE, "203.0.113.9") for _ in range(5)]
+        other = token(CLAUDE, "198.51.100.7")
+        own = [token(registered.client_id, address) for address in ("203.0.113.9", "198.51.100.7") * 2]
+    assert spender[3:] == [429, 429] and 429 not in spender[:3]
+    assert other != 429
+    assert own[3] == 429, own

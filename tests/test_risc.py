@@ -80,6 +80,8 @@ def test_refused_tokens_change_nothing(receiver: ServerProcess, google: GoogleSt
                              headers={"content-type": "application/secevent+jwt"})
         assert answer.status_code == 400, (case, answer.text)
         assert answer.json()["err"] == err, (case, answer.text)
+    too_large = deliver(receiver, "x" * 100_000)
+    assert too_large.status_code == 413
     replayed = google.risc_token(events(google, RISC + "account-enabled", person["sub"]), aud=GOOGLE_CLIENT_ID)
     assert deliver(receiver, replayed).status_code == 202, "account-enabled is noted only"
     again = deliver(receiver, replayed)
