@@ -6794,8 +6794,8 @@ def connect_guide(client: str, name: str, mcp_url: str) -> tuple[str, ...]:
                    "Add custom connector.", f"Name: {name}", f"Remote MCP server URL: {mcp_url}",
                    "Then Connect: Claude opens this server's sign-in in your browser."),
         "claude-desktop": ("Claude Desktop through mcp-remote, which signs in in your browser and bridges stdio to "
-                           "this server. Add to claude_desktop_config.json (or run `server.py claude-config "
-                           "--write`), then restart Claude Desktop:",
+                           "this server. Add to claude_desktop_config.json (or run `uv run server.py claude-config "
+                           f"--write --url {mcp_url}`), then restart Claude Desktop:",
                            config({"mcpServers": {name: claude_server_entry(mcp_url)}})),
         "claude-code": ("In a terminal (add --scope user to have it in every project):",
                         f"claude mcp add --transport http {shlex.quote(name)} {shlex.quote(mcp_url)}",
@@ -6813,9 +6813,9 @@ def connect_guide(client: str, name: str, mcp_url: str) -> tuple[str, ...]:
                    config({"mcpServers": {name: {"url": mcp_url}}}),
                    f"or open this link to add it: {cursor_link}",
                    "Then Settings, MCP: Connect next to it signs you in."),
-        "gemini-cli": ("In a terminal (--scope user: every project):",
+        "gemini-cli": ("In a terminal (add --scope user to have it in every project, in ~/.gemini/settings.json):",
                        f"gemini mcp add --transport http {shlex.quote(name)} {shlex.quote(mcp_url)}",
-                       "which writes this to .gemini/settings.json:",
+                       "which writes this to the project's .gemini/settings.json:",
                        config({"mcpServers": {name: {"url": mcp_url, "type": "http"}}}),
                        f"Then, in Gemini CLI: /mcp auth {shlex.quote(name)}"),
     }
