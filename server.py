@@ -14,8 +14,8 @@ Run it:
 
 Map (`grep -n '^# ===' server.py`). Section 1 is yours; the machinery after it is in layers, each
 using only the sections above it (tests/test_layers.py holds it to that):
-    1. Your server         the server object, then its tools, resources, prompts, completions and
-                           the notes demo's data: what you edit to make the server yours
+    1. Your server         the server object, then its tools, resources, views (MCP Apps), prompts,
+                           completions and the notes demo's data: what you edit to make it yours
     2. Settings            every knob, declared once: Settings, load_settings, ConfigError
     3. Telemetry           metrics, spans, text or JSON logs with request ids, audit()
     4. Storage             typed records with expiry (Store) in SQLite or Redis; new_id; event stores
@@ -25,7 +25,8 @@ using only the sections above it (tests/test_layers.py holds it to that):
                            scopes asked for when it is called, call_google()
     7. OAuth provider      this server as the authorization server: Clients, SignIns, Grants and
                            the SDK's OAuthProvider over them (no HTTP)
-    8. Pages and errors    consent, account and message pages; the OAuth, JSON-RPC and 503 answers
+    8. Pages and errors    consent, account and message pages; views' style and bridge; the OAuth,
+                           JSON-RPC and 503 answers
     9. OAuth routes        discovery documents, the OAuth endpoints, /account, Google grant pages
     10. Serving MCP        Runtime (what the server runs on), the MCP middleware, the request gate,
                            the drain, build_app()
@@ -61,7 +62,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
@@ -88,6 +89,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from dotenv import dotenv_values
 from mcp.server import MCPServer, ServerRequestContext
+from mcp.server.apps import APP_MIME_TYPE, Apps, client_supports_apps
 from mcp.server.auth.handlers.metadata import MetadataHandler
 from mcp.server.auth.handlers.register import RegistrationHandler
 from mcp.server.auth.handlers.token import TokenHandler
@@ -193,6 +195,8 @@ class ChangeFeed:
         await runtime().changes.publish(event)
 
 
+APPS = Apps()  # MCP Apps: hosts that render views learn that this server has some (the views are below)
+
 mcp: "MCPServer[Runtime]" = MCPServer(
     SERVER_NAME,
     title="stream-http",
@@ -209,10 +213,27 @@ mcp: "MCPServer[Runtime]" = MCPServer(
                   "prometheus-client~=0.26", "opentelemetry-sdk~=1.45", "opentelemetry-exporter-otlp-proto-http~=1.45"],
     lifespan=lambda server: serving_runtime(),
     subscriptions=ChangeFeed(),
+    extensions=[APPS],
 )
 
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True,
                             open_world_hint=False)
+
+# A tool can name a view: an interactive document (the "views" resources below) that hosts rendering MCP
+# Apps (Claude, ChatGPT, VS Code, Cursor, Goose...) show for its result. Every other client gets the same
+# text and structured content as ever.
+NOTES_VIEW = "ui://stream-http/notes.html"
+CALENDAR_VIEW = "ui://stream-http/calendar.html"
+
+
+def shown_in(view: str) -> dict[str, Any]:
+    """A tool's `_meta` naming its view: `ui.resourceUri`, and the flat key hosts from before MCP Apps 1.0
+    read. (The SDK's `Apps.tool` stamps the same, but it registers its tools when `mcp` is built, above.)"""
+    return {"ui": {"resourceUri": view}, "ui/resourceUri": view}
+
+
+FOR_VIEWS_ONLY = {"ui": {"visibility": ["app"]}}  # a tool only views call: hosts keep it from the model
+VIEW_META = {"ui": {"csp": {}, "prefersBorder": False}}  # a view's: no outside script, style, font or connection
 
 
 # --- tools
@@ -292,7 +313,7 @@ async def add_note(
     return note.view()
 
 
-@mcp.tool(title="Search notes", annotations=READ_ONLY)
+@mcp.tool(title="Search notes", annotations=READ_ONLY, meta=shown_in(NOTES_VIEW))
 async def search_notes(
     query: Annotated[str, Field(description="Words to look for in titles and bodies; "
                                 "empty matches every note.", max_length=200)] = "",
@@ -302,6 +323,24 @@ async def search_notes(
     """Find the user's notes by words and tag, newest first."""
     found = await find_notes(current_user().subject, query=query, tag=tag.lower() if tag else None)
     return NoteList(notes=[note.view() for note in found[:limit]], total=len(found))
+
+
+class TagCount(BaseModel):
+    tag: str = Field(description="The tag.")
+    notes: int = Field(description="How many notes carry it.")
+
+
+class NoteTags(BaseModel):
+    tags: list[TagCount] = Field(description="Every tag in use, most used first.")
+
+
+@mcp.tool(title="Note tags", annotations=READ_ONLY, meta=FOR_VIEWS_ONLY)
+async def note_tags() -> NoteTags:
+    """Every tag on the user's notes with how many notes carry it, most used first (then A to Z): the
+    notes view's tag filter."""
+    counts = Counter(tag for note in await find_notes(current_user().subject) for tag in note.tags)
+    most_used = sorted(counts.items(), key=lambda tag_count: (-tag_count[1], tag_count[0]))
+    return NoteTags(tags=[TagCount(tag=tag, notes=count) for tag, count in most_used])
 
 
 class DeleteConfirmation(BaseModel):
@@ -415,7 +454,8 @@ class UpcomingEvents(BaseModel):
     until: str = Field(description="The end of the period looked at (RFC 3339).")
 
 
-@mcp.tool(title="Upcoming calendar events", annotations=GOOGLE_READ_ONLY, meta={GOOGLE_SCOPES: [CALENDAR_READONLY]})
+@mcp.tool(title="Upcoming calendar events", annotations=GOOGLE_READ_ONLY,
+          meta={GOOGLE_SCOPES: [CALENDAR_READONLY], **shown_in(CALENDAR_VIEW)})
 async def calendar_upcoming(
     days: Annotated[int, Field(description="How many days ahead to look.", ge=1, le=90)] = 7,
     limit: Annotated[int, Field(description="Most events to return.", ge=1, le=100)] = 10,
@@ -505,6 +545,21 @@ def server_info() -> str:
     })
 
 
+# --- views: the documents hosts show for the tools that name them above (their markup and scripts
+# are after the completions)
+
+@mcp.resource(NOTES_VIEW, name="Notes view", mime_type=APP_MIME_TYPE, meta=VIEW_META)
+def notes_view() -> str:
+    """The notes search_notes found, as a list to filter by words or tag, open, and add to."""
+    return view_page("Notes", NOTES_VIEW_BODY, NOTES_VIEW_SCRIPT)
+
+
+@mcp.resource(CALENDAR_VIEW, name="Agenda view", mime_type=APP_MIME_TYPE, meta=VIEW_META)
+def calendar_view() -> str:
+    """The events calendar_upcoming found, as an agenda by day in the person's time zone."""
+    return view_page("Upcoming events", CALENDAR_VIEW_BODY, CALENDAR_VIEW_SCRIPT)
+
+
 # --- prompts
 
 DRAFT_STYLES = ("email", "blog post", "summary", "tweet")
@@ -550,6 +605,183 @@ async def complete_argument(
         return None
     matches = [value for value in candidates if value.lower().startswith(prefix)]
     return Completion(values=matches[:100], total=len(matches), has_more=len(matches) > 100)
+
+
+# --- the views' markup and scripts: section 8's view_page() wraps each in the shared style and the
+# bridge to the host (`view`, described there)
+
+CALENDAR_VIEW_BODY = """<main aria-labelledby="title" aria-busy="true">
+<header><h1 id="title">Upcoming</h1><p id="range" class="muted" role="status">Loading…</p></header>
+<div id="agenda" class="scroll"></div></main>"""
+
+CALENDAR_VIEW_SCRIPT = """
+const $ = id => document.getElementById(id);
+let days = 7, events = null;
+const zone = () => view.context.timeZone || Intl.DateTimeFormat().resolvedOptions().timeZone;
+const locale = () => view.context.locale || undefined;
+const format = (options, timeZone = zone()) => new Intl.DateTimeFormat(locale(), {timeZone, ...options});
+const isDate = value => /^\\d{4}-\\d{2}-\\d{2}$/.test(value);
+function dayOf(event) {
+  if (isDate(event.start)) return event.start;
+  return format({year: "numeric", month: "2-digit", day: "2-digit"}).formatToParts(new Date(event.start))
+    .filter(part => part.type !== "literal").map(part => part.value).join("-");
+}
+function dayHeading(event) {
+  const when = isDate(event.start) ? new Date(event.start + "T12:00:00Z") : new Date(event.start);
+  return format({weekday: "long", day: "numeric", month: "long"}, isDate(event.start) ? "UTC" : zone()).format(when);
+}
+function timeOf(event) {
+  if (isDate(event.start)) return "All day";
+  const clock = format({hour: "2-digit", minute: "2-digit"});
+  return clock.format(new Date(event.start)) + (event.end ? "\\u2013" + clock.format(new Date(event.end)) : "");
+}
+function eventItem(event) {
+  const item = document.createElement("li"), when = document.createElement("span");
+  const what = event.link ? document.createElement("a") : document.createElement("span");
+  item.style.cssText = "display:flex;gap:10px;padding:6px 2px";
+  when.className = "muted";
+  when.style.cssText = "flex:0 0 7.5em";
+  when.textContent = timeOf(event);
+  what.textContent = event.summary;
+  if (event.link) {
+    what.href = event.link;
+    what.title = "Open in Google Calendar";
+    what.addEventListener("click", click => { click.preventDefault(); view.openLink(event.link); });
+  }
+  const about = document.createElement("div");
+  about.append(what);
+  if (event.location) {
+    const where = document.createElement("div");
+    where.className = "muted";
+    where.textContent = event.location;
+    about.append(where);
+  }
+  item.append(when, about);
+  return item;
+}
+function render() {
+  if (events === null) return;
+  const byDay = new Map();
+  for (const event of events) {
+    const key = dayOf(event);
+    if (!byDay.has(key)) byDay.set(key, {heading: dayHeading(event), events: []});
+    byDay.get(key).events.push(event);
+  }
+  const sections = [...byDay.values()].map(({heading, events: those}) => {
+    const section = document.createElement("section"), title = document.createElement("h2");
+    const list = document.createElement("ul");
+    title.textContent = heading;
+    list.append(...those.map(eventItem));
+    section.append(title, list);
+    return section;
+  });
+  $("agenda").replaceChildren(...sections);
+  $("range").textContent = (events.length ? "" : "Nothing on your calendar. ") + "Next " + days +
+    (days === 1 ? " day" : " days") + ", times in " + zone().replaceAll("_", " ");
+  document.querySelector("main").removeAttribute("aria-busy");
+}
+view.on("input", args => { days = args.days || days; });
+view.on("result", result => {
+  if (result.isError) {
+    $("range").textContent = view.textOf(result);
+    $("range").className = "muted bad";
+    return;
+  }
+  events = result.structuredContent?.events || [];
+  render();
+});
+view.on("context", render);
+view.on("cancelled", () => { $("range").textContent = "Cancelled."; });
+"""
+
+NOTES_VIEW_BODY = """<main aria-labelledby="title" aria-busy="true">
+<header><h1 id="title">Notes</h1><p id="count" class="muted" role="status">Loading…</p></header>
+<div style="display:flex;gap:6px"><label style="flex:1;display:flex"><span class="sr">Filter the notes</span>
+<input id="filter" type="search" placeholder="Filter" autocomplete="off" style="flex:1"></label>
+<label><span class="sr">Only notes tagged</span><select id="tag"><option value="">All tags</option></select></label>
+</div>
+<ul id="list" class="scroll" aria-label="Notes"></ul>
+<details id="adding"><summary>Add a note</summary>
+<form id="form" style="display:grid;gap:6px;padding-bottom:4px">
+<label class="muted">Title <input name="title" required maxlength="200" style="width:100%"></label>
+<label class="muted">Note <textarea name="body" rows="3" maxlength="20000" style="width:100%"></textarea></label>
+<label class="muted">Tags, separated by commas <input name="tags" style="width:100%"></label>
+<div><button type="submit">Add</button> <span id="added" role="status"></span></div>
+</form></details></main>"""
+
+NOTES_VIEW_SCRIPT = """
+const $ = id => document.getElementById(id);
+let notes = [], total = 0;
+const day = () => new Intl.DateTimeFormat(view.context.locale, {day: "numeric", month: "short", year: "numeric"});
+function noteItem(note) {
+  const item = document.createElement("li"), shown = document.createElement("details");
+  const summary = document.createElement("summary"), body = document.createElement("div");
+  const when = document.createElement("span"), tags = document.createElement("span");
+  summary.textContent = note.title + " ";
+  tags.className = when.className = "muted";
+  tags.textContent = note.tags.map(tag => "#" + tag).join(" ") + " ";
+  when.textContent = day().format(new Date(note.created_at * 1000));
+  summary.append(tags, when);
+  body.textContent = note.body || "(no text)";
+  body.style.cssText = "white-space:pre-wrap;overflow-wrap:anywhere;padding:0 2px 8px";
+  shown.append(summary, body);
+  item.append(shown);
+  return item;
+}
+function render() {
+  const words = $("filter").value.toLowerCase().split(/\\s+/).filter(Boolean);
+  const text = note => [note.title, note.body, ...note.tags].join("\\n").toLowerCase();
+  const shown = notes.filter(note => words.every(word => text(note).includes(word)));
+  $("list").replaceChildren(...shown.map(noteItem));
+  $("count").textContent = notes.length === 0 ? "No notes yet" :
+    (shown.length === notes.length ? "" : shown.length + " shown of ") + notes.length +
+    (total > notes.length ? " of " + total : "") + (notes.length === 1 ? " note" : " notes");
+  document.querySelector("main").removeAttribute("aria-busy");
+}
+function show(result) {
+  if (result.isError) return fail(view.textOf(result));
+  notes = result.structuredContent?.notes || [];
+  total = result.structuredContent?.total ?? notes.length;
+  render();
+}
+function fail(message) {
+  $("count").textContent = message;
+  $("count").className = "muted bad";
+}
+view.on("result", show);
+view.on("cancelled", () => fail("The search was cancelled."));
+view.ready.then(async () => {
+  try {
+    const {structuredContent} = await view.callTool("note_tags", {});
+    for (const {tag, notes: count} of structuredContent.tags) $("tag").add(new Option(`#${tag} (${count})`, tag));
+  } catch (error) { $("tag").hidden = true; }
+});
+$("filter").addEventListener("input", render);
+$("tag").addEventListener("change", async () => {
+  const tag = $("tag").value;
+  try { show(await view.callTool("search_notes", tag ? {tag, limit: 100} : {limit: 100})); }
+  catch (error) { fail(error.message); }
+});
+$("form").addEventListener("submit", async event => {
+  event.preventDefault();
+  const form = new FormData(event.target), button = event.target.querySelector("button");
+  const tags = String(form.get("tags")).split(",").map(tag => tag.trim()).filter(Boolean);
+  button.disabled = true;
+  try {
+    const result = await view.callTool("add_note", {title: form.get("title"), body: form.get("body"), tags});
+    notes.unshift(result.structuredContent);
+    total += 1;
+    render();
+    event.target.reset();
+    $("added").textContent = "Added “" + result.structuredContent.title + "”.";
+    $("added").className = "muted";
+    await view.tellModel(result);
+  } catch (error) {
+    $("added").textContent = error.message;
+    $("added").className = "bad";
+  } finally { button.disabled = false; }
+});
+"""
 
 
 # --- the notes demo's data: records in the server's store, one per note, listed per owner
@@ -4660,9 +4892,10 @@ class OAuthProvider:
 #
 # Plain, self-contained pages: no script, no external asset, one stylesheet allowed by its hash.
 # `Pages.render` escapes every value; a ready-made fragment is passed under a name ending in `_html`
-# and is built by a method here that escapes its own parts. Then the error answers every route
-# shares: OAuth's, JSON-RPC's, and one 503 that says when to come back. Offers below: Pages,
-# oauth_error, json_rpc_error, unavailable, origin_of.
+# and is built by a method here that escapes its own parts. Then the views' shared style and bridge to
+# their host (`view_page`, which section 1's views call), and the error answers every route shares:
+# OAuth's, JSON-RPC's, and one 503 that says when to come back. Offers below: Pages, oauth_error,
+# json_rpc_error, unavailable, origin_of.
 
 PAGE_CSS = """
 :root{color-scheme:light dark;--fg:#1b1f24;--bg:#f6f7f9;--card:#fff;--muted:#57606a;--accent:#1a5fd0;--line:#d0d7de}
@@ -4884,6 +5117,132 @@ class Pages:
                         f"<br><code>{html.escape(permission.scope)}</code>{withdraw}</li>")
         return ACCOUNT_GOOGLE.substitute(server=html.escape(SERVER_NAME), rows_html="".join(rows),
                                          all_html=ACCOUNT_GOOGLE_ALL.substitute(action=action, csrf=csrf))
+
+
+# --- views (MCP Apps): the documents hosts render for a tool's result
+#
+# One self-contained document each, served as `text/html;profile=mcp-app` and shown by the host in a
+# sandboxed frame: no external script, style or font, so the resource declares no CSP domain. VIEW_BRIDGE
+# speaks the few ext-apps messages a view needs over postMessage (ui/initialize, the tool input and
+# result, tools/call through the host, size changes, links), by hand: the reference `App` library is
+# 540 KB with its dependencies, many times the views themselves. It offers each view's script `view`:
+#   view.on("input" | "result" | "cancelled" | "context", fn)   what the host sends
+#   await view.callTool(name, args)                              a tool of this server, through the host
+#   view.openLink(url), view.tellModel(result), view.context     (the host's theme, locale, time zone...)
+
+VIEW_CSS = """
+:root{--fg0:#1f2328;--muted0:#59636e;--line0:#d1d9e0;--field0:#fff;--soft0:#eef1f4;--accent0:#0b57d0;--bad0:#b42318}
+:root[data-theme=dark]{--fg0:#e6edf3;--muted0:#9da7b3;--line0:#3d444d;--field0:#0d1117;--soft0:#222830;
+--accent0:#79b0ff;--bad0:#ff8a80}
+:root{color-scheme:light;--fg:var(--color-text-primary,var(--fg0));--muted:var(--color-text-secondary,var(--muted0));
+--line:var(--color-border-primary,var(--line0));--field:var(--color-background-primary,var(--field0));
+--soft:var(--color-background-secondary,var(--soft0));--accent:var(--color-text-info,var(--accent0));
+--bad:var(--color-text-danger,var(--bad0));--radius:var(--border-radius-md,8px);--max-h:500px}
+:root[data-theme=dark]{color-scheme:dark}
+*{box-sizing:border-box}html,body{margin:0;background:transparent}
+body{color:var(--fg);font:var(--font-text-md-size,15px)/1.45 var(--font-sans,system-ui,-apple-system,"Segoe UI",
+Roboto,sans-serif);padding:4px}
+main{display:flex;flex-direction:column;gap:8px}
+:root[data-mode=inline] main{max-height:calc(min(500px,var(--max-h)) - 8px)}
+header{display:flex;align-items:baseline;justify-content:space-between;gap:8px;flex-wrap:wrap}
+h1{font-size:var(--font-heading-sm-size,1.05rem);margin:0}h2{font-size:.85rem;margin:10px 0 4px;color:var(--muted);
+text-transform:uppercase;letter-spacing:.04em}
+.muted{color:var(--muted);font-size:.85rem;margin:0}.bad{color:var(--bad)}
+.scroll{overflow:auto;min-height:0;flex:1 1 auto;margin:0;padding:0}
+ul{list-style:none;margin:0;padding:0}li{border-bottom:1px solid var(--line)}
+input,select,textarea,button{font:inherit;color:var(--fg);background:var(--field);border:1px solid var(--line);
+border-radius:var(--radius);padding:6px 8px;min-width:0}
+button{background:var(--accent);border-color:var(--accent);color:var(--field);cursor:pointer;font-weight:600}
+:focus-visible{outline:2px solid var(--accent);outline-offset:2px}
+a{color:var(--accent)}summary{cursor:pointer;padding:6px 2px}
+.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip-path:inset(50%);white-space:nowrap}
+"""
+
+VIEW_BRIDGE = """
+const view = (() => {
+  const root = document.documentElement, listeners = {}, waiting = new Map();
+  let lastId = 0, lastHeight = 0;
+  const post = message => window.parent.postMessage({jsonrpc: "2.0", ...message}, "*");
+  const ask = (method, params) => new Promise((resolve, reject) => {
+    waiting.set(++lastId, {resolve, reject});
+    post({id: lastId, method, params});
+  });
+  const emit = (name, value) => (listeners[name] || []).forEach(listener => listener(value));
+  const textOf = result => (result.content || []).map(block => block.text || "").join(" ");
+  const view = {
+    context: {}, host: {},
+    on(name, listener) { (listeners[name] ||= []).push(listener); },
+    async callTool(name, args) {
+      const result = await ask("tools/call", {name, arguments: args});
+      if (result.isError) throw new Error(textOf(result) || name + " failed");
+      return result;
+    },
+    openLink: url => ask("ui/open-link", {url}),
+    tellModel: result => view.host.updateModelContext
+      ? ask("ui/update-model-context", {content: result.content, structuredContent: result.structuredContent})
+      : Promise.resolve(),
+    textOf,
+  };
+  function applyContext() {
+    const context = view.context;
+    root.dataset.theme = context.theme || (matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light");
+    root.dataset.mode = context.displayMode || "inline";
+    for (const [name, value] of Object.entries(context.styles?.variables || {})) {
+      if (value) root.style.setProperty(name, value);
+    }
+    const most = context.containerDimensions?.maxHeight;
+    if (most) root.style.setProperty("--max-h", most + "px");
+  }
+  function reportSize() {
+    const height = Math.ceil(root.getBoundingClientRect().height);
+    if (height !== lastHeight) post({method: "ui/notifications/size-changed", params: {height: lastHeight = height}});
+  }
+  const fromHost = {
+    "ui/notifications/tool-input": params => emit("input", params.arguments || {}),
+    "ui/notifications/tool-result": params => emit("result", params),
+    "ui/notifications/tool-cancelled": params => emit("cancelled", params),
+    "ui/notifications/host-context-changed": params => {
+      Object.assign(view.context, params); applyContext(); emit("context", view.context);
+    },
+  };
+  window.addEventListener("message", ({source, data}) => {
+    if (source !== window.parent || data?.jsonrpc !== "2.0") return;
+    if (data.method === undefined) {
+      const call = waiting.get(data.id);
+      waiting.delete(data.id);
+      if (call) data.error ? call.reject(new Error(data.error.message)) : call.resolve(data.result);
+    } else if (data.id !== undefined) {
+      const known = data.method === "ping" || data.method === "ui/resource-teardown";
+      post(known ? {id: data.id, result: {}} : {id: data.id, error: {code: -32601, message: "Method not found"}});
+    } else {
+      fromHost[data.method]?.(data.params || {});
+    }
+  });
+  applyContext();
+  view.ready = ask("ui/initialize", {
+    protocolVersion: "2026-01-26", appInfo: {name: document.title, version: "1"},
+    appCapabilities: {availableDisplayModes: ["inline", "fullscreen"]},
+  }).then(answer => {
+    view.host = answer.hostCapabilities || {};
+    view.context = answer.hostContext || {};
+    applyContext();
+    post({method: "ui/notifications/initialized", params: {}});
+    new ResizeObserver(() => requestAnimationFrame(reportSize)).observe(document.body);
+    emit("context", view.context);
+  });
+  return view;
+})();
+"""
+
+
+def view_page(title: str, body_html: str, script: str) -> str:
+    """A view's whole document: the shared style and bridge, then its own markup and script."""
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{VIEW_CSS}</style></head>\n"
+            f"<body>{body_html}\n<script>{VIEW_BRIDGE}{script}</script></body></html>\n")
+
+
 
 
 def oauth_error(status: int, error: str, description: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -5673,7 +6032,8 @@ async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: Call
         if ctx.method == "initialize" and isinstance(result, dict):
             advertise_notifications(result, ctx.lifespan_context.settings)
         elif ctx.method == "tools/list" and isinstance(result, dict):
-            describe_for_directories(result.get("tools", []), ctx.lifespan_context.settings.auth_enabled)
+            result["tools"] = tools_for_client(ctx, result.get("tools", []))
+            describe_for_directories(result["tools"], ctx.lifespan_context.settings.auth_enabled)
         outcome = "tool_error" if is_tool_error(result) else "ok"
         return result
     finally:
@@ -5684,6 +6044,15 @@ async def serve_message(ctx: ServerRequestContext[Runtime, Any], call_next: Call
 
 mcp.middleware.append(serve_message)
 SESSION_METHODS = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
+
+
+def tools_for_client(ctx: ServerRequestContext[Runtime, Any], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tools a client lists: those only views call (`visibility: ["app"]`) are left out for a client
+    known to render no view, whose model would otherwise see them. A client that did not say (a 2025-era
+    request on a stateless server carries no capabilities) gets them all, as hosts need them listed."""
+    if ctx.session.client_capabilities is None or client_supports_apps(ctx):
+        return tools
+    return [tool for tool in tools if (tool.get("_meta") or {}).get("ui", {}).get("visibility") != ["app"]]
 
 
 def describe_for_directories(tools: list[dict[str, Any]], signed_in: bool) -> None:
@@ -5735,11 +6104,14 @@ def answer_for_session(ctx: ServerRequestContext[Runtime, Any], session: Handsha
 
 
 def advertise_notifications(result: dict[str, Any], settings: Settings) -> None:
-    """What `initialize` adds to the SDK's capabilities: resource notifications (stateful) and logging."""
+    """What `initialize` adds to the SDK's capabilities: resource notifications (stateful), logging, and the
+    extensions (MCP Apps), which the SDK advertises only on `server/discover`: hosts of the handshake era
+    declare theirs in `initialize`, and read ours there."""
     capabilities = result.setdefault("capabilities", {})
     capabilities.setdefault("resources", {}).update(listChanged=not settings.stateless,
                                                     subscribe=not settings.stateless)
     capabilities["logging"] = {}
+    capabilities.setdefault("extensions", {})[APPS.identifier] = APPS.settings()
 
 
 async def call_tool(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext) -> HandlerResult:

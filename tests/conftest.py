@@ -498,7 +498,8 @@ class EventStream:
 
 
 @contextlib.asynccontextmanager
-async def handshake_listener(mcp_url: str, **options: Any) -> AsyncIterator[Client]:
+async def handshake_listener(mcp_url: str, headers: dict[str, str] | None = None,
+                             **options: Any) -> AsyncIterator[Client]:
     """The SDK's Client in the handshake era, given once the GET stream it opens by itself after the
     handshake is open: the stream the server sends its notifications to, so one sent from now on is heard."""
     answers: list[int] = []
@@ -508,7 +509,8 @@ async def handshake_listener(mcp_url: str, **options: Any) -> AsyncIterator[Clie
             answers.append(response.status_code)
 
     timeout = httpx2.Timeout(30, read=300)  # the SDK's own client's timeouts
-    async with httpx2.AsyncClient(timeout=timeout, event_hooks={"response": [note_get_stream]}) as http, \
+    hooks = {"response": [note_get_stream]}
+    async with httpx2.AsyncClient(timeout=timeout, headers=headers, event_hooks=hooks) as http, \
             Client(streamable_http_client(mcp_url, http_client=http), mode="legacy", **options) as client:
         await anyio.to_thread.run_sync(lambda: eventually(
             lambda: 200 in answers, awaiting="the SDK client's GET stream to open", showing=lambda: answers))

@@ -83,7 +83,8 @@ NOTES_DEMO = ("add_note", "search_notes", "ask_before_deleting", "delete_note", 
               "NOT_ASKED", "NoteView", "NoteList", "Tag", "notes_index", "note_text", "summarize_notes",
               "draft_from_note", "Note", "note_key", "save_note", "get_note", "find_notes", "remove_note",
               "normalise_tags", "confirmation_of", "DRAFT_STYLES", "complete_argument", "NOTE_TITLE_MAX_CHARS",
-              "NOTE_BODY_MAX_CHARS", "NOTE_TAGS_MAX", "NOTE_TAG_MAX_CHARS", "SEARCH_LIMIT_MAX")
+              "NOTE_BODY_MAX_CHARS", "NOTE_TAGS_MAX", "NOTE_TAG_MAX_CHARS", "SEARCH_LIMIT_MAX", "note_tags", "TagCount",
+              "NoteTags", "notes_view", "NOTES_VIEW", "NOTES_VIEW_BODY", "NOTES_VIEW_SCRIPT")
 
 
 def without_notes_demo(source: str) -> str:
@@ -117,7 +118,7 @@ async def test_the_server_runs_without_the_notes_demo(tmp_path: Path) -> None:
             summed = await client.call_tool("add", {"a": 1, "b": 2})
     assert tools == {"echo", "add", "whoami", "long_task", "google_profile", "calendar_upcoming",
                      "drive_search"}
-    assert resources == {"server://info"} and prompts == set()
+    assert resources == {"server://info", "ui://stream-http/calendar.html"} and prompts == set()
     assert summed.structured_content == {"result": 3.0}
 
 
