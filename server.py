@@ -618,13 +618,18 @@ CALENDAR_VIEW_SCRIPT = """
 const $ = id => document.getElementById(id);
 let days = 7, events = null;
 const zone = () => view.context.timeZone || Intl.DateTimeFormat().resolvedOptions().timeZone;
-const locale = () => view.context.locale || undefined;
-const format = (options, timeZone = zone()) => new Intl.DateTimeFormat(locale(), {timeZone, ...options});
+function format(options, timeZone = zone()) {
+  try { return new Intl.DateTimeFormat(view.context.locale || undefined, {timeZone, ...options}); }
+  catch (badLocaleOrZone) { return new Intl.DateTimeFormat(undefined, options); }
+}
 const isDate = value => /^\\d{4}-\\d{2}-\\d{2}$/.test(value);
+const isWeb = link => { try { return new URL(link).protocol === "https:"; } catch (notAUrl) { return false; } };
 function dayOf(event) {
   if (isDate(event.start)) return event.start;
-  return format({year: "numeric", month: "2-digit", day: "2-digit"}).formatToParts(new Date(event.start))
-    .filter(part => part.type !== "literal").map(part => part.value).join("-");
+  const digits = {year: "numeric", month: "2-digit", day: "2-digit", calendar: "gregory", numberingSystem: "latn"};
+  const parts = format(digits).formatToParts(new Date(event.start));
+  const part = Object.fromEntries(parts.map(({type, value}) => [type, value]));
+  return `${part.year}-${part.month}-${part.day}`;
 }
 function dayHeading(event) {
   const when = isDate(event.start) ? new Date(event.start + "T12:00:00Z") : new Date(event.start);
@@ -637,16 +642,19 @@ function timeOf(event) {
 }
 function eventItem(event) {
   const item = document.createElement("li"), when = document.createElement("span");
-  const what = event.link ? document.createElement("a") : document.createElement("span");
+  const what = isWeb(event.link) ? document.createElement("a") : document.createElement("span");
   item.style.cssText = "display:flex;gap:10px;padding:6px 2px";
   when.className = "muted";
   when.style.cssText = "flex:0 0 7.5em";
   when.textContent = timeOf(event);
   what.textContent = event.summary;
-  if (event.link) {
+  if (isWeb(event.link)) {
     what.href = event.link;
+    what.target = "_blank";
     what.title = "Open in Google Calendar";
-    what.addEventListener("click", click => { click.preventDefault(); view.openLink(event.link); });
+    if (view.host.openLinks) {
+      what.addEventListener("click", click => { click.preventDefault(); view.openLink(event.link).catch(() => {}); });
+    }
   }
   const about = document.createElement("div");
   about.append(what);
@@ -687,7 +695,8 @@ view.on("result", result => {
     $("range").className = "muted bad";
     return;
   }
-  events = result.structuredContent?.events || [];
+  events = (result.structuredContent?.events || []).filter(event => event.start);
+  $("range").className = "muted";
   render();
 });
 view.on("context", render);
@@ -712,7 +721,12 @@ NOTES_VIEW_BODY = """<main aria-labelledby="title" aria-busy="true">
 NOTES_VIEW_SCRIPT = """
 const $ = id => document.getElementById(id);
 let notes = [], total = 0;
-const day = () => new Intl.DateTimeFormat(view.context.locale, {day: "numeric", month: "short", year: "numeric"});
+let query = "";
+function day() {
+  const options = {day: "numeric", month: "short", year: "numeric"};
+  try { return new Intl.DateTimeFormat(view.context.locale || undefined, options); }
+  catch (badLocale) { return new Intl.DateTimeFormat(undefined, options); }
+}
 function noteItem(note) {
   const item = document.createElement("li"), shown = document.createElement("details");
   const summary = document.createElement("summary"), body = document.createElement("div");
@@ -741,6 +755,7 @@ function render() {
 function show(result) {
   if (result.isError) return fail(view.textOf(result));
   notes = result.structuredContent?.notes || [];
+  $("count").className = "muted";
   total = result.structuredContent?.total ?? notes.length;
   render();
 }
@@ -748,6 +763,7 @@ function fail(message) {
   $("count").textContent = message;
   $("count").className = "muted bad";
 }
+view.on("input", args => { query = args.query || ""; });
 view.on("result", show);
 view.on("cancelled", () => fail("The search was cancelled."));
 view.ready.then(async () => {
@@ -759,7 +775,7 @@ view.ready.then(async () => {
 $("filter").addEventListener("input", render);
 $("tag").addEventListener("change", async () => {
   const tag = $("tag").value;
-  try { show(await view.callTool("search_notes", tag ? {tag, limit: 100} : {limit: 100})); }
+  try { show(await view.callTool("search_notes", tag ? {query, tag, limit: 100} : {query, limit: 100})); }
   catch (error) { fail(error.message); }
 });
 $("form").addEventListener("submit", async event => {
@@ -6052,7 +6068,7 @@ def tools_for_client(ctx: ServerRequestContext[Runtime, Any], tools: list[dict[s
     request on a stateless server carries no capabilities) gets them all, as hosts need them listed."""
     if ctx.session.client_capabilities is None or client_supports_apps(ctx):
         return tools
-    return [tool for tool in tools if (tool.get("_meta") or {}).get("ui", {}).get("visibility") != ["app"]]
+    return [tool for tool in tools if "model" in (tool.get("_meta") or {}).get("ui", {}).get("visibility", ["model"])]
 
 
 def describe_for_directories(tools: list[dict[str, Any]], signed_in: bool) -> None:

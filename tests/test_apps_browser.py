@@ -320,6 +320,16 @@ def test_the_calendar_view_shows_the_agenda(chromium: Any, peers: Peers, google:
             host.shoot("calendar", for_readme=True)
             frame.locator("a").first.click()
             assert host.seen()["links"] == [events[0]["link"]]
+            # an all-day event on the first event's day (in Tokyo) joins that day, under the same heading
+            all_day = {"id": "x", "summary": "Holiday", "start": f"{tokyo[0]:%Y-%m-%d}", "end": "", "link": None}
+            result["structuredContent"]["events"].insert(0, all_day)
+            host.page.evaluate("([r]) => host.replay(r)", [result])
+            frame.locator("li", has_text="Holiday").wait_for()
+            headings = frame.locator("h2").all_text_contents()
+            assert len(headings) == len(set(headings)), headings
+            first_day = frame.locator("section").first.locator("li")
+            assert first_day.nth(0).inner_text().startswith("All day") and "Holiday" in first_day.nth(0).inner_text()
+            assert granted["structuredContent"]["events"][0]["summary"] in first_day.nth(1).inner_text()
         finally:
             host.close()
 

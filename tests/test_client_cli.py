@@ -20,7 +20,7 @@ def test_without_a_command_it_lists_everything(stateful_server: ServerProcess) -
     result = client(stateful_server)
     assert result.returncode == 0, result.stderr
     assert f"stream-http {server.VERSION} (protocol 2026-07-28)" in result.stdout
-    for line in ("Tools (10)", "Resources (2)", "Resource templates (1)", "Prompts (2)", "notes://{note_id}",
+    for line in ("Tools (10)", "Resources (4)", "Resource templates (1)", "Prompts (2)", "notes://{note_id}",
                  "add  Add two numbers and return the sum."):
         assert line in result.stdout
 

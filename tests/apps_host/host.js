@@ -65,6 +65,9 @@ window.host = {
     await bridge.sendToolResult(result);
     return result;
   },
+  async replay(result) {
+    await bridge.sendToolResult(result);
+  },
   async changeContext(partial) {
     await bridge.sendHostContextChange(partial);
   },
