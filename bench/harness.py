@@ -279,7 +279,7 @@ def all_contenders() -> list[Contender]:
         Contender("FastMCP", fastmcp),  # named by its version once chosen (chosen_contenders)
         Contender("ours auth off", ours, modes=ALL_MODES),
         Contender("ours auth on SQLite", ours, modes=ALL_MODES),
-        Contender("ours auth on Redis", ours),
+        Contender("ours auth on Redis", ours, modes=ALL_MODES),
         Contender("ours metrics on", ours, env={"METRICS_PORT": str(free_port())}),  # auth on, SQLite
     ]
 

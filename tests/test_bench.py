@@ -34,7 +34,7 @@ def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> 
     fastmcp = {row["contender"] for row in rows} - contenders
     assert len(fastmcp) == 1 and re.fullmatch(r"FastMCP 4\.(2\.\d+|1\.0)", fastmcp.pop()), rows
     assert {row["contender"] for row in rows} >= contenders
-    for name in ("SDK defaults", "SDK tuned", "ours auth off", "ours auth on SQLite"):
+    for name in ("SDK defaults", "SDK tuned", "ours auth off", "ours auth on SQLite", "ours auth on Redis"):
         assert {(mode, era) for (contender, mode, era) in measured if contender == name} == {
             ("json", "legacy"), ("json", "2026-07-28"), ("sse", "legacy"), ("sse", "2026-07-28"),
             ("stateful", "legacy")}
@@ -45,16 +45,21 @@ def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> 
             "cpu_us_per_request", "p50_ms", "p99_ms")), row
     assert all(row["ratio_a"] == 1.0 for row in rows if row["contender"] == "A raw Starlette")
     judged = {target["target"]: target for target in results["targets"]}
+    every_mode = ("auth on SQLite / SDK tuned", "auth on / auth off", "auth on Redis / SQLite",
+                  "p99 of auth on SQLite / SDK tuned's")
     for era in ("legacy", "2026-07-28"):
-        for name in ("auth on SQLite / SDK tuned", "auth on / auth off", "auth on Redis / SQLite",
-                     "p99 of auth on SQLite / SDK tuned's", "auth on SQLite / TS SDK (its 2025-11-25 figure)",
-                     "stateless SSE: auth on SQLite / SDK tuned"):
-            assert f"{era}: {name}" in judged, sorted(judged)
-    assert "legacy: stateful JSON, one session: auth on SQLite / SDK tuned" in judged
+        for mode in ("stateless JSON", "stateless SSE"):
+            for name in every_mode:
+                assert f"{era}, {mode}: {name}" in judged, sorted(judged)
+        assert f"{era}: auth on SQLite / TS SDK (its 2025-11-25 figure)" in judged, sorted(judged)
+    for name in every_mode:
+        assert f"legacy, stateful JSON, one session: {name}" in judged, sorted(judged)
     assert sum(name.startswith("legacy: auth on SQLite / FastMCP 4.") for name in judged) == 1
-    p99 = judged["2026-07-28: p99 of auth on SQLite / SDK tuned's"]
+    p99 = judged["2026-07-28, stateless JSON: p99 of auth on SQLite / SDK tuned's"]
     assert p99["at_most"] and p99["met"] == (p99["value"] <= 1.1)
-    assert f"2026-07-28: p99 of auth on SQLite / SDK tuned's ≤ 1.10: {p99['value']:.2f}" in out
+    assert p99["lowest_round"] == p99["value"] == p99["highest_round"], "one round: its range is itself"
+    assert (f"2026-07-28, stateless JSON: p99 of auth on SQLite / SDK tuned's ≤ 1.10: {p99['value']:.2f}, "
+            f"rounds {p99['value']:.2f}-{p99['value']:.2f}") in out
     assert "stateful JSON, one session, era legacy" in out and "xSDK tuned" in out
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 20_000
 
