@@ -113,7 +113,7 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.prompts.base import UserMessage
 from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
 from mcp.server.session import ServerSession
-from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
+from mcp.server.streamable_http import GET_STREAM_KEY, EventCallback, EventMessage, EventStore
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, ServerEvent
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
@@ -5895,6 +5895,23 @@ def oauth_routes(provider: OAuthProvider, settings: Settings, pages: Pages) -> l
 
 # --- the running server
 
+
+class GetStreamEvents(EventStore):
+    """The events worth keeping when POSTs are answered with JSON: the GET stream's. A JSON answer has no
+    event id on the wire, so nothing can ask to replay it; storing it would cost a write per request
+    (a round trip on Redis) for nothing."""
+
+    def __init__(self, events: EventStore) -> None:
+        self.events = events
+
+    async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
+        if stream_id != GET_STREAM_KEY:
+            return ""
+        return await self.events.store_event(stream_id, message)
+
+    async def replay_events_after(self, last_event_id: str, send_callback: EventCallback) -> str | None:
+        return await self.events.replay_events_after(last_event_id, send_callback)
+
 class Runtime:
     """What tools and routes share while the server runs: settings, the store, the event store, the
     change bus and, with sign-in on, the OAuth provider. Built without I/O; `async with runtime:` opens
@@ -5905,6 +5922,8 @@ class Runtime:
         self.store = open_store(settings)
         self.events = None if settings.stateless else self.store.event_store(settings.event_store_max_events,
                                                                                settings.session_idle_timeout_s)
+        if self.events is not None and settings.json_response:
+            self.events = GetStreamEvents(self.events)
         self.changes = ChangeBus()
         self.limits = RateLimits(self.store)
         self.replica = new_id()  # tells this process's change announcements from other replicas'

@@ -183,6 +183,37 @@ def test_the_event_store_keeps_a_bounded_number_of_events() -> None:
     assert anyio.run(replay, ids[-10]) == ("_GET_stream", 9)
 
 
+def test_with_json_answers_only_the_get_streams_events_are_kept() -> None:
+    """A JSON answer carries no event id, so nobody can resume from it: with MCP_JSON_RESPONSE it is not stored
+    (a write per request saved, a Redis round trip there), while the GET stream's events are, and replay."""
+    kept = server_module.MemoryEventStore(max_events=50)
+    events = server_module.GetStreamEvents(kept)
+    message = types.JSONRPCNotification(jsonrpc="2.0", method="notifications/x")
+
+    async def store_then_replay() -> tuple[list[str], str | None, int]:
+        received: list[Any] = []
+
+        async def collect(event: Any) -> None:
+            received.append(event)
+
+        token = server_module._stream_scope.set(server_module.StreamScope(session_id="s1"))
+        try:
+            answers = [await events.store_event(str(request_id), message) for request_id in range(5)]
+            streamed = [await events.store_event("_GET_stream", message) for _ in range(3)]
+            return answers, await events.replay_events_after(streamed[0], collect), len(received)
+        finally:
+            server_module._stream_scope.reset(token)
+
+    answers, stream, replayed = anyio.run(store_then_replay)
+    assert answers == [""] * 5 and kept.size == 3
+    assert (stream, replayed) == ("_GET_stream", 2)
+
+
+def test_with_json_answers_a_reconnecting_get_stream_still_receives_what_it_missed(tmp_path: Path) -> None:
+    with running_server(tmp_path, "--json-response", env={"METRICS_PORT": str(free_port())}) as server:
+        test_a_reconnecting_get_stream_receives_the_events_it_missed(server)
+
+
 @pytest.mark.parametrize("header", ["mcp-session-id"])
 def test_unknown_session_ids_are_404(stateful_server: ServerProcess, header: str) -> None:
     ping = {"jsonrpc": "2.0", "id": 3, "method": "ping"}
