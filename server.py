@@ -1469,8 +1469,10 @@ class Tracing:
 
 
 @cache
+@cache
 def child(metric: Any, *labels: str) -> Any:
-    """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock for each lookup."""
+    """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock for each lookup. Every
+    caller passes labels from a closed set (a caller can never mint one), so the cache stays small."""
     return metric.labels(*labels)
 
 
@@ -6547,8 +6549,10 @@ class RequestGate:
         token = _stream_scope.set(stream_scope)
         if session_id:
             self.changes.request_started(session_id)
+        # The response is watched only when it tells something: the new session's id, or a DELETE's outcome.
+        watched = send if session_id and scope["method"] != "DELETE" else _learn_session_id(stream_scope, send)
         try:
-            await self.app(scope, receive, _learn_session_id(stream_scope, send))
+            await self.app(scope, receive, watched)
         finally:
             _stream_scope.reset(token)
             if session_id:
