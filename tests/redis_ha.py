@@ -7,6 +7,10 @@ Debian's `redis-server` and `redis-cli`, each node in its own directory under th
 - `ClusterSet`: three primaries with one replica each, joined with `redis-cli --cluster create`, tuned so a
   replica takes over within a few seconds of `kill_primary_of(key)`.
 
+Either can require a password and speak only TLS (a self-signed certificate for 127.0.0.1, made with
+`openssl`), so the `rediss+` URL forms are tested too. A node can be killed (SIGKILL: its sockets close)
+or paused (SIGSTOP: a network partition; clients wait for their timeouts) and resumed.
+
 Both are context managers: every process they started is stopped when the block ends, a failing test
 included, and a start that fails stops what it had started before it raises (with the nodes' logs).
 Nothing here depends on pytest, so a scratch script can use them too.
@@ -78,22 +82,19 @@ def wait_until(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
         time.sleep(0.1)
 
 
-def ask(port: int, *command: Any, password: str | None = None) -> Any:
-    """One command to the Redis (or sentinel) on this loopback port, decoded, with short timeouts."""
-    with redis.Redis(host=HOST, port=port, password=password, decode_responses=True, socket_timeout=2,
-                     socket_connect_timeout=1) as client:
+def ask(port: int, *command: Any, **options: Any) -> Any:
+    """One command to the Redis (or sentinel) on this loopback port, decoded, with short timeouts;
+    `options` are more `redis.Redis` arguments (password, ssl, ssl_ca_certs)."""
+    with redis.Redis(host=HOST, port=port, decode_responses=True, socket_timeout=2, socket_connect_timeout=1,
+                     **options) as client:
         return client.execute_command(*command)
 
 
-def info(port: int, section: str, password: str | None = None) -> dict[str, str]:
-    """`INFO section` as text fields (`CLUSTER INFO` when section is "cluster-state")."""
-    if section == "cluster-state":
-        text = ask(port, "CLUSTER", "INFO", password=password)
-    else:
-        text = ask(port, "INFO", section, password=password)
-        if isinstance(text, dict):  # redis-py parses INFO itself
-            return {key: str(value) for key, value in text.items()}
-    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+def parse_info(reply: str | dict[str, Any]) -> dict[str, str]:
+    """An INFO-style reply as text fields (redis-py parses INFO itself, not CLUSTER INFO)."""
+    if isinstance(reply, dict):
+        return {key: str(value) for key, value in reply.items()}
+    return dict(line.split(":", 1) for line in reply.splitlines() if ":" in line)
 
 
 def auth_part(username: str | None, password: str | None) -> str:
@@ -104,6 +105,35 @@ def auth_part(username: str | None, password: str | None) -> str:
 
 
 @dataclass
+class Tls:
+    """A self-signed certificate for 127.0.0.1 that every node serves and every client trusts."""
+
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> Tls:
+        directory.mkdir(parents=True, exist_ok=True)
+        tls = cls(directory / "cert.pem", directory / "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-keyout", str(tls.key), "-out", str(tls.cert), "-subj", f"/CN={HOST}",
+                        "-addext", f"subjectAltName=IP:{HOST}"], check=True, capture_output=True, timeout=30)
+        return tls
+
+    def server_args(self) -> list[str]:
+        """TLS for clients and replication; clients need not present a certificate."""
+        return ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key),
+                "--tls-ca-cert-file", str(self.cert), "--tls-auth-clients", "no", "--tls-replication", "yes"]
+
+    def client_options(self) -> dict[str, Any]:
+        """What `redis.Redis` (and the asyncio clients) need to trust the nodes."""
+        return {"ssl": True, "ssl_ca_certs": str(self.cert)}
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.cert)]
+
+
+@dataclass
 class RedisNode:
     """One `redis-server` process on a loopback port, in its own directory, logging to `node.log` there."""
 
@@ -111,10 +141,12 @@ class RedisNode:
     workdir: Path
     args: list[str]
     process: subprocess.Popen[bytes] | None = None
+    paused: bool = False
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """Running and not paused: a node that can answer."""
+        return self.process is not None and self.process.poll() is None and not self.paused
 
     def start(self, *extra: str) -> None:
         """Start the process (again) with its arguments and `extra` ones; returns at once."""
@@ -124,17 +156,31 @@ class RedisNode:
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def kill(self) -> None:
-        """SIGKILL: the node vanishes as a crashed machine would, without a word to its peers."""
-        if self.alive:
-            assert self.process is not None
+        """SIGKILL: the node vanishes as a crashed machine would; its sockets close, so clients are told."""
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
+            self.paused = False
 
-    def terminate(self) -> None:
-        """SIGTERM (a clean shutdown); `reap` waits for it."""
+    def pause(self) -> None:
+        """SIGSTOP: the node stops answering but keeps its sockets open, as behind a network partition
+        (clients wait for their timeouts; the kernel still accepts new connections)."""
         if self.alive:
             assert self.process is not None
+            self.process.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT: the partition heals; the node goes on as it was (a primary still thinks it is one)."""
+        if self.process is not None and self.paused:
+            self.process.send_signal(signal.SIGCONT)
+            self.paused = False
+
+    def terminate(self) -> None:
+        """SIGTERM (a clean shutdown, resumed first if paused); `reap` waits for it."""
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
+            self.resume()
 
     def reap(self) -> None:
         """Wait for the process to exit, SIGKILL after 5 s."""
@@ -164,12 +210,50 @@ def stop_all(nodes: Iterable[RedisNode]) -> None:
 
 
 class NodeSet:
-    """Nodes started together and stopped together, a failed start included."""
+    """Nodes started together and stopped together, a failed start included; with an optional password
+    (requirepass and masterauth on every data node) and optional TLS (then only TLS: `port 0`)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None, tls: bool = False) -> None:
         self.workdir = workdir
+        self.password = password
+        self.tls = Tls.make(workdir / "tls") if tls else None
         self.taken: set[int] = set()
         self.nodes: dict[int, RedisNode] = {}
+        self.failed: list[int] = []
+
+    # --- what clients need
+
+    @property
+    def scheme(self) -> str:
+        return "rediss" if self.tls else "redis"
+
+    @property
+    def client_options(self) -> dict[str, Any]:
+        """`redis.Redis` arguments that reach a data node: its password, and TLS with the CA to trust."""
+        return {"password": self.password, **(self.tls.client_options() if self.tls else {})}
+
+    def ask(self, port: int, *command: Any) -> Any:
+        return ask(port, *command, **self.client_options)
+
+    def info(self, port: int, section: str) -> dict[str, str]:
+        return parse_info(self.ask(port, "INFO", section))
+
+    def role(self, port: int) -> str:
+        """"master" or "slave", as the node itself says."""
+        return self.ask(port, "ROLE")[0]
+
+    # --- nodes
+
+    def listen_args(self, port: int) -> list[str]:
+        """Listen on `port`, in plain text or (with TLS) only over TLS."""
+        if self.tls is None:
+            return ["--port", str(port)]
+        return ["--port", "0", "--tls-port", str(port), *self.tls.server_args()]
+
+    def auth_args(self) -> list[str]:
+        if self.password is None:
+            return []
+        return ["--requirepass", self.password, "--masterauth", self.password]
 
     def new_node(self, name: str, args: Callable[[int, Path], Iterable[str]]) -> RedisNode:
         """A node on a free port, in directory `name-port`, with `args(port, directory)`; not started."""
@@ -180,18 +264,20 @@ class NodeSet:
         self.nodes[port] = node
         return node
 
+    def alive_ports(self) -> list[int]:
+        return [port for port, node in self.nodes.items() if node.alive]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {node.workdir.name}\n{node.log()}" for node in self.nodes.values())
+
+    # --- life cycle
+
     def start(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
         """Stop every node this set started (those already dead are skipped), all at once."""
         stop_all(self.nodes.values())
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {node.workdir.name}\n{node.log()}" for node in self.nodes.values())
-
-    def alive_ports(self) -> list[int]:
-        return [port for port, node in self.nodes.items() if node.alive]
 
     def __enter__(self) -> NodeSet:
         try:
@@ -213,18 +299,18 @@ class SentinelSet(NodeSet):
 
     A sentinel marks the primary down after `down_after_ms` without an answer; two agreeing make it
     objectively down, one of them is elected and promotes the replica. With the defaults a failover
-    completes about 2 to 5 s after `kill_primary()`.
+    completes about 2 to 4 s after `kill_primary()`. `password` protects the data nodes,
+    `sentinel_password` the sentinels (they then use it with each other too).
     """
 
     def __init__(self, workdir: Path, *, service: str = SERVICE, down_after_ms: int = 1000,
                  failover_timeout_ms: int = 3000, password: str | None = None,
-                 sentinel_password: str | None = None) -> None:
-        super().__init__(workdir)
+                 sentinel_password: str | None = None, tls: bool = False) -> None:
+        super().__init__(workdir, password=password, tls=tls)
         self.service, self.down_after_ms, self.failover_timeout_ms = service, down_after_ms, failover_timeout_ms
-        self.password, self.sentinel_password = password, sentinel_password
+        self.sentinel_password = sentinel_password
         self.data_ports: list[int] = []
         self.sentinel_ports: list[int] = []
-        self.killed: list[int] = []
 
     def __enter__(self) -> SentinelSet:
         super().__enter__()
@@ -238,18 +324,21 @@ class SentinelSet(NodeSet):
         return [(HOST, port) for port in self.sentinel_ports]
 
     @property
+    def sentinel_options(self) -> dict[str, Any]:
+        """`redis.Redis` arguments that reach a sentinel (Sentinel's `sentinel_kwargs`)."""
+        return {"password": self.sentinel_password, **(self.tls.client_options() if self.tls else {})}
+
+    @property
     def url(self) -> str:
-        """`redis+sentinel://[:password@]host:port,host:port,host:port/service/0`."""
+        """`redis[s]+sentinel://[:password@]host:port,host:port,host:port/service/0` (the password is the
+        data nodes'; a sentinel password has no place in this form)."""
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
-        return f"redis+sentinel://{auth_part(None, self.password)}{hosts}/{self.service}/0"
+        return f"{self.scheme}+sentinel://{auth_part(None, self.password)}{hosts}/{self.service}/0"
 
     # --- starting
 
     def data_args(self, port: int) -> list[str]:
-        args = ["--port", str(port), *COMMON_OPTIONS]
-        if self.password is not None:
-            args += ["--requirepass", self.password, "--masterauth", self.password]
-        return args
+        return [*self.listen_args(port), *COMMON_OPTIONS, *self.auth_args()]
 
     def sentinel_args(self, port: int, workdir: Path, primary_port: int) -> list[str]:
         """A sentinel's config file, written where it may rewrite it (sentinels record what they learn)."""
@@ -258,15 +347,20 @@ class SentinelSet(NodeSet):
         return [str(config), "--sentinel"]
 
     def sentinel_config(self, port: int, primary_port: int) -> str:
-        lines = [f"port {port}", f"bind {HOST}", "protected-mode yes", f"dir {self.workdir}",
-                 f"sentinel monitor {self.service} {HOST} {primary_port} 2",
-                 f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
-                 f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
-                 f"sentinel parallel-syncs {self.service} 1"]
+        if self.tls is None:
+            lines = [f"port {port}"]
+        else:
+            lines = ["port 0", f"tls-port {port}", f"tls-cert-file {self.tls.cert}", f"tls-key-file {self.tls.key}",
+                     f"tls-ca-cert-file {self.tls.cert}", "tls-auth-clients no", "tls-replication yes"]
+        lines += [f"bind {HOST}", "protected-mode yes", f"dir {self.workdir}",
+                  f"sentinel monitor {self.service} {HOST} {primary_port} 2",
+                  f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+                  f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
+                  f"sentinel parallel-syncs {self.service} 1"]
         if self.password is not None:
             lines.append(f"sentinel auth-pass {self.service} {self.password}")
-        if self.sentinel_password is not None:  # sentinels then authenticate to each other with it too
-            lines.append(f"requirepass {self.sentinel_password}")
+        if self.sentinel_password is not None:
+            lines += [f"requirepass {self.sentinel_password}", f"sentinel sentinel-pass {self.sentinel_password}"]
         return "\n".join(lines) + "\n"
 
     def start(self) -> None:
@@ -295,11 +389,8 @@ class SentinelSet(NodeSet):
 
     # --- looking
 
-    def info(self, port: int, section: str) -> dict[str, str]:
-        return info(port, section, password=self.password)
-
     def ask_sentinel(self, port: int, *command: Any) -> Any:
-        return ask(port, *command, password=self.sentinel_password)
+        return ask(port, *command, **self.sentinel_options)
 
     def primary_port_per_sentinel(self) -> list[int]:
         """The primary's port as each live sentinel names it."""
@@ -313,8 +404,10 @@ class SentinelSet(NodeSet):
                 return int(self.ask_sentinel(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)[1])
         raise RuntimeError("no sentinel answers")
 
-    def role(self, port: int) -> str:
-        return ask(port, "ROLE", password=self.password)[0]
+    def replica_port(self) -> int:
+        """The data node that is not the current primary."""
+        primary = self.current_primary_port()
+        return next(port for port in self.data_ports if port != primary)
 
     # --- failing
 
@@ -322,13 +415,20 @@ class SentinelSet(NodeSet):
         """SIGKILL the current primary's process; its port."""
         port = self.current_primary_port()
         self.nodes[port].kill()
-        self.killed.append(port)
+        self.failed.append(port)
+        return port
+
+    def pause_primary(self) -> int:
+        """SIGSTOP the current primary (a partition: it is still a primary when resumed); its port."""
+        port = self.current_primary_port()
+        self.nodes[port].pause()
+        self.failed.append(port)
         return port
 
     def wait_for_failover(self, timeout_s: float = 20.0, old_port: int | None = None) -> int:
         """Wait until every live sentinel names a primary other than `old_port` (default: the last one
-        killed) and that node says it is a master; its port."""
-        old = old_port if old_port is not None else self.killed[-1]
+        killed or paused) and that node says it is a master; its port."""
+        old = old_port if old_port is not None else self.failed[-1]
 
         def promoted() -> int | None:
             named = set(self.primary_port_per_sentinel())
@@ -370,14 +470,13 @@ class ClusterSet(NodeSet):
 
     Every node binds 127.0.0.1 and announces it, with a cluster bus port of its own (`cluster-port`, so
     port + 10000 need not be free). A primary that stops answering is failed after `node_timeout_ms`
-    and its replica takes its slots, about 2 to 4 s after `kill_primary_of(key)` with the defaults.
+    and its replica takes its slots, about 2 to 3 s after `kill_primary_of(key)` with the defaults.
     """
 
     def __init__(self, workdir: Path, *, primaries: int = 3, node_timeout_ms: int = 1000,
-                 password: str | None = None) -> None:
-        super().__init__(workdir)
-        self.primaries, self.node_timeout_ms, self.password = primaries, node_timeout_ms, password
-        self.killed: list[int] = []
+                 password: str | None = None, tls: bool = False) -> None:
+        super().__init__(workdir, password=password, tls=tls)
+        self.primaries, self.node_timeout_ms = primaries, node_timeout_ms
 
     def __enter__(self) -> ClusterSet:
         super().__enter__()
@@ -390,25 +489,25 @@ class ClusterSet(NodeSet):
 
     @property
     def url(self) -> str:
-        """`redis+cluster://[:password@]127.0.0.1:p1,127.0.0.1:p2,...` naming every node."""
+        """`redis[s]+cluster://[:password@]127.0.0.1:p1,127.0.0.1:p2,...` naming every node."""
         hosts = ",".join(f"{host}:{port}" for host, port in self.seeds)
-        return f"redis+cluster://{auth_part(None, self.password)}{hosts}"
+        return f"{self.scheme}+cluster://{auth_part(None, self.password)}{hosts}"
 
     def node_args(self, port: int) -> list[str]:
-        args = ["--port", str(port), "--cluster-port", str(free_port(self.taken)), *COMMON_OPTIONS,
+        return [*self.listen_args(port), *(["--tls-cluster", "yes"] if self.tls else []),
+                "--cluster-port", str(free_port(self.taken)), *COMMON_OPTIONS, *self.auth_args(),
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-announce-ip", HOST]
-        if self.password is not None:
-            args += ["--requirepass", self.password, "--masterauth", self.password]
-        return args
 
     def start(self) -> None:
-        """Six nodes, `redis-cli --cluster create ... --cluster-replicas 1`; returns once healthy."""
+        """Six nodes, `redis-cli --cluster create ... --cluster-replicas 1`; returns once healthy and
+        every replica is synced."""
         for _ in range(self.primaries * 2):
             self.new_node("node", lambda port, _: self.node_args(port)).start()
         for port in self.nodes:
             wait_until(lambda port=port: self.ask(port, "PING"), START_TIMEOUT_S, f"node {port} to answer")
-        command = [executable("redis-cli"), *(["--no-auth-warning", "-a", self.password] if self.password else []),
+        auth = ["--no-auth-warning", "-a", self.password] if self.password else []
+        command = [executable("redis-cli"), *auth, *(self.tls.cli_args() if self.tls else []),
                    "--cluster", "create", *(f"{HOST}:{port}" for port in self.nodes),
                    "--cluster-replicas", "1", "--cluster-yes"]
         created = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False)
@@ -417,31 +516,30 @@ class ClusterSet(NodeSet):
         self.wait_until_healthy(START_TIMEOUT_S)
         wait_until(self.replicas_synced, START_TIMEOUT_S, "every primary's replica to sync")
 
-    def replicas_synced(self) -> bool:
-        """Every slot range has a replica, and each replica's link to its primary is up."""
-        ranges = self.slot_ranges(self.alive_ports()[0])
-        return all(len(r.ports) > 1 for r in ranges) and all(
-            info(port, "replication", self.password).get("master_link_status") == "up"
-            for r in ranges for port in r.ports[1:])
+    # --- looking
 
-    def ask(self, port: int, *command: Any) -> Any:
-        return ask(port, *command, password=self.password)
-
-    def slot_ranges(self, port: int) -> list[SlotRange]:
-        """The slot map as the node on `port` sees it."""
+    def slot_ranges(self, port: int | None = None) -> list[SlotRange]:
+        """The slot map as the node on `port` (default: the first live one) sees it."""
+        port = port or self.alive_ports()[0]
         return [SlotRange(int(start), int(end), [int(node[1]) for node in nodes])
                 for start, end, *nodes in self.ask(port, "CLUSTER", "SLOTS")]
+
+    def replicas_synced(self) -> bool:
+        """Every slot range has a replica, and each replica's link to its primary is up."""
+        ranges = self.slot_ranges()
+        return all(len(r.ports) > 1 for r in ranges) and all(
+            self.info(port, "replication").get("master_link_status") == "up" for r in ranges for port in r.ports[1:])
 
     def healthy_on(self, port: int) -> bool:
         """This node says cluster_state:ok, and its map has every slot served by a live primary that
         says it is one."""
-        if info(port, "cluster-state", self.password).get("cluster_state") != "ok":
+        if parse_info(self.ask(port, "CLUSTER", "INFO")).get("cluster_state") != "ok":
             return False
         ranges = self.slot_ranges(port)
         if sum(r.end - r.start + 1 for r in ranges) != SLOTS:
             return False
         alive = set(self.alive_ports())
-        return all(r.primary in alive and self.ask(r.primary, "ROLE")[0] == "master" for r in ranges)
+        return all(r.primary in alive and self.role(r.primary) == "master" for r in ranges)
 
     def wait_until_healthy(self, timeout_s: float = 20.0) -> float:
         """Wait until every live node is `healthy_on` (so a client asking any of them gets a good map);
@@ -453,20 +551,33 @@ class ClusterSet(NodeSet):
 
     def primary_of(self, key: str) -> int:
         """The port of the primary that serves `key`'s slot."""
-        port = self.alive_ports()[0]
-        slot = int(self.ask(port, "CLUSTER", "KEYSLOT", key))
-        return next(r.primary for r in self.slot_ranges(port) if r.start <= slot <= r.end)
+        slot = int(self.ask(self.alive_ports()[0], "CLUSTER", "KEYSLOT", key))
+        return next(r.primary for r in self.slot_ranges() if r.start <= slot <= r.end)
+
+    def replica_of(self, key: str) -> int:
+        """The port of a replica of the primary that serves `key`'s slot."""
+        slot = int(self.ask(self.alive_ports()[0], "CLUSTER", "KEYSLOT", key))
+        return next(r.ports[1] for r in self.slot_ranges() if r.start <= slot <= r.end)
+
+    # --- failing
 
     def kill_primary_of(self, key: str) -> int:
         """SIGKILL the primary serving `key`; its port."""
         port = self.primary_of(key)
         self.nodes[port].kill()
-        self.killed.append(port)
+        self.failed.append(port)
+        return port
+
+    def pause_primary_of(self, key: str) -> int:
+        """SIGSTOP the primary serving `key` (a partition); its port."""
+        port = self.primary_of(key)
+        self.nodes[port].pause()
+        self.failed.append(port)
         return port
 
     def revive(self, port: int, timeout_s: float = START_TIMEOUT_S) -> None:
         """Start a killed node again (it keeps its nodes.conf, so it rejoins, as a replica now)."""
         self.nodes[port].start()
-        wait_until(lambda: self.ask(port, "ROLE")[0] == "slave" and
-                   info(port, "replication", self.password).get("master_link_status") == "up",
+        wait_until(lambda: self.role(port) == "slave" and
+                   self.info(port, "replication").get("master_link_status") == "up",
                    timeout_s, f"node {port} to rejoin as a synced replica")
