@@ -893,7 +893,9 @@ GOOGLE_DISCOVERY_URL = "https://accounts.google.com/.well-known/openid-configura
 GOOGLE_RISC_DISCOVERY_URL = "https://accounts.google.com/.well-known/risc-configuration"
 SECRET_KEY_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
 HERE = Path(__file__).resolve().parent  # where server.py is
-STORE_SCHEMES = ("sqlite", "redis", "rediss")  # what STORE_URL may start with (section 4 opens each)
+STORE_SCHEMES = ("sqlite", "redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+                 "rediss+cluster")  # what STORE_URL may start with (section 4 opens each)
+REPLICA_WAIT_DEFAULT_MS = 100  # with Sentinel or Cluster: how long a durable write waits for a replica
 ICON_TYPES = {".png": "image/png", ".svg": "image/svg+xml", ".ico": "image/x-icon", ".jpg": "image/jpeg",
               ".jpeg": "image/jpeg", ".webp": "image/webp"}
 ICON_MAX_BYTES = 32 * 1024
@@ -1026,6 +1028,125 @@ def image_file(name: str, raw: str, problems: list[str]) -> str:
     return ""
 
 
+# --- STORE_URL's Redis forms
+
+RedisMode = Literal["standalone", "sentinel", "cluster"]
+REDIS_FORMS: dict[str, RedisMode] = {"redis": "standalone", "redis+sentinel": "sentinel", "redis+cluster": "cluster"}
+REDIS_DEFAULT_PORTS: dict[RedisMode, int] = {"standalone": 6379, "sentinel": 26379, "cluster": 6379}
+REDIS_HA_QUERY = ("prefix", "replica_wait_ms", "sentinel_username", "sentinel_password", "ssl_ca_certs")
+REDIS_FORMS_HELP = ("redis://[user:password@]host:port/db, redis+sentinel://[user:password@]host:port[,host:port...]"
+                    "/service_name[/db] or redis+cluster://[user:password@]host:port[,host:port...] (rediss for TLS)")
+REPLICA_WAIT_MAX_MS = 10_000
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """A Redis STORE_URL taken apart. The user name and password are the data nodes'; sentinels with a
+    password of their own take `?sentinel_password=` (and `?sentinel_username=`). `options` is the rest of
+    the query: for the plain form whatever redis-py's URLs take, for the others `ssl_ca_certs`."""
+
+    mode: RedisMode
+    tls: bool
+    hosts: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: Secret | None = None
+    service: str = ""
+    db: int = 0
+    prefix: str = SERVER_NAME
+    replica_wait_ms: int = 0  # WAIT for one replica after each durable write, at most this long (0: never)
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+def redacted(url: str) -> str:
+    """`url` with any password in it replaced, for error messages and logs."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, hosts = rest.partition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:********@{hosts}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """STORE_URL's Redis forms taken apart; ValueError says what is wrong, without the password."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    mode = REDIS_FORMS.get(scheme.replace("rediss", "redis", 1))
+    if mode is None:
+        raise ValueError(f"must be one of {REDIS_FORMS_HELP}")
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, _, password = (unquote(text) for text in userinfo.partition(":"))
+    hosts = tuple(redis_host(host, REDIS_DEFAULT_PORTS[mode]) for host in hostlist.split(",")) \
+        if hostlist or mode != "standalone" else (("localhost", REDIS_DEFAULT_PORTS[mode]),)  # as redis-py reads it
+    if mode == "standalone" and len(hosts) > 1:
+        raise ValueError("names several hosts, but redis:// takes one: several sentinels are "
+                         "redis+sentinel://host:port,.../service_name, several cluster nodes redis+cluster://host:port,...")
+    path = [unquote(step) for step in parts.path.split("/") if step]
+    service, db = redis_path(mode, path)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    prefix, wait = query.pop("prefix", SERVER_NAME), query.pop("replica_wait_ms", None)
+    if mode != "standalone" and (unknown := sorted(set(query) - set(REDIS_HA_QUERY))):
+        raise ValueError(f"has {', '.join(unknown)} in its query, which takes only {', '.join(REDIS_HA_QUERY)}")
+    if not prefix or any(mark in prefix for mark in "{}"):
+        raise ValueError(f"has prefix={prefix!r}: a prefix is a non-empty name without braces")
+    return RedisAddress(mode, scheme.startswith("rediss"), hosts, username or None,
+                        Secret(password) if password else None, service, db, prefix,
+                        replica_wait(wait, default=0 if mode == "standalone" else REPLICA_WAIT_DEFAULT_MS),
+                        query)
+
+
+def redis_host(text: str, default_port: int) -> tuple[str, int]:
+    """One `host[:port]` of a Redis URL (an IPv6 address in brackets)."""
+    host, bracket, rest = text.rpartition("]") if text.startswith("[") else ("", "", text)
+    name, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    host = host.lstrip("[") if bracket else name
+    if not host:
+        raise ValueError(f"names no host in {text!r}: write host:port")
+    if not (HOST_NAME.match(host) or is_address(host)):
+        raise ValueError(f"has {host!r} for a host, which is neither a name nor an address")
+    if colon and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"has port {port!r} for {host}, which is not a number from 1 to 65535")
+    return host, int(port) if colon else default_port
+
+
+def redis_path(mode: RedisMode, path: list[str]) -> tuple[str, int]:
+    """The service name (Sentinel only) and database number a Redis URL's path names."""
+    if mode == "sentinel":
+        if not path:
+            raise ValueError("names no service: write redis+sentinel://host:port[,host:port...]/service_name[/db] "
+                             "(the name sentinels monitor the primary under)")
+        service, path = path[0], path[1:]
+    else:
+        service = ""
+    if mode == "cluster" and path:
+        raise ValueError(f"has /{'/'.join(path)} after its hosts, but Redis Cluster has only database 0")
+    if len(path) > 1 or (path and not path[0].isdigit()):
+        raise ValueError(f"has /{'/'.join(path)} for its database, which must be one number, such as /0")
+    return service, int(path[0]) if path else 0
+
+
+def replica_wait(raw: str | None, *, default: int) -> int:
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > REPLICA_WAIT_MAX_MS:
+        raise ValueError(f"has replica_wait_ms={raw!r}, which must be a number of milliseconds from 0 to "
+                         f"{REPLICA_WAIT_MAX_MS}")
+    return int(raw)
+
+
+def store_url_problem(url: str) -> str | None:
+    """What is wrong with STORE_URL, in one line that names no password; or None."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in STORE_SCHEMES:
+        return f"STORE_URL={redacted(url)!r} must be sqlite:///path/to/file.db or {REDIS_FORMS_HELP}"
+    if scheme == "sqlite":
+        return None
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        return f"STORE_URL={redacted(url)!r} {exc}"
+    return None
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: its environment variable, default, help text, parser and optional flag."""
@@ -1057,10 +1178,12 @@ class Settings:
     data_dir: Path = option("DATA_DIR", "", "Directory for the embedded SQLite store and the generated SECRET_KEY. "
                             "Default: data/ beside server.py, or the per-user data folder where that is not "
                             "writable.", flag="--data-dir")
-    store_url: str = option("STORE_URL", "", "Where state lives: sqlite:///path/to/file.db, or "
-                            "redis://[:password@]host:port/db (rediss:// for TLS) shared by several replicas, with "
-                            "?prefix=name to share one Redis between deployments. Default: a SQLite file in "
-                            "DATA_DIR.", flag="--store-url")
+    store_url: str = option("STORE_URL", "", "Where state lives: sqlite:///path/to/file.db, or a Redis shared by "
+                            "several replicas: redis://[user:password@]host:port/db, Sentinel as "
+                            "redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db], Cluster as "
+                            "redis+cluster://[user:password@]host:port[,host:port...] (rediss for TLS); ?prefix=name "
+                            "shares one Redis between deployments. Default: a SQLite file in DATA_DIR.",
+                            flag="--store-url")
     stateless: bool = option("MCP_STATELESS", "false", "Serve every POST on its own, without Mcp-Session-Id (for "
                              "several replicas).", true_or_false, flag="--stateless", switch=True)
     json_response: bool = option("MCP_JSON_RESPONSE", "false", "Answer each POST with one JSON body instead of an "
@@ -1238,10 +1361,9 @@ def load_settings(
 def check_settings(settings: Settings) -> list[str]:
     """The problems only visible when settings are seen together."""
     problems = []
-    store = urlsplit(settings.store_url).scheme
-    if store not in STORE_SCHEMES:
-        problems.append(f"STORE_URL={settings.store_url!r} must start with sqlite:///, redis:// or rediss://")
-    elif store != "sqlite" and settings.secret_key is None:
+    if problem := store_url_problem(settings.store_url):
+        problems.append(problem)
+    elif urlsplit(settings.store_url).scheme != "sqlite" and settings.secret_key is None:
         problems.append("STORE_URL is Redis, which several replicas share, so they need one SECRET_KEY: set it "
                         "to the same long random value on every replica (a generated one would differ)")
     for proxy in settings.trusted_proxies:
@@ -1784,6 +1906,8 @@ class Store(Protocol):
     def available(self) -> bool: ...
     @property
     def shared(self) -> bool: ...  # by several processes: rate counters, locks and announcements reach them all
+    @property
+    def mode(self) -> str: ...  # sqlite, or Redis' standalone, sentinel or cluster
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
@@ -1843,6 +1967,7 @@ class SQLiteStore:
 
     available = True  # a local file: when it fails, each request says why
     shared = False
+    mode = "sqlite"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -2022,7 +2147,9 @@ def _write(db: sqlite3.Connection, entries: Sequence[Entry | Gone]) -> None:
 #
 # Redis runs each script atomically. `write` saves records with their TTLs (or deletes them) and
 # adds them to their group's set and their owner's sorted set, which live as long as their
-# longest-lived member.
+# longest-lived member. Every script is given each key it computes in KEYS (Redis Cluster routes a
+# script by its keys, and refuses one that touches a key on another node); all of a store's keys
+# share one hash tag in Cluster, so they live in one slot.
 REDIS_WRITE = """
 local function extend(index, ttl)
   local left = redis.call('PTTL', index)
@@ -2049,12 +2176,13 @@ if value then write(cjson.decode(ARGV[1])) end
 return value""",
     "swap": REDIS_WRITE + """
 local expected, replacements = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) ~= expected[i] then return 0 end
+for i = 1, #expected do
+  if redis.call('GET', KEYS[i]) ~= expected[i] then return 0 end
 end
-for i, key in ipairs(KEYS) do redis.call('SET', key, replacements[i], 'KEEPTTL') end
+for i = 1, #expected do redis.call('SET', KEYS[i], replacements[i], 'KEEPTTL') end
 write(cjson.decode(ARGV[3]))
 return 1""",
+    "delete": "return redis.call('DEL', KEYS[1])",
     "delete_group": """
 local removed = 0
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do removed = removed + redis.call('DEL', key) end
@@ -2067,43 +2195,105 @@ return {hits, redis.call('PTTL', KEYS[1])}""",
 }
 REDIS_TIMEOUT_S = 2
 REDIS_RETRY_EVERY_S = 1
+REDIS_CLUSTER_MAX_CONNECTIONS = 1000  # per node; past redis-py's default of 100 a call fails at once, unqueued
+REPLICA_UNHEARD_PAUSE_S = 5  # after a replica failed to confirm a write in time, writes stop waiting this long
+
+
+def redis_retry(times: int) -> Any:
+    """Retry a failed call `times` more times at once: a pooled socket may be stale, and a Sentinel or Cluster
+    client finds the new primary on a retry. Never more: while Redis is away, callers get a 503 quickly."""
+    import redis.asyncio.retry
+    import redis.backoff
+
+    return redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), times)
+
+
+def redis_options(address: RedisAddress, retries: int) -> dict[str, Any]:
+    """What every connection to a data node takes: credentials, timeouts, TLS and retries."""
+    options: dict[str, Any] = {"decode_responses": True, "socket_timeout": REDIS_TIMEOUT_S,
+                               "socket_connect_timeout": REDIS_TIMEOUT_S, "retry": redis_retry(retries),
+                               "username": address.username,
+                               "password": address.password.value if address.password else None}
+    if address.tls:
+        options["ssl"] = True
+        if "ssl_ca_certs" in address.options:
+            options["ssl_ca_certs"] = address.options["ssl_ca_certs"]
+    return options
+
+
+def connect_redis(address: RedisAddress, url: str, retries: int) -> Any:
+    """A client of the Redis `address` names, in its mode; it connects on first use."""
+    import redis.asyncio
+
+    if address.mode == "standalone":  # redis-py reads the URL itself: its query may carry any of its options
+        parts = urlsplit(url)
+        ours = ("prefix", "replica_wait_ms")
+        query = urlencode([(name, value) for name, value in parse_qsl(parts.query) if name not in ours])
+        return redis.asyncio.Redis.from_url(urlunsplit(parts._replace(query=query)), decode_responses=True,
+                                            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                            retry=redis_retry(retries))
+    options = redis_options(address, retries)
+    if address.mode == "sentinel":
+        from redis.asyncio.sentinel import Sentinel
+
+        # Sentinels get only the socket options unless told more: their own credentials, and TLS.
+        sentinel_options = {**options, "username": address.options.get("sentinel_username"),
+                            "password": address.options.get("sentinel_password"), "retry": redis_retry(0)}
+        sentinels = Sentinel(list(address.hosts), sentinel_kwargs=sentinel_options)
+        return sentinels.master_for(address.service, db=address.db, **options)
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in address.hosts],
+                        max_connections=REDIS_CLUSTER_MAX_CONNECTIONS, **options)
+
+
+def redis_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """What redis-py raises when Redis cannot serve now (a 503 until it can), and when a call failed at all.
+    A failover raises more than connection errors: the cluster is down or its slot not yet covered, a node
+    says try again, a demoted primary is read-only; and redis-py's cluster errors are not all RedisErrors."""
+    import redis.exceptions
+
+    unreachable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterDownError,
+                   redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError, redis.exceptions.SlotNotCoveredError)
+    return unreachable, (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
 
 
 class RedisStore:
     """The shared store: one Redis for every replica, through the `redis` package's asyncio client and
-    its connection pool. Expiry is Redis's own; a one-time value is consumed with GETDEL and every
-    change of several keys runs as one script, so replicas racing on the same code or refresh token
-    get exactly one winner. When Redis cannot be reached every call fails fast with StoreUnavailable
-    (the app answers 503) until a ping gets through again; the log says so once each way.
+    its connection pool: a single server, a primary that Sentinel fails over, or a Cluster. Expiry is
+    Redis's own; a one-time value is consumed with GETDEL and every change of several keys runs as one
+    script, so replicas racing on the same code or refresh token get exactly one winner. When Redis
+    cannot be reached (or is failing over) every call fails fast with StoreUnavailable (the app answers
+    503) until a ping gets through again; the log says so once each way.
 
-    Keys start with the prefix from STORE_URL's `?prefix=` (default "stream-http"). One Redis server
-    (or a primary with Sentinel); scripts touch keys they compute, which Redis Cluster does not allow.
+    Keys start with the prefix from STORE_URL's `?prefix=` (default "stream-http"); in Cluster the prefix
+    is a hash tag, `{stream-http}`, so every key is in one slot: Cluster buys failover, not sharding.
+    With Sentinel or Cluster each record written waits for one replica to have it too (WAIT, at most
+    `?replica_wait_ms=`), so a failover right after loses no acknowledged write.
     """
 
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        self.prefix = query.pop("prefix", SERVER_NAME)
-        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path}"  # no password
-        import redis.asyncio.retry
-        import redis.backoff
+    shared = True
 
-        self.unreachable = (redis.ConnectionError, redis.TimeoutError)
-        self.failed = redis.RedisError
-        options = {"decode_responses": True, "socket_timeout": REDIS_TIMEOUT_S,
-                   "socket_connect_timeout": REDIS_TIMEOUT_S}
-        address = urlunsplit(parts._replace(query=urlencode(query)))
-        self.client: Any = redis.asyncio.Redis.from_url(  # one retry: a pooled socket may be stale
-            address, **options, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1))
+    def __init__(self, url: str) -> None:
+        address = parse_redis_url(url)
+        self.mode: RedisMode = address.mode
+        self.prefix = f"{{{address.prefix}}}" if address.mode == "cluster" else address.prefix
+        self.where = ",".join(f"{host}:{port}" for host, port in address.hosts) + (
+            f"/{address.service}" if address.service else "")  # no password
+        self.address = address
+        self.unreachable, self.failed = redis_errors()
+        import redis.exceptions
+
+        self.no_script = redis.exceptions.NoScriptError
+        self.client: Any = connect_redis(address, url, retries=1)
         # The subscription's own client never retries: a retry would subscribe again without a word, and
-        # what was published in between would be missed unseen (see `messages`).
-        self.listener: Any = redis.asyncio.Redis.from_url(
-            address, **options, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
+        # what was published in between would be missed unseen (see `messages`). In Cluster it is made
+        # for the node serving the channel, each time the subscription starts.
+        self.listener: Any = connect_redis(address, url, retries=0) if address.mode != "cluster" else None
         self.channel = f"{self.prefix}:changes"
         self._scripts = {name: self.client.register_script(text) for name, text in REDIS_SCRIPTS.items()}
         self._down: str | None = None
-
-    shared = True
+        self._replica_unheard_until = 0.0
 
     @property
     def available(self) -> bool:
@@ -2117,14 +2307,21 @@ class RedisStore:
         try:
             with store_operation(action):
                 result = await operation()
-        except self.unreachable as exc:
-            self._went_down(str(exc) or type(exc).__name__)
-            raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({exc})") from exc
         except self.failed as exc:
-            logger.error("store error: %s: %s", action, exc)
-            raise StorageError(f"{action}: {exc}") from exc
+            if not self.is_unreachable(exc):
+                logger.error("store error: %s: %s", action, exc)
+                raise StorageError(f"{action}: {exc}") from exc
+            if not is_overloaded(exc):  # this process's own pool is full: Redis itself is fine
+                self._went_down(str(exc) or type(exc).__name__)
+            raise StoreUnavailable(f"{action}: Redis at {self.where} is unreachable ({exc})") from exc
         self._came_back()
         return result
+
+    def is_unreachable(self, exc: BaseException) -> bool:
+        """Whether `exc` means Redis cannot serve now, but will: gone, failing over, or refusing writes
+        until its replicas are back (NOREPLICAS, with min-replicas-to-write)."""
+        return (isinstance(exc, self.unreachable) or str(exc).startswith("NOREPLICAS")
+                or isinstance(exc.__cause__, self.unreachable))  # "Redis Cluster cannot be connected" says why
 
     def _went_down(self, reason: str) -> None:
         if self._down is None:
@@ -2143,31 +2340,83 @@ class RedisStore:
     def _owner_index(self, kind: str, owner: str) -> str:
         return f"{self.prefix}:o:{kind}:{owner}"
 
-    def _encode(self, entries: Sequence[Entry | Gone]) -> str:
-        """Entries as the `write` script takes them: key, value (null: delete), TTL in ms (0: none),
-        group set, owner index, order."""
-        return json.dumps([
+    def _group(self, group: str) -> str:
+        return f"{self.prefix}:g:{group}"
+
+    def _encode(self, entries: Sequence[Entry | Gone]) -> tuple[list[str], str]:
+        """Entries as the `write` script takes them: every key they touch, and the entries as JSON (key, value
+        (null: delete), TTL in ms (0: none), group set, owner index, order)."""
+        rows = [
             [self._key(e.kind, e.key), None, 0, "", "", 0] if isinstance(e, Gone) else
             [self._key(e.kind, e.key), encode_record(e.value), max(1, int(e.ttl_s * 1000)) if e.ttl_s else 0,
-             f"{self.prefix}:g:{e.group}" if e.group else "", self._owner_index(e.kind, e.owner) if e.owner else "",
+             self._group(e.group) if e.group else "", self._owner_index(e.kind, e.owner) if e.owner else "",
              e.order]
-            for e in entries])
+            for e in entries]
+        keys = [key for row in rows for key in (row[0], row[3], row[4]) if key]
+        return list(dict.fromkeys(keys)), json.dumps(rows)
+
+    def _on_node_of(self, key: str) -> dict[str, Any]:
+        """For a command without keys: in Cluster, aimed at the node serving `key` (else a random one)."""
+        return {"target_nodes": self.client.get_node_from_key(key)} if self.mode == "cluster" else {}
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any] = (), *,
+                      durable: bool = False) -> Any:
+        """Run script `name`; when `durable`, and replicas are to confirm writes, WAIT for one on the same
+        connection (Redis replicates asynchronously: a primary that dies right after acknowledging a write
+        may take it along, unless a replica had it)."""
+        if not (durable and self.address.replica_wait_ms and time.monotonic() >= self._replica_unheard_until):
+            return await self._scripts[name](keys=keys, args=args)
+        script = self._scripts[name]
+        for attempt in range(2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # (the cluster's evalsha
+                # method refuses pipelines: it cannot know a script's keys are in one slot, which ours are)
+                pipe.execute_command("WAIT", 1, self.address.replica_wait_ms, **self._on_node_of(keys[0]))
+                result, replicas = await pipe.execute(raise_on_error=False)
+            if isinstance(result, self.no_script) and attempt == 0:  # a new primary: scripts are not replicated
+                await self.client.execute_command("SCRIPT LOAD", script.script, **self._on_node_of(keys[0]))
+                continue
+            if isinstance(result, Exception):
+                raise result
+            self._replicated(replicas)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _replicated(self, replicas: Any) -> None:
+        """Note whether a replica confirmed the last write; while none does, writes stop waiting for one."""
+        if isinstance(replicas, int) and replicas > 0:
+            if self._replica_unheard_until:
+                self._replica_unheard_until = 0.0
+                logger.warning("store: a replica confirms writes again (Redis at %s)", self.where)
+            return
+        if not self._replica_unheard_until:
+            logger.warning("store: no replica confirmed a write within %d ms (Redis at %s): until one does, writes "
+                           "are acknowledged before a replica has them, and a failover could lose them",
+                           self.address.replica_wait_ms, self.where)
+        self._replica_unheard_until = time.monotonic() + REPLICA_UNHEARD_PAUSE_S
 
     async def open(self) -> None:
         with suppress(StoreUnavailable):  # a replica may start before Redis: it answers 503 until then
             await self.ping()
-            await self.call("upgrading the store", self._upgrade_from_0_1)
+            if self.mode != "cluster":  # version 0.1 never ran on a cluster
+                await self.call("upgrading the store", self._upgrade_from_0_1)
 
     async def close(self) -> None:
         await self.client.aclose()
-        await self.listener.aclose()
+        if self.listener is not None:
+            await self.listener.aclose()
 
     async def ping(self) -> None:
-        await self.call("ping", self.client.ping, probe=True)
+        """Whether Redis answers; in Cluster, the node serving this store's slot (a PING would ask them all)."""
+        if self.mode == "cluster":
+            await self.call("ping", partial(self.client.exists, self.channel), probe=True)
+        else:
+            await self.call("ping", self.client.ping, probe=True)
 
     async def put(self, *entries: Entry) -> None:
+        keys, rows = self._encode(entries)
         await self.call(f"saving {', '.join(e.kind for e in entries)}",
-                        lambda: self._scripts["write"](args=[self._encode(entries)]))
+                        lambda: self._script("write", keys, [rows], durable=True))
 
     async def get(self, record_type: type[R], key: str) -> R | None:
         value = await self.call(f"reading {record_type.kind}",
@@ -2175,8 +2424,9 @@ class RedisStore:
         return decode_record(record_type, value) if value is not None else None
 
     async def take(self, record_type: type[R], key: str, then: Sequence[Entry | Gone] = ()) -> R | None:
-        value = await self.call(f"taking {record_type.kind}", lambda: self._scripts["take"](
-            keys=[self._key(record_type.kind, key)], args=[self._encode(then)]))
+        keys, rows = self._encode(then)
+        value = await self.call(f"taking {record_type.kind}", lambda: self._script(
+            "take", [self._key(record_type.kind, key), *keys], [rows], durable=True))
         return decode_record(record_type, value) if value is not None else None
 
     async def swap(self, key: str, expected: R, replacement: R, then: Sequence[Entry | Gone] = (),
@@ -2191,13 +2441,14 @@ class RedisStore:
                for one, text in zip(swaps, stored, strict=True)):
             return False
         replacements = [encode_record(one.replacement) for one in swaps]
-        swapped = await self.call(f"updating {kind}", lambda: self._scripts["swap"](
-            keys=keys, args=[to_json(stored), to_json(replacements), self._encode(then)]))
+        written, rows = self._encode(then)
+        swapped = await self.call(f"updating {kind}", lambda: self._script(
+            "swap", [*keys, *written], [to_json(stored), to_json(replacements), rows], durable=True))
         return swapped == 1
 
     async def delete(self, record_type: type[StoredRecord], key: str) -> bool:
-        removed = await self.call(f"deleting {record_type.kind}",
-                                  lambda: self.client.delete(self._key(record_type.kind, key)))
+        removed = await self.call(f"deleting {record_type.kind}", lambda: self._script(
+            "delete", [self._key(record_type.kind, key)], durable=True))
         return removed > 0
 
     async def find(self, record_type: type[R], owner: str) -> list[R]:
@@ -2213,8 +2464,8 @@ class RedisStore:
         return decode_records(record_type, await self.call(f"listing {record_type.kind}", find))
 
     async def delete_group(self, group: str) -> int:
-        return await self.call("ending a group", lambda: self._scripts["delete_group"](
-            keys=[f"{self.prefix}:g:{group}"]))
+        return await self.call("ending a group", lambda: self._script(
+            "delete_group", [self._group(group)], durable=True))
 
     async def purge_expired(self) -> int:
         """Nothing to do: Redis expires records by itself."""
@@ -2223,8 +2474,8 @@ class RedisStore:
     async def hit(self, bucket: str, window_s: float, count: int = 1) -> tuple[int, float]:
         """Count `count` more hits on `bucket` in its current window, across every replica: the total, and
         seconds to the window's end."""
-        hits, left_ms = await self.call("counting requests", lambda: self._scripts["hit"](
-            keys=[f"{self.prefix}:c:{bucket}"], args=[max(1, int(window_s * 1000)), count]))
+        hits, left_ms = await self.call("counting requests", lambda: self._script(
+            "hit", [f"{self.prefix}:c:{bucket}"], [max(1, int(window_s * 1000)), count]))
         return int(hits), max(0, int(left_ms)) / 1000
 
     @asynccontextmanager
@@ -2237,15 +2488,18 @@ class RedisStore:
         try:
             yield
         finally:
-            with suppress(self.failed):  # expired meanwhile, or Redis went away: it ends by its TTL
+            with suppress(*self.failed):  # expired meanwhile, or Redis went away: it ends by its TTL
                 await lock.release()
 
     async def publish(self, message: dict[str, Any], *, confirmed_within_s: float = 0) -> tuple[int, int]:
-        """Publish to every replica; with `confirmed_within_s`, wait for each one that heard it to confirm."""
+        """Publish to every replica; with `confirmed_within_s`, wait for each one that heard it to confirm.
+        In Cluster the message is sharded (SPUBLISH), heard on the node serving the channel's slot, where
+        every replica listens: its count of listeners is exact (a PUBLISH counts only one node's)."""
         ticket = f"{self.prefix}:ack:{new_id()}"
         if confirmed_within_s:
             message = {**message, "ticket": ticket}
-        heard = await self.call("announcing a change", lambda: self.client.publish(self.channel, to_json(message)))
+        send = self.client.spublish if self.mode == "cluster" else self.client.publish
+        heard = await self.call("announcing a change", lambda: send(self.channel, to_json(message)))
         confirmed, deadline = 0, time.monotonic() + confirmed_within_s
         while confirmed < heard and (left := deadline - time.monotonic()) > 0:
             wait = partial(self.client.blpop, [ticket], timeout=min(left, REDIS_TIMEOUT_S / 4))  # within the socket's
@@ -2259,52 +2513,91 @@ class RedisStore:
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
         """What every replica publishes, this one included, for as long as it runs. FEED_LOST when the
-        subscription breaks (Redis went away, or stopped answering its heartbeat), FEED_LISTENING once
-        it is back: what was published in between is lost."""
+        subscription breaks (Redis went away or failed over, or stopped answering its heartbeat),
+        FEED_LISTENING once it is back: what was published in between is lost."""
         while True:
-            pubsub = self.listener.pubsub()
             listening = False
             try:
-                await pubsub.subscribe(self.channel)
-                async for message in self._heard(pubsub):
-                    if not listening:
-                        listening = True
-                        self._came_back()
-                        yield FEED_LISTENING
-                    if message is not None:
-                        yield message
-            except (*self.unreachable, ConnectionError, TimeoutError) as exc:  # calls say whether Redis is down
+                async with self._subscription() as pubsub:
+                    async for message in self._heard(pubsub):
+                        if not listening:
+                            listening = True
+                            self._came_back()
+                            yield FEED_LISTENING
+                        if message is not None:
+                            yield message
+            except (*self.failed, ConnectionError, TimeoutError) as exc:  # calls say whether Redis is down
                 logger.debug("subscription to %s ended: %s", self.channel, exc)
-            finally:
-                with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True), suppress(self.failed):
-                    await pubsub.aclose()
             if listening:
                 yield FEED_LOST
             await anyio.sleep(REDIS_RETRY_EVERY_S)
 
+    @asynccontextmanager
+    async def _subscription(self) -> AsyncIterator[Any]:
+        """A subscription to the channel: through the listener's own client, or in Cluster a sharded one on
+        a client of its own for the node serving the channel, as the cluster now says (redis-py 8.1's
+        cluster pub/sub stays stuck on a node that was partitioned away)."""
+        client = self.listener
+        if self.mode == "cluster":
+            await self.client.nodes_manager.initialize()
+            node = self.client.get_node_from_key(self.channel)
+            client = self._node_client(node.host, node.port)
+        pubsub = client.pubsub()
+        try:
+            await (pubsub.ssubscribe if self.mode == "cluster" else pubsub.subscribe)(self.channel)
+            yield pubsub
+        finally:
+            with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True), suppress(*self.failed):
+                await pubsub.aclose()
+                if client is not self.listener:
+                    await client.aclose()
+
+    def _node_client(self, host: str, port: int) -> Any:
+        import redis.asyncio
+
+        return redis.asyncio.Redis(host=host, port=port, **redis_options(self.address, retries=0))
+
     async def _heard(self, pubsub: Any) -> AsyncIterator[dict[str, Any] | None]:
         """The subscription's messages, and None once it is confirmed. Idle, it pings Redis every second and
-        gives up (TimeoutError) when no answer has come for REDIS_TIMEOUT_S: a dead link is noticed too."""
-        last_heard, subscribed = time.monotonic(), False
+        gives up (TimeoutError) when no answer has come for REDIS_TIMEOUT_S: a dead link is noticed too. With
+        Sentinel it also asks, every second, whether the primary is still the one it listens to."""
+        last_heard = last_checked = time.monotonic()
+        subscribed = False
         while True:
             message = await pubsub.get_message(timeout=REDIS_RETRY_EVERY_S)
             now = time.monotonic()
+            if now - last_checked >= REDIS_RETRY_EVERY_S:
+                last_checked = now
+                await self._check_primary(pubsub)
             if message is None:
                 if now - last_heard > REDIS_TIMEOUT_S + REDIS_RETRY_EVERY_S:
                     raise TimeoutError("the subscription stopped answering its heartbeat")
                 await pubsub.ping()
                 continue
-            last_heard = now
-            if message["type"] == "subscribe":
+            last_heard = now  # any answer counts: Redis 7.0 answers a PING on a sharded subscription with a bare PONG
+            if message["type"] in ("subscribe", "ssubscribe"):
                 if subscribed:  # the connection was made again under us: messages may have been missed
                     raise ConnectionError("the subscription was renewed")
                 subscribed = True
                 yield None
-            elif message["type"] == "message":
+            elif message["type"] in ("unsubscribe", "sunsubscribe"):  # a slot moved, or the node became a replica
+                raise ConnectionError("Redis ended the subscription")
+            elif message["type"] in ("message", "smessage"):
                 try:
                     yield parse_json(message["data"])
                 except ValueError:
                     logger.warning("ignored a message on %s that is not JSON", self.channel)
+
+    async def _check_primary(self, pubsub: Any) -> None:
+        """With Sentinel: ask the sentinels for the primary. The answer also drops the client's idle
+        connections to a former primary (one back from a partition still takes writes, which its demotion
+        then loses); a subscription still on it hears nothing more, so it is renewed."""
+        if self.mode != "sentinel":
+            return
+        primary = await self.client.connection_pool.get_master_address()
+        connection = pubsub.connection
+        if connection is not None and (connection.host, connection.port) != tuple(primary):
+            raise ConnectionError(f"the primary is now {primary[0]}:{primary[1]}")
 
     def event_store(self, max_events: int, ttl_s: float) -> EventStore:
         return RedisEventStore(self, max_events, ttl_s)
@@ -2325,16 +2618,22 @@ class RedisStore:
                 logger.info("upgraded %d of version 0.1's Redis keys to this version's layout", moved)
 
 
+def is_overloaded(exc: BaseException) -> bool:
+    """redis-py's pool for one node is full: this process is too busy, not Redis away."""
+    import redis.exceptions
+
+    return isinstance(exc, redis.exceptions.MaxConnectionsError)
+
+
 STORE_BACKENDS: dict[str, Callable[[str], Store]] = {
     "sqlite": lambda url: SQLiteStore(Path(url.removeprefix("sqlite:///"))),
-    "redis": RedisStore,
-    "rediss": RedisStore,
+    **dict.fromkeys(STORE_SCHEMES[1:], RedisStore),
 }
 
 
 def open_store(settings: Settings) -> Store:
     """The store named by STORE_URL (not yet opened: that happens in the lifespan)."""
-    return STORE_BACKENDS[urlsplit(settings.store_url).scheme](settings.store_url)
+    return STORE_BACKENDS[urlsplit(settings.store_url).scheme.lower()](settings.store_url)
 
 
 # --- stream events, for clients that resume with Last-Event-ID
@@ -6908,6 +7207,7 @@ def readiness_endpoint(running: Runtime, drain: Drain) -> Callable[[Request], Aw
         answers; with sign-in on, Google's discovery document is loaded; not shutting down), else 503
         naming what is missing. Google's document is fetched once and then kept, so the probe stays cheap."""
         checks = {"store": "ok", "shutdown": "no"}
+        mode = {"store_mode": running.store.mode}  # sqlite, or Redis' standalone, sentinel or cluster
         try:
             await running.store.ping()
         except StorageError:  # logged by the store, once per outage
@@ -6919,8 +7219,9 @@ def readiness_endpoint(running: Runtime, drain: Drain) -> Callable[[Request], Aw
             checks["shutdown"] = "draining"
         missing = [name for name, state in checks.items() if state not in ("ok", "no", "loaded")]
         if missing:
-            return unavailable("not ready", "json", body={"status": "not ready", "missing": missing, "checks": checks})
-        return JSONResponse({"status": "ready", "checks": checks})
+            return unavailable("not ready", "json", body={"status": "not ready", "missing": missing, "checks": checks,
+                                                          **mode})
+        return JSONResponse({"status": "ready", "checks": checks, **mode})
 
     return readyz
 
@@ -7387,6 +7688,7 @@ class Doctor:
                           f"answered {first.status_code} ({first.text[:80]!r}): set PUBLIC_URL={self.origin}"
                           f"{self.path.removesuffix('/mcp')} (the URL clients use) or add the host to ALLOWED_HOSTS"):
             return
+        await self.check_readiness()
         await self.check_eras(first)
         await self.check_cors()
         if first.status_code != 401:
@@ -7395,6 +7697,21 @@ class Doctor:
                        "set GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET for anything but this machine")
             return
         await self.check_sign_in(first)
+
+    async def check_readiness(self) -> None:
+        """What /readyz says, beside the MCP endpoint: whether this replica can serve, and on which store (a
+        Redis Sentinel or Cluster as configured, say). Skipped where a proxy does not pass /readyz on."""
+        answer = await self.http.get(f"{self.origin}{self.path.removesuffix(MCP_PATH)}/readyz")
+        try:
+            ready = answer.json()
+        except ValueError:
+            return
+        if not isinstance(ready, dict) or "checks" not in ready:
+            return
+        store = f"the store is {ready.get('store_mode', 'not named')}"
+        self.check("readiness", answer.status_code == 200,
+                   f"ready; {store}" if answer.status_code == 200 else
+                   f"not ready ({', '.join(map(str, ready.get('missing', [])))} missing); {store}")
 
     async def mcp_endpoint_elsewhere(self) -> bool:
         """When the URL answers 404 or 405, whether the MCP endpoint is at URL/mcp instead: a failure that

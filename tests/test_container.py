@@ -158,7 +158,8 @@ def test_the_image_serves_signs_in_and_stops_cleanly(image: Image, root: Path, g
         eventually(healthy, 60, awaiting="the image's server to answer /healthz", interval_s=0.2,
                    ignoring=httpx2.TransportError, showing=server.log)
         assert httpx2.get(base_url + "/readyz").json() == {
-            "status": "ready", "checks": {"store": "ok", "shutdown": "no", "google_discovery": "loaded"}}
+            "status": "ready", "checks": {"store": "ok", "shutdown": "no", "google_discovery": "loaded"},
+            "store_mode": "sqlite"}
         healthcheck = image.config["Healthcheck"]["Test"][1:]
         assert subprocess.run(entrypoint(image, root, env, *healthcheck), env=env, timeout=30).returncode == 0
 

@@ -21,8 +21,8 @@ CALLBACKS = ["Claude (web, desktop, mobile)", "Claude Code", "ChatGPT", "VS Code
              "Gemini (gemini.google.com)", "Gemini CLI", "Antigravity", "Grok",
              "mcp-remote (Claude Desktop's bridge)", "MCP Inspector"]
 DOCUMENTS = ["Claude (web, desktop, mobile)", "Claude Code", "ChatGPT", "VS Code", "Cursor"]
-HEALTHY = ["Host header", "2025-11-25 handshake", "2026-07-28 discover", "CORS preflight", "CORS exposed headers",
-           "401 challenge", "public URL", "trailing slash", "resource metadata (path-aware)",
+HEALTHY = ["Host header", "readiness", "2025-11-25 handshake", "2026-07-28 discover", "CORS preflight",
+           "CORS exposed headers", "401 challenge", "public URL", "trailing slash", "resource metadata (path-aware)",
            "resource metadata (root)", "issuer", "PKCE", "iss in responses",
            *(f"callback for {client}" for client in CALLBACKS), "loopback redirect on any port",
            *(f"metadata document of {client}" for client in DOCUMENTS), "consent page",
@@ -74,6 +74,7 @@ def test_a_healthy_default_deployment_passes_with_one_reminder(healthy: ServerPr
     assert report.splitlines()[-1] == f"{len(HEALTHY) - 1} passed, 1 warning, 0 failed"
     assert checks["Google callback"][1].startswith(f"{healthy.base_url}/oauth/google/callback")
     assert "cursor://anysphere.cursor-mcp/oauth/callback" in checks["callback for Cursor"][1]
+    assert checks["readiness"][1] in ("ready; the store is sqlite", "ready; the store is standalone")
 
 
 def test_json_reports_the_same_for_machines(healthy: ServerProcess) -> None:
@@ -177,8 +178,8 @@ def test_nothing_listening_is_one_line() -> None:
 def test_a_server_without_sign_in_on_loopback(stateful_server: ServerProcess) -> None:
     status, checks, _ = doctor(stateful_server.mcp_url)
     assert status == 0
-    assert list(checks) == ["Host header", "2025-11-25 handshake", "2026-07-28 discover", "CORS preflight",
-                            "CORS exposed headers", "sign-in"]
+    assert list(checks) == ["Host header", "readiness", "2025-11-25 handshake", "2026-07-28 discover",
+                            "CORS preflight", "CORS exposed headers", "sign-in"]
     assert failed(checks) == {} and warned(checks) == {}
     assert checks["sign-in"][1].startswith("off")
 

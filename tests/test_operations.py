@@ -53,7 +53,9 @@ def test_readyz_names_a_google_that_cannot_be_reached_and_healthz_stays_up(googl
         alive = httpx2.get(server.base_url + "/healthz")
     assert ready.status_code == 503 and ready.headers["retry-after"] == "2"
     assert ready.json() == {"status": "not ready", "missing": ["google_discovery"],
-                            "checks": {"store": "ok", "shutdown": "no", "google_discovery": "unavailable"}}
+                            "checks": {"store": "ok", "shutdown": "no", "google_discovery": "unavailable"},
+                            "store_mode": ready.json()["store_mode"]}
+    assert ready.json()["store_mode"] in ("sqlite", "standalone")
     assert alive.status_code == 200
     assert "127.0.0.1" not in ready.text, "the probe names what is missing, not where it lives"
 

@@ -378,7 +378,7 @@ def test_redis_going_away_gets_503s_then_everything_back(cluster: Cluster) -> No
     assert refresh.status_code == 503 and refresh.json()["error"] == "temporarily_unavailable"
     assert ready.status_code == 503 and ready.headers["retry-after"] == "2"
     assert ready.json() == {"status": "not ready", "missing": ["store"], "checks": {
-        "store": "unavailable", "shutdown": "no", "google_discovery": "loaded"}}
+        "store": "unavailable", "shutdown": "no", "google_discovery": "loaded"}, "store_mode": "standalone"}
     assert alive.status_code == 200, "the process is alive: an orchestrator must not restart it for Redis"
 
     eventually(lambda: all(httpx2.get(r.base_url + "/readyz").status_code == 200 for r in cluster.replicas), WAIT_S,

@@ -142,3 +142,51 @@ def test_every_url_setting_is_checked_as_strictly(name: str) -> None:
         server.load_settings({name: "http://127.0.0.1:abc"})
     assert f"{name}='http://127.0.0.1:abc' has a port that is not a number" in str(raised.value)
 
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("redis+sentinel://:hunter2@a:26379,b:26379", "names no service: write redis+sentinel://host:port[,host:port...]/"
+                                                  "service_name[/db]"),
+    ("redis+cluster://a:7000,b:7001/1", "has /1 after its hosts, but Redis Cluster has only database 0"),
+    ("redis://a:6379,b:6379/0", "names several hosts, but redis:// takes one"),
+    ("rediss+cluster://a:70000", "has port '70000' for a, which is not a number from 1 to 65535"),
+    ("redis+sentinel://a/mymaster/zero", "has /zero for its database, which must be one number"),
+    ("redis+cluster://a:7000?db=2", "has db in its query, which takes only prefix, replica_wait_ms,"),
+    ("redis+cluster://a:7000?replica_wait_ms=soon", "has replica_wait_ms='soon', which must be a number of"),
+    ("redis+cluster://a:7000?prefix={tag}", "has prefix='{tag}': a prefix is a non-empty name without braces"),
+    ("redis+cluster://:hunter2@", "names no host"),
+    ("memcached://:hunter2@a", "must be sqlite:///path/to/file.db or redis://"),
+])
+def test_a_bad_store_url_is_one_line_naming_the_problem_and_never_the_password(url: str, problem: str) -> None:
+    with pytest.raises(server.ConfigError) as raised:
+        server.load_settings({"STORE_URL": url, "SECRET_KEY": "k" * 40})
+    message = str(raised.value)
+    assert problem in message and "\n" not in message
+    assert "hunter2" not in message
+
+
+def test_the_redis_forms_are_read_as_redis_py_needs_them() -> None:
+    sentinel = server.parse_redis_url("rediss+sentinel://app:p%40ss@s1:26380,[::1],s3/mymaster/2"
+                                      "?sentinel_password=sp&ssl_ca_certs=/ca.pem&prefix=blue")
+    assert (sentinel.mode, sentinel.tls, sentinel.hosts) == ("sentinel", True, (("s1", 26380), ("::1", 26379),
+                                                                                ("s3", 26379)))
+    assert (sentinel.username, sentinel.password, sentinel.service, sentinel.db, sentinel.prefix) == (
+        "app", server.Secret("p@ss"), "mymaster", 2, "blue")
+    assert dict(sentinel.options) == {"sentinel_password": "sp", "ssl_ca_certs": "/ca.pem"}
+    assert sentinel.replica_wait_ms == server.REPLICA_WAIT_DEFAULT_MS, "Sentinel waits for a replica by default"
+    cluster = server.parse_redis_url("redis+cluster://:pw@n1:7000,n2?replica_wait_ms=0")
+    assert (cluster.mode, cluster.tls, cluster.hosts, cluster.db, cluster.replica_wait_ms) == (
+        "cluster", False, (("n1", 7000), ("n2", 6379)), 0, 0)
+    plain = server.parse_redis_url("redis://cache:6380/3?prefix=x")
+    assert (plain.mode, plain.hosts, plain.db, plain.prefix, plain.replica_wait_ms) == (
+        "standalone", (("cache", 6380),), 3, "x", 0)
+    for url in ("redis+sentinel://a/m", "rediss+cluster://a", "redis://localhost/0"):
+        assert server.load_settings({"STORE_URL": url, "SECRET_KEY": "k" * 40}).store_url == url
+
+
+def test_a_bad_store_url_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    done = run_python("server.py", env={"STORE_URL": "redis+sentinel://:hunter2@a:26379", "SECRET_KEY": "k" * 40,
+                                        "DATA_DIR": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "STORE_URL=" in done.stderr and "names no service" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout

@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +22,7 @@ import redis
 
 import server
 from tests.conftest import RedisServer
+from tests.redis_ha import ClusterSet, SentinelSet
 
 pytestmark = [pytest.mark.anyio, pytest.mark.store_of_its_own]
 
@@ -42,13 +43,34 @@ class Badge:
     owner: str
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(scope="module")
+def sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    with SentinelSet(tmp_path_factory.mktemp("sentinel")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def cluster_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
+    with ClusterSet(tmp_path_factory.mktemp("cluster")) as started:
+        yield started
+
+
+REDIS_MODES = ["redis", "sentinel", "cluster"]
+
+
+def redis_url(request: pytest.FixtureRequest, mode: str) -> str:
+    """A STORE_URL of a Redis in `mode` (a single server, a primary behind Sentinel, or a Cluster), with a
+    prefix of its own."""
+    url = request.getfixturevalue("redis_server" if mode == "redis" else f"{mode}_set").url
+    return f"{url}?prefix=contract-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(params=["sqlite", *REDIS_MODES])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[server.Store]:
     if request.param == "sqlite":
         opened: server.Store = server.SQLiteStore(tmp_path / "store.db")
     else:
-        redis_server: RedisServer = request.getfixturevalue("redis_server")
-        opened = server.RedisStore(f"{redis_server.url}?prefix=contract-{uuid.uuid4().hex[:8]}")
+        opened = server.RedisStore(redis_url(request, request.param))
     await opened.open()
     try:
         yield opened
@@ -164,11 +186,14 @@ async def test_a_lock_has_one_holder_at_a_time(backend: server.Store) -> None:
     assert overlaps == []
 
 
-async def test_redis_replicas_hear_each_others_announcements_and_confirm_them(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("mode", REDIS_MODES)
+async def test_redis_replicas_hear_each_others_announcements_and_confirm_them(request: pytest.FixtureRequest,
+                                                                              mode: str) -> None:
     """The embedded store has no other process to tell; a shared one carries announcements to all, says
     when it starts hearing them, and lets a speaker wait until each listener confirmed one."""
-    prefix = f"contract-{uuid.uuid4().hex[:8]}"
-    speaker, listener = (server.RedisStore(f"{redis_server.url}?prefix={prefix}") for _ in range(2))
+    url = redis_url(request, mode)
+    prefix = url.rsplit("prefix=", 1)[1]
+    speaker, listener = (server.RedisStore(url) for _ in range(2))
     await speaker.open()
     await listener.open()
     sending, heard = anyio.create_memory_object_stream[dict[str, Any]](10)
@@ -189,7 +214,8 @@ async def test_redis_replicas_hear_each_others_announcements_and_confirm_them(re
                 assert await heard.receive() == {"hello": "replicas"}
                 assert await speaker.publish({"confirm": "please"}, confirmed_within_s=2) == (1, 1)
                 confirmed = await heard.receive()
-            assert confirmed["confirm"] == "please" and confirmed["ticket"].startswith(f"{prefix}:ack:")
+            assert confirmed["confirm"] == "please" and confirmed["ticket"].startswith(f"{speaker.prefix}:ack:")
+            assert prefix in speaker.prefix
             confirming, started = False, time.monotonic()  # heard, never confirmed: waited for, up to the limit
             assert await speaker.publish({"confirm": "please"}, confirmed_within_s=0.6) == (1, 0)
             assert time.monotonic() - started >= 0.6, "it waited for the confirmation, up to the limit"
@@ -291,3 +317,65 @@ async def test_swap_compares_values_so_records_written_by_an_earlier_version_swa
     assert await backend.swap("old", current, Card("rewritten", ("new",)))
     assert await backend.get(Card, "old") == Card("rewritten", ("new",))
     assert not await backend.swap("old", current, Card("again")), "the old value is gone"
+
+
+def on_replica(nodes: SentinelSet | ClusterSet, port: int, key: str) -> str | None:
+    """`key` as the replica on `port` has it (a cluster replica answers reads after READONLY)."""
+    with redis.Redis(host="127.0.0.1", port=port, decode_responses=True, single_connection_client=True,
+                     **nodes.client_options) as replica:
+        if isinstance(nodes, ClusterSet):
+            replica.execute_command("READONLY")
+        return replica.get(key)
+
+
+@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
+async def test_with_sentinel_or_cluster_a_write_is_acknowledged_once_a_replica_has_it(
+        request: pytest.FixtureRequest, mode: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis replicates asynchronously: a record is only acknowledged once a replica has it too (WAIT), so a
+    failover right after loses nothing. Without an answering replica the write still succeeds, said once in
+    the log, and waits for one again once it answers."""
+    monkeypatch.setattr(server, "REPLICA_UNHEARD_PAUSE_S", 0)  # ask the replica again at the next write
+    nodes: SentinelSet | ClusterSet = request.getfixturevalue(f"{mode}_set")
+    store = server.RedisStore(redis_url(request, mode))
+    await store.open()
+    replica = nodes.replica_port() if isinstance(nodes, SentinelSet) else nodes.replica_of(store.prefix)
+    try:
+        await store.put(server.Entry("first", Card("on the replica")))
+        assert on_replica(nodes, replica, f"{store.prefix}:r:card:first") is not None
+        nodes.nodes[replica].pause()
+        try:
+            await store.put(server.Entry("second", Card("written while the replica is away")))
+        finally:
+            nodes.nodes[replica].resume()
+        assert await store.get(Card, "second") == Card("written while the replica is away")
+        assert "no replica confirmed a write within 100 ms" in caplog.text
+        await store.put(server.Entry("third", Card("on the replica again")))
+        assert on_replica(nodes, replica, f"{store.prefix}:r:card:third") is not None
+        assert "a replica confirms writes again" in caplog.text
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
+async def test_in_cluster_every_key_shares_one_slot_and_the_mode_is_named(request: pytest.FixtureRequest,
+                                                                          mode: str) -> None:
+    store = server.RedisStore(redis_url(request, mode))
+    await store.open()
+    try:
+        assert store.mode == mode
+        await store.put(server.Entry("k", Card("c"), owner="ann", group="g"))
+        async with store.lock("l", ttl_s=5):
+            await store.hit("bucket", 1)
+        nodes: SentinelSet | ClusterSet = request.getfixturevalue(f"{mode}_set")
+        primary = nodes.current_primary_port() if isinstance(nodes, SentinelSet) else nodes.primary_of(store.prefix)
+        keys = nodes.ask(primary, "KEYS", f"*{store.prefix.strip('{}')}*")
+        assert len(keys) >= 4, keys
+        if mode == "cluster":
+            assert store.prefix.startswith("{") and store.prefix.endswith("}")
+            assert {nodes.ask(primary, "CLUSTER", "KEYSLOT", key) for key in keys} == {
+                nodes.ask(primary, "CLUSTER", "KEYSLOT", store.prefix)}
+        else:
+            assert not store.prefix.startswith("{"), "Sentinel keeps the standalone layout: no data to rename"
+    finally:
+        await store.close()

@@ -205,7 +205,8 @@ def test_healthz_says_the_process_is_up_and_readyz_that_it_can_serve(server: Ser
     assert "stateless" in server.env["MODE"] or isinstance(body["sessions"], int)
     ready = httpx2.get(server.base_url + "/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"store": "ok", "shutdown": "no"}}
+    store_mode = "standalone" if "STORE_URL" in server.env else "sqlite"
+    assert ready.json() == {"status": "ready", "checks": {"store": "ok", "shutdown": "no"}, "store_mode": store_mode}
     assert len(ready.headers["x-request-id"]) == 16 and ready.headers["x-request-id"] != health.headers["x-request-id"]
 
 
