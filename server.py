@@ -2307,8 +2307,10 @@ class RedisStore:
         try:
             with store_operation(action):
                 result = await operation()
-        except self.failed as exc:
+        except (*self.failed, OSError, RuntimeError) as exc:
             if not self.is_unreachable(exc):
+                if isinstance(exc, RuntimeError):
+                    raise  # not Redis's doing
                 logger.error("store error: %s: %s", action, exc)
                 raise StorageError(f"{action}: {exc}") from exc
             if not is_overloaded(exc):  # this process's own pool is full: Redis itself is fine
@@ -2319,8 +2321,11 @@ class RedisStore:
 
     def is_unreachable(self, exc: BaseException) -> bool:
         """Whether `exc` means Redis cannot serve now, but will: gone, failing over, or refusing writes
-        until its replicas are back (NOREPLICAS, with min-replicas-to-write)."""
-        return (isinstance(exc, self.unreachable) or str(exc).startswith("NOREPLICAS")
+        until its replicas are back (NOREPLICAS, with min-replicas-to-write). At a cluster's failover redis-py
+        closes every connection of the client, other calls' in flight too, which then fail as the socket
+        layer says (an OSError, or uvloop's RuntimeError on a closed transport)."""
+        return (isinstance(exc, (*self.unreachable, OSError)) or str(exc).startswith("NOREPLICAS")
+                or (isinstance(exc, RuntimeError) and "closed" in str(exc))
                 or isinstance(exc.__cause__, self.unreachable))  # "Redis Cluster cannot be connected" says why
 
     def _went_down(self, reason: str) -> None:
@@ -6832,11 +6837,12 @@ class RequestGate:
             user = AuthenticatedUser(token)
             scope["user"], scope["auth"] = user, AuthCredentials(token.scopes)
             context = auth_context_var.set(user)
+        answer = store_failure_as_503(served.send(send, vary=vary))
         try:
             if self.stateless:  # no sessions, so no event store that needs to know the session
-                await self.app(scope, receive, served.send(send, vary=vary))
+                await self.app(scope, receive, answer)
             else:
-                await self.serve_session(scope, receive, served.send(send, vary=vary))
+                await self.serve_session(scope, receive, answer)
         finally:
             if context is not None:
                 auth_context_var.reset(context)
@@ -6988,6 +6994,38 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+def store_failure_as_503(send: Send) -> Send:
+    """A JSON answer that is nothing but the store's failure (a call that met Redis going away, or failing
+    over, after it was admitted) goes out as 503 with Retry-After, as the same failure met before the call:
+    clients and balancers retry on the status. (An SSE stream has said 200 before its events.)"""
+    held: list[Message] = []
+
+    async def answer(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 200 and \
+                (b"content-type", b"application/json") in message.get("headers", ()):
+            held.append(message)
+            return
+        if held and message["type"] == "http.response.body":
+            start = held.pop()
+            if not message.get("more_body", False) and is_store_failure(message.get("body", b"")):
+                start = {**start, "status": 503, "headers": [
+                    *start["headers"], (b"retry-after", str(RETRY_AFTER_S).encode())]}
+            await send(start)
+        await send(message)
+
+    return answer
+
+
+def is_store_failure(body: bytes) -> bool:
+    if len(body) > 512 or str(SERVER_UNAVAILABLE).encode() not in body:  # most answers are not read again
+        return False
+    try:
+        error = parse_json(body).get("error") or {}
+    except (ValueError, AttributeError):
+        return False
+    return error.get("code") == SERVER_UNAVAILABLE and error.get("message") == STORE_FAILED
 
 
 def _learn_session_id(stream_scope: StreamScope, send: Send) -> Send:
