@@ -44,6 +44,9 @@ class Contender:
     env: dict[str, str] = field(default_factory=dict)
     token: str = ""
     google: Any = None  # the Google stand-in that signs in for a token, with sign-in on
+    store: str = ""  # its own Redis for our server: "redis" (one server), "sentinel" or "cluster"
+    store_query: str = ""  # more of its STORE_URL's query
+    throughput: bool = True  # measured in the throughput part (else only where named, as in rates)
     port: int = field(default_factory=lambda: free_port())  # the same every round: tokens name it
 
     def serves(self, mode: str, era: str) -> bool:
@@ -279,18 +282,27 @@ def all_contenders() -> list[Contender]:
         Contender("FastMCP", fastmcp),  # named by its version once chosen (chosen_contenders)
         Contender("ours auth off", ours, modes=ALL_MODES),
         Contender("ours auth on SQLite", ours, modes=ALL_MODES),
-        Contender("ours auth on Redis", ours, modes=ALL_MODES),
+        Contender("ours auth on Redis", ours, modes=ALL_MODES, store="redis"),
+        # A primary, a replica and three sentinels; then without waiting for the replica after each write,
+        # to show what that WAIT costs (in the rates part: the throughput part writes nothing).
+        Contender("ours auth on Sentinel", ours, store="sentinel"),
+        Contender("ours auth on Sentinel, no WAIT", ours, store="sentinel", store_query="&replica_wait_ms=0",
+                  throughput=False),
+        Contender("ours auth on Cluster", ours, store="cluster"),  # three primaries with a replica each
+        Contender("ours auth on Cluster, no WAIT", ours, store="cluster", store_query="&replica_wait_ms=0",
+                  throughput=False),
         Contender("ours metrics on", ours, env={"METRICS_PORT": str(free_port())}),  # auth on, SQLite
     ]
 
 
-def chosen_contenders(workdir: Path, only: list[str], baseline: str | None = None,
+def chosen_contenders(workdir: Path, only: list[str], baseline: str | None = None, *, throughput: bool = False,
                       ) -> tuple[list[Contender], contextlib.ExitStack]:
-    """The contenders whose names start with one of `only` (all when empty), with what they need running:
-    the npm peers for the TypeScript SDK, and for sign-in the Google stand-in and a Redis. With `baseline`,
-    also our server at that git revision, signed in on SQLite."""
+    """The contenders whose names start with one of `only` (all when empty; with `throughput`, only those
+    measured there), with what they need running: the npm peers for the TypeScript SDK, and for sign-in the
+    Google stand-in and each one's Redis. With `baseline`, also our server at that git revision, signed in on
+    SQLite."""
     stack = contextlib.ExitStack()
-    contenders = all_contenders()
+    contenders = [c for c in all_contenders() if c.throughput or not throughput]
     if baseline:
         contenders.append(Contender(f"ours @{baseline} auth on", ours_at(baseline, workdir)))
     chosen = [c for c in contenders if not only or any(c.name.startswith(prefix) for prefix in only)]
@@ -320,10 +332,28 @@ UNREACHABLE_BUDGETS = {name: str(10**9) for name in ("RATE_LIMIT_MCP", "RATE_LIM
 
 
 @contextlib.contextmanager
+def redis_of(kind: str, workdir: Path) -> Iterator[str]:
+    """A Redis of this kind on loopback, for as long as the block runs: its STORE_URL (without a query). A
+    single server as the tests start it (append-only), or Sentinel or Cluster from tests/redis_ha.py."""
+    from tests.conftest import RedisServer
+    from tests.redis_ha import ClusterSet, SentinelSet
+
+    if kind == "redis":
+        redis = RedisServer(workdir)
+        try:
+            yield redis.url
+        finally:
+            redis.stop()
+        return
+    with (SentinelSet(workdir) if kind == "sentinel" else ClusterSet(workdir)) as nodes:
+        yield nodes.url
+
+
+@contextlib.contextmanager
 def signed_in(workdir: Path, contenders: list[Contender]) -> Iterator[None]:
-    """Sign-in on for these contenders: the Google stand-in, and a Redis for those named so."""
+    """Sign-in on for these contenders: the Google stand-in, and a Redis of its own for each that names one."""
     from tests.conftest import PEERS as PEERS_DIR
-    from tests.conftest import TEST_SECRET_KEY, Peers, RedisServer
+    from tests.conftest import TEST_SECRET_KEY, Peers
     from tests.signin import GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, GoogleStandIn
 
     with contextlib.ExitStack() as stack:
@@ -333,10 +363,9 @@ def signed_in(workdir: Path, contenders: list[Contender]) -> Iterator[None]:
             contender.env |= {"GOOGLE_CLIENT_ID": GOOGLE_CLIENT_ID, "GOOGLE_CLIENT_SECRET": GOOGLE_CLIENT_SECRET,
                               "GOOGLE_DISCOVERY_URL": google.discovery_url, "SECRET_KEY": TEST_SECRET_KEY,
                               "ALLOWED_HOSTS": "127.0.0.1:*", **UNREACHABLE_BUDGETS}
-            if "Redis" in contender.name:
-                redis = RedisServer(workdir / f"redis-{contender.port}")
-                stack.callback(redis.stop)
-                contender.env["STORE_URL"] = f"{redis.url}?prefix=bench"
+            if contender.store:
+                url = stack.enter_context(redis_of(contender.store, workdir / f"{contender.store}-{contender.port}"))
+                contender.env["STORE_URL"] = f"{url}?prefix=bench{contender.store_query}"
             contender.google = google
         yield
 

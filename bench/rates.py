@@ -1,4 +1,6 @@
-"""Sign-in and token rates of our server, on SQLite and on Redis, pinned like in the throughput part:
+"""Sign-in and token rates of our server, on SQLite and on Redis (one server, a primary that Sentinel fails
+over, a Cluster; on the last two also without WAIT for a replica after each write, to measure what it costs),
+pinned like in the throughput part:
 
 - complete sign-ins per second: registration aside, the whole authorization-code flow with PKCE through
   our consent page and the Google stand-in (npm `oidc-provider` on loopback), ending in a token exchange;
@@ -35,7 +37,8 @@ from bench.harness import (
     server_pid,
 )
 
-CONTENDERS = ("ours auth on SQLite", "ours auth on Redis")
+CONTENDERS = ("ours auth on SQLite", "ours auth on Redis", "ours auth on Sentinel", "ours auth on Cluster")  # and
+# each one's ", no WAIT" variant
 SIGN_IN_THREADS = 8
 REFRESH_CHAINS = 16
 
@@ -135,13 +138,16 @@ def run(workdir: Path, quick: bool = False) -> list[dict[str, Any]]:
     chosen, stack = chosen_contenders(workdir, list(CONTENDERS))
     found: list[dict[str, Any]] = []
     with stack:
-        for contender in [c for c in chosen if c.name in CONTENDERS]:
+        for contender in chosen:
             with running(contender, workdir) as (process, url):
                 found += measure(contender, url, server_pid(process), quick)
     print("\nsign-in and token rates (server pinned to one core)")
-    print(f"{'contender':<22}{'what':<46}{'per s':>9}{'count':>8}{'CPU ms each':>13}")
+    print(f"{'contender':<32}{'what':<46}{'per s':>9}{'x SQLite':>9}{'count':>8}{'CPU ms each':>13}")
+    on_sqlite = {rate["what"]: rate["per_s"] for rate in found if rate["contender"] == CONTENDERS[0]}
     for rate in found:
+        rate["ratio_sqlite"] = rate["per_s"] / on_sqlite[rate["what"]] if on_sqlite.get(rate["what"]) else None
+        ratio = f"{rate['ratio_sqlite']:>9.2f}" if rate["ratio_sqlite"] is not None else f"{'-':>9}"
         failed = f"  FAILED {rate['failed']}" if rate["failed"] else ""
-        print(f"{rate['contender']:<22}{rate['what']:<46}{rate['per_s']:>9.1f}{rate['count']:>8}"
-              f"{rate['server_cpu_ms_each']:>13.3f}{failed}")
+        print(f"{rate['contender']:<32}{rate['what']:<46}{rate['per_s']:>9.1f}{ratio}"
+              f"{rate['count']:>8}{rate['server_cpu_ms_each']:>13.3f}{failed}")
     return found

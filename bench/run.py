@@ -15,7 +15,8 @@ Parts:
 - memory (bench/memory.py): RSS per idle stateful session and per open GET stream at 1,000 and 10,000,
   ours against the bare SDK, and three waves of 2,000 sessions to see memory returned or reused.
 - rates (bench/rates.py): complete sign-ins per second through the Google stand-in, token refreshes per
-  second, and bearer-token validations per second, on SQLite and on Redis.
+  second, and bearer-token validations per second, on SQLite and on Redis: one server, Sentinel and Cluster
+  (these two also without waiting for a replica after each write, to show what that WAIT costs).
 Figures are only comparable within one run.
 """
 
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {}
     failed = False
     if "throughput" in parts:
-        chosen, stack = chosen_contenders(workdir, only, args.baseline)
+        chosen, stack = chosen_contenders(workdir, only, args.baseline, throughput=True)
         with stack:
             rows, judged = throughput(chosen, workdir, [m for m in args.modes.split(",") if m],
                                       [e for e in args.eras.split(",") if e], args.rounds, args.seconds,

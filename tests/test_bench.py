@@ -29,8 +29,8 @@ def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> 
     rows = results["throughput"]
     measured = {(row["contender"], row["mode"], row["era"]) for row in rows}
     contenders = {"A raw Starlette", "A+ uvloop httptools", "SDK defaults", "SDK tuned", "SDK tuned + bearer",
-                  "TS SDK", "ours auth off", "ours auth on SQLite", "ours auth on Redis",
-                  "ours metrics on"}
+                  "TS SDK", "ours auth off", "ours auth on SQLite", "ours auth on Redis", "ours auth on Sentinel",
+                  "ours auth on Cluster", "ours metrics on"}
     fastmcp = {row["contender"] for row in rows} - contenders
     assert len(fastmcp) == 1 and re.fullmatch(r"FastMCP 4\.(2\.\d+|1\.0)", fastmcp.pop()), rows
     assert {row["contender"] for row in rows} >= contenders
@@ -77,11 +77,15 @@ def test_memory_and_rates(tmp_path: Path) -> None:
         ("SDK tuned", 1), ("SDK tuned", 2), ("SDK tuned", 3), ("ours auth off", 1), ("ours auth off", 2),
         ("ours auth off", 3)]
     rates = {(rate["contender"], rate["what"].split(",")[0]): rate for rate in results["rates"]}
-    for store in ("SQLite", "Redis"):
+    stores = ("SQLite", "Redis", "Sentinel", "Sentinel, no WAIT", "Cluster", "Cluster, no WAIT")
+    assert list(dict.fromkeys(rate["contender"] for rate in results["rates"])) == [
+        f"ours auth on {store}" for store in stores]
+    for store in stores:
         for what in ("complete sign-ins", "token refreshes", "bearer validations (valid token)",
                      "bearer validations (unknown token)"):
             rate = rates[(f"ours auth on {store}", what)]
             assert rate["per_s"] > 0 and rate["count"] > 0 and rate["failed"] == 0, rate
+            assert rate["ratio_sqlite"] == pytest.approx(rate["per_s"] / rates[("ours auth on SQLite", what)]["per_s"])
     assert "answered 415" in out and "answered 401" in out
     assert "memory targets: not judged in a --quick run" in out and "MISS" not in out, "a smoke run reads as one"
 
