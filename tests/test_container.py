@@ -24,6 +24,7 @@ from typing import Any
 import httpx2
 import pytest
 
+import server as server_module
 from tests.conftest import REPO, ServerProcess, eventually, free_port, start_server
 from tests.signin import ALICE, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET, GoogleStandIn, RawClient, mcp_call
 
@@ -222,6 +223,27 @@ def test_compose_runs_stateless_replicas_on_one_persistent_redis_with_shared_set
     assert any(volume.endswith(":/data") for volume in redis["volumes"]) and "redis-data" in spec["volumes"]
     assert server["depends_on"]["redis"]["condition"] == "service_healthy"
     assert server["stop_grace_period"] == "15s"
+
+
+def test_the_sentinel_variant_points_every_replica_at_three_sentinels_watching_the_primary() -> None:
+    import yaml
+
+    base = compose()
+    variant = yaml.safe_load((REPO / "compose.sentinel.yaml").read_text())
+    services = variant["services"]
+    address = server_module.parse_redis_url(services["stream-http"]["environment"]["STORE_URL"])
+    sentinels = [name for name, _ in address.hosts]
+    assert address.mode == "sentinel" and len(sentinels) == 3 and all(name in services for name in sentinels)
+    for name in sentinels:
+        script = services[name]["command"][-1]
+        monitor = next(line.split() for line in script.splitlines() if "sentinel monitor" in line)
+        assert monitor[2:] == [address.service, "redis", "6379", "2"], "a quorum of two watches compose.yaml's redis"
+        assert "port 26379" in script and script.rstrip().endswith("--sentinel")
+        assert set(services["stream-http"]["depends_on"]) == set(sentinels)
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"] and "redis" in base["services"]
+    assert server_module.load_settings({"STORE_URL": services["stream-http"]["environment"]["STORE_URL"],
+                                        "SECRET_KEY": "k" * 40}).store_url.startswith("redis+sentinel://")
 
 
 def test_composes_proxy_block_serves_through_real_nginx_and_passes_its_request_id(stateless_sqlite: ServerProcess,
