@@ -172,7 +172,11 @@ def run_load(deployment: Deployment, worker: Worker, stop: threading.Event, outc
         for step in itertools.count():
             if stop.is_set():
                 return
-            outcome = one_step(deployment, worker, step, http)
+            started = time.monotonic()
+            try:
+                outcome = one_step(deployment, worker, step, http)
+            except (httpx2.HTTPError, ValueError, KeyError) as exc:  # an answer no client could read: noted
+                outcome = Outcome(started, time.monotonic(), "?", -1, 0, None, False, repr(exc))
             outcomes.append(outcome)
             if not is_success(outcome):
                 time.sleep(RETRY_SOON_S)

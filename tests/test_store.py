@@ -379,3 +379,30 @@ async def test_in_cluster_every_key_shares_one_slot_and_the_mode_is_named(reques
             assert not store.prefix.startswith("{"), "Sentinel keeps the standalone layout: no data to rename"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("mode", REDIS_MODES)
+async def test_stream_events_are_kept_and_replayed_to_their_own_session_only(request: pytest.FixtureRequest,
+                                                                            mode: str) -> None:
+    """The events behind Last-Event-ID, in every Redis mode (in Cluster each event and its stream's list
+    are written in one transaction: one slot)."""
+    store = server.RedisStore(redis_url(request, mode))
+    await store.open()
+    events = store.event_store(max_events=10, ttl_s=60)
+    token = server._stream_scope.set(server.StreamScope(session_id="session-1"))
+    try:
+        ids = [await events.store_event("stream-a", server.jsonrpc_message_adapter.validate_python(
+            {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": n}}))
+            for n in range(3)]
+        replayed: list[Any] = []
+
+        async def collect(event: Any) -> None:
+            replayed.append((event.event_id, event.message.params["data"]))
+
+        assert await events.replay_events_after(ids[0], collect) == "stream-a"
+        assert replayed == [(ids[1], 1), (ids[2], 2)]
+        server._stream_scope.set(server.StreamScope(session_id="session-2"))
+        assert await events.replay_events_after(ids[0], collect) is None, "another session's events"
+    finally:
+        server._stream_scope.reset(token)
+        await store.close()
