@@ -39,6 +39,9 @@ def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> 
             ("json", "legacy"), ("json", "2026-07-28"), ("sse", "legacy"), ("sse", "2026-07-28"),
             ("stateful", "legacy")}
     assert {(mode, era) for (contender, mode, era) in measured if contender == "TS SDK"} == {("json", "legacy")}
+    for name in ("ours auth on Sentinel", "ours auth on Cluster"):  # as README runs replicas: stateless JSON
+        assert {(mode, era) for (contender, mode, era) in measured if contender == name} == {
+            ("json", "legacy"), ("json", "2026-07-28")}
     for row in rows:  # the harness ran and measured: the sizes of the figures are read, never asserted
         assert row["requests_per_s"] > 0 and row["failures"] == 0, row
         assert all(isinstance(row[key], int | float) and row[key] >= 0 for key in (
