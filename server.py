@@ -1125,6 +1125,7 @@ def redis_path(mode: RedisMode, path: list[str]) -> tuple[str, int]:
 
 
 def replica_wait(raw: str | None, *, default: int) -> int:
+    """`?replica_wait_ms=` in milliseconds, or `default` without it."""
     if raw is None:
         return default
     if not raw.isdigit() or int(raw) > REPLICA_WAIT_MAX_MS:
@@ -2369,23 +2370,26 @@ class RedisStore:
         """Run script `name`; when `durable`, and replicas are to confirm writes, WAIT for one on the same
         connection (Redis replicates asynchronously: a primary that dies right after acknowledging a write
         may take it along, unless a replica had it)."""
-        if not (durable and self.address.replica_wait_ms and time.monotonic() >= self._replica_unheard_until):
-            return await self._scripts[name](keys=keys, args=args)
         script = self._scripts[name]
-        for attempt in range(2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # (the cluster's evalsha
-                # method refuses pipelines: it cannot know a script's keys are in one slot, which ours are)
-                pipe.execute_command("WAIT", 1, self.address.replica_wait_ms, **self._on_node_of(keys[0]))
-                result, replicas = await pipe.execute(raise_on_error=False)
-            if isinstance(result, self.no_script) and attempt == 0:  # a new primary: scripts are not replicated
-                await self.client.execute_command("SCRIPT LOAD", script.script, **self._on_node_of(keys[0]))
-                continue
-            if isinstance(result, Exception):
-                raise result
-            self._replicated(replicas)
-            return result
-        raise AssertionError("unreachable")  # pragma: no cover
+        if not (durable and self.address.replica_wait_ms and time.monotonic() >= self._replica_unheard_until):
+            return await script(keys=keys, args=args)
+        result, replicas = await self._script_then_wait(script, keys, args)
+        if isinstance(result, self.no_script):  # a new primary after a failover: scripts are not replicated
+            await self.client.execute_command("SCRIPT LOAD", script.script, **self._on_node_of(keys[0]))
+            result, replicas = await self._script_then_wait(script, keys, args)
+        if isinstance(result, Exception):
+            raise result
+        self._replicated(replicas)
+        return result
+
+    async def _script_then_wait(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
+        """The script's result (or error) and how many replicas had its writes in time, from one connection."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            # EVALSHA as a raw command: the cluster pipeline's evalsha method refuses scripts (it cannot know
+            # their keys share a slot, which ours do)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", 1, self.address.replica_wait_ms, **self._on_node_of(keys[0]))
+            return await pipe.execute(raise_on_error=False)
 
     def _replicated(self, replicas: Any) -> None:
         """Note whether a replica confirmed the last write; while none does, writes stop waiting for one."""
