@@ -156,7 +156,7 @@ def report(chosen: list[Contender], modes: list[str], eras: list[str],
             print(f"\n{MODES[mode]}, era {era}: tools/call add, {rounds} round(s); each ratio with its lowest and "
                   "highest round")
             print(f"{'contender':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU µs/req':>12}{'wrk CPU':>9}"
-                  f"{'xA':>18}{'xSDK defaults':>18}{'xSDK tuned':>18}")
+                  f"{'xA':>21}{'xSDK defaults':>21}{'xSDK tuned':>21}")
             for contender in here:
                 got = samples[(contender.name, mode, era)]
                 rps = median(got, "requests_per_s")
@@ -175,8 +175,8 @@ def report(chosen: list[Contender], modes: list[str], eras: list[str],
                 flag = "  (generator-bound)" if generator > 0.9 else ""
                 failed = f"  FAILURES {row['failures']}" if row["failures"] else ""
                 print(f"{contender.name:<22}{rps:>9.0f}{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}"
-                      f"{row['cpu_us_per_request']:>12.0f}{generator:>8.0%} {spread(ratios[0]):>18}"
-                      f"{spread(ratios[1]):>18}{spread(ratios[2]):>18}{flag}{failed}")
+                      f"{row['cpu_us_per_request']:>12.0f}{generator:>8.0%} {spread(ratios[0]):>20}"
+                      f"{spread(ratios[1]):>21}{spread(ratios[2]):>21}{flag}{failed}")
     if any(c.name == "TS SDK" for c in chosen) and "2026-07-28" in eras:
         print("\n(the TypeScript SDK 1.32 answers 2026-07-28 requests with 400 'Unsupported protocol version':"
               " it is measured in the handshake era only, and 2026-07-28 figures are compared with that one)")
