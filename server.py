@@ -540,7 +540,7 @@ def server_info() -> str:
         "features": {
             "sign_in": settings.auth_enabled,
             "resumable_streams": not settings.stateless,
-            "store": urlsplit(settings.store_url).scheme,
+            "store": settings.store_scheme,
         },
     })
 
@@ -1036,7 +1036,7 @@ REDIS_DEFAULT_PORTS: dict[RedisMode, int] = {"standalone": 6379, "sentinel": 263
 REDIS_HA_QUERY = ("prefix", "replica_wait_ms", "sentinel_username", "sentinel_password", "ssl_ca_certs")
 REDIS_FORMS_HELP = ("redis://[user:password@]host:port/db, redis+sentinel://[user:password@]host:port[,host:port...]"
                     "/service_name[/db] or redis+cluster://[user:password@]host:port[,host:port...] (rediss for TLS)")
-REPLICA_WAIT_MAX_MS = 10_000
+REPLICA_WAIT_MAX_MS = 1_000  # well under the client's 2 s read timeout: a WAIT that outlived it would be retried
 
 
 @dataclass(frozen=True)
@@ -1057,23 +1057,48 @@ class RedisAddress:
     options: Mapping[str, str] = field(default_factory=dict)
 
 
-def redacted(url: str) -> str:
-    """`url` with any password in it replaced, for error messages and logs."""
+class UrlParts(NamedTuple):
+    scheme: str
+    userinfo: str
+    hosts: str
+    rest: str  # the path, query and fragment
+
+
+def url_parts(url: str) -> UrlParts:
+    """A Redis URL cut by hand: its host list may hold several hosts and bracketed IPv6 addresses, which
+    urlsplit refuses, and its password a raw @ (the last @ before the path ends the user information)."""
     scheme, _, rest = url.partition("://")
-    userinfo, at, hosts = rest.partition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:********@{hosts}"
+    query_at = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, query_at)
+    userinfo, after = (rest[:at], rest[at + 1:]) if at >= 0 else ("", rest)
+    cut = min((i for i in (after.find("/"), after.find("?"), after.find("#")) if i >= 0), default=len(after))
+    return UrlParts(scheme, userinfo, after[:cut], after[cut:])
+
+
+def scheme_of(url: str) -> str:
+    """A URL's scheme, lower-case ("" without one): what urlsplit gives, for URLs it refuses too."""
+    return url_parts(url).scheme.lower() if "://" in url else ""
+
+
+def redacted(url: str) -> str:
+    """`url` with every password in it replaced (the user information's and any *password* query value), for
+    error messages and logs."""
+    parts = url_parts(url)
+    user, colon, _ = parts.userinfo.partition(":")
+    userinfo = f"{user}:********@" if colon else f"{parts.userinfo}@" if parts.userinfo else ""
+    rest = re.sub(r"([?&][^=&#]*password[^=&#]*=)[^&#]*", r"\1********", parts.rest, flags=re.IGNORECASE)
+    return f"{parts.scheme}://{userinfo}{parts.hosts}{rest}"
 
 
 def parse_redis_url(url: str) -> RedisAddress:
     """STORE_URL's Redis forms taken apart; ValueError says what is wrong, without the password."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    cut = url_parts(url)
+    parts = urlsplit(f"{cut.scheme}://host{cut.rest}")
+    scheme = cut.scheme.lower()
     mode = REDIS_FORMS.get(scheme.replace("rediss", "redis", 1))
     if mode is None:
         raise ValueError(f"must be one of {REDIS_FORMS_HELP}")
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    userinfo, hostlist = cut.userinfo, cut.hosts
     username, _, password = (unquote(text) for text in userinfo.partition(":"))
     hosts = tuple(redis_host(host, REDIS_DEFAULT_PORTS[mode]) for host in hostlist.split(",")) \
         if hostlist or mode != "standalone" else (("localhost", REDIS_DEFAULT_PORTS[mode]),)  # as redis-py reads it
@@ -1096,6 +1121,9 @@ def parse_redis_url(url: str) -> RedisAddress:
 
 def redis_host(text: str, default_port: int) -> tuple[str, int]:
     """One `host[:port]` of a Redis URL (an IPv6 address in brackets)."""
+    if text.startswith("[") != ("]" in text):
+        raise ValueError(f"has {text!r} for a host, which is neither a name nor an address (an IPv6 address goes "
+                         "in brackets: [::1]:6379)")
     host, bracket, rest = text.rpartition("]") if text.startswith("[") else ("", "", text)
     name, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
     host = host.lstrip("[") if bracket else name
@@ -1136,14 +1164,14 @@ def replica_wait(raw: str | None, *, default: int) -> int:
 
 def store_url_problem(url: str) -> str | None:
     """What is wrong with STORE_URL, in one line that names no password; or None."""
-    scheme = urlsplit(url).scheme.lower()
+    scheme = scheme_of(url)
     if scheme not in STORE_SCHEMES:
         return f"STORE_URL={redacted(url)!r} must be sqlite:///path/to/file.db or {REDIS_FORMS_HELP}"
     if scheme == "sqlite":
         return None
     try:
         parse_redis_url(url)
-    except ValueError as exc:
+    except ValueError as exc:  # urlsplit's own errors included (a bad bracket)
         return f"STORE_URL={redacted(url)!r} {exc}"
     return None
 
@@ -1322,6 +1350,10 @@ class Settings:
             return "stateless+json" if self.json_response else "stateless"
         return "stateful+json" if self.json_response else "stateful"
 
+    @property
+    def store_scheme(self) -> str:
+        return scheme_of(self.store_url)
+
 
 OPTIONS: tuple[Option, ...] = tuple(spec.metadata["option"] for spec in fields(Settings) if "option" in spec.metadata)
 
@@ -1364,7 +1396,7 @@ def check_settings(settings: Settings) -> list[str]:
     problems = []
     if problem := store_url_problem(settings.store_url):
         problems.append(problem)
-    elif urlsplit(settings.store_url).scheme != "sqlite" and settings.secret_key is None:
+    elif settings.store_scheme != "sqlite" and settings.secret_key is None:
         problems.append("STORE_URL is Redis, which several replicas share, so they need one SECRET_KEY: set it "
                         "to the same long random value on every replica (a generated one would differ)")
     for proxy in settings.trusted_proxies:
@@ -2254,9 +2286,18 @@ def redis_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExce
     says try again, a demoted primary is read-only; and redis-py's cluster errors are not all RedisErrors."""
     import redis.exceptions
 
-    unreachable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterDownError,
-                   redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError, redis.exceptions.SlotNotCoveredError)
+    unreachable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ClusterError,
+                   redis.exceptions.TryAgainError, redis.exceptions.ReadOnlyError, redis.exceptions.SlotNotCoveredError,
+                   redis.exceptions.RedisClusterException)
     return unreachable, (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
+
+def redis_misuse() -> tuple[type[BaseException], ...]:
+    """The cluster client's refusals of a call it could never make (keys of several slots): this server's
+    mistake, never Redis being away."""
+    import redis.exceptions
+
+    return redis.exceptions.CrossSlotTransactionError, redis.exceptions.InvalidPipelineStack
 
 
 class RedisStore:
@@ -2283,6 +2324,7 @@ class RedisStore:
             f"/{address.service}" if address.service else "")  # no password
         self.address = address
         self.unreachable, self.failed = redis_errors()
+        self.misuse = redis_misuse()
         import redis.exceptions
 
         self.no_script = redis.exceptions.NoScriptError
@@ -2325,7 +2367,9 @@ class RedisStore:
         until its replicas are back (NOREPLICAS, with min-replicas-to-write). At a cluster's failover redis-py
         closes every connection of the client, other calls' in flight too, which then fail as the socket
         layer says (an OSError, or uvloop's RuntimeError on a closed transport)."""
-        return (isinstance(exc, (*self.unreachable, OSError)) or str(exc).startswith("NOREPLICAS")
+        if isinstance(exc, self.misuse):  # our mistake, not Redis being away: a store error, logged
+            return False
+        return (isinstance(exc, (*self.unreachable, OSError)) or "NOREPLICAS" in str(exc)
                 or (isinstance(exc, RuntimeError) and "closed" in str(exc))
                 or isinstance(exc.__cause__, self.unreachable))  # "Redis Cluster cannot be connected" says why
 
@@ -2497,7 +2541,8 @@ class RedisStore:
         try:
             yield
         finally:
-            with suppress(*self.failed):  # expired meanwhile, or Redis went away: it ends by its TTL
+            # expired meanwhile, or Redis went away: the lock ends by its TTL
+            with suppress(*self.failed, OSError, RuntimeError):
                 await lock.release()
 
     async def publish(self, message: dict[str, Any], *, confirmed_within_s: float = 0) -> tuple[int, int]:
@@ -2556,10 +2601,12 @@ class RedisStore:
             await (pubsub.ssubscribe if self.mode == "cluster" else pubsub.subscribe)(self.channel)
             yield pubsub
         finally:
-            with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True), suppress(*self.failed):
-                await pubsub.aclose()
+            with anyio.move_on_after(REDIS_TIMEOUT_S, shield=True):
+                with suppress(*self.failed, OSError, RuntimeError):
+                    await pubsub.aclose()
                 if client is not self.listener:
-                    await client.aclose()
+                    with suppress(*self.failed, OSError, RuntimeError):
+                        await client.aclose()
 
     def _node_client(self, host: str, port: int) -> Any:
         import redis.asyncio
@@ -2603,7 +2650,11 @@ class RedisStore:
         then loses); a subscription still on it hears nothing more, so it is renewed."""
         if self.mode != "sentinel":
             return
-        primary = await self.client.connection_pool.get_master_address()
+        pool = self.client.connection_pool
+        known = pool.master_address
+        primary = await pool.get_master_address()
+        if known is not None and tuple(primary) != tuple(known):  # connections busy just now went back unchanged
+            await pool.update_active_connections_for_reconnect()
         connection = pubsub.connection
         if connection is not None and (connection.host, connection.port) != tuple(primary):
             raise ConnectionError(f"the primary is now {primary[0]}:{primary[1]}")
@@ -2642,7 +2693,7 @@ STORE_BACKENDS: dict[str, Callable[[str], Store]] = {
 
 def open_store(settings: Settings) -> Store:
     """The store named by STORE_URL (not yet opened: that happens in the lifespan)."""
-    return STORE_BACKENDS[urlsplit(settings.store_url).scheme.lower()](settings.store_url)
+    return STORE_BACKENDS[settings.store_scheme](settings.store_url)
 
 
 # --- stream events, for clients that resume with Last-Event-ID
@@ -6841,7 +6892,9 @@ class RequestGate:
             user = AuthenticatedUser(token)
             scope["user"], scope["auth"] = user, AuthCredentials(token.scopes)
             context = auth_context_var.set(user)
-        answer = store_failure_as_503(served.send(send, vary=vary))
+        answer = served.send(send, vary=vary)
+        if scope["method"] == "POST":  # the only answer that can be one JSON body of the store's failure
+            answer = store_failure_as_503(answer)
         try:
             if self.stateless:  # no sessions, so no event store that needs to know the session
                 await self.app(scope, receive, answer)
@@ -7022,8 +7075,11 @@ def store_failure_as_503(send: Send) -> Send:
     return answer
 
 
+STORE_FAILED_MARK = STORE_FAILED.encode()
+
+
 def is_store_failure(body: bytes) -> bool:
-    if len(body) > 512 or str(SERVER_UNAVAILABLE).encode() not in body:  # most answers are not read again
+    if len(body) > 512 or STORE_FAILED_MARK not in body:  # most answers are not read again
         return False
     try:
         error = parse_json(body).get("error") or {}

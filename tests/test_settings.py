@@ -156,6 +156,10 @@ def test_every_url_setting_is_checked_as_strictly(name: str) -> None:
     ("redis+cluster://a:7000?prefix={tag}", "has prefix='{tag}': a prefix is a non-empty name without braces"),
     ("redis+cluster://:hunter2@", "names no host"),
     ("memcached://:hunter2@a", "must be sqlite:///path/to/file.db or redis://"),
+    ("redis+cluster://a:7000?sentinel_password=hunter2&db=1", "has db in its query"),  # a query's password too
+    ("redis+sentinel://:hunt@er2@a:26379,b", "names no service"),  # a raw @ in the password
+    ("redis+sentinel://:hunter2@a:26379,[2001:db8::1:26379/m", "for a host, which is neither"),  # a lone bracket
+    ("redis+cluster://a:7000?replica_wait_ms=5000", "from 0 to 1000"),  # past the 2 s read timeout
 ])
 def test_a_bad_store_url_is_one_line_naming_the_problem_and_never_the_password(url: str, problem: str) -> None:
     with pytest.raises(server.ConfigError) as raised:
@@ -177,6 +181,8 @@ def test_the_redis_forms_are_read_as_redis_py_needs_them() -> None:
     cluster = server.parse_redis_url("redis+cluster://:pw@n1:7000,n2?replica_wait_ms=0")
     assert (cluster.mode, cluster.tls, cluster.hosts, cluster.db, cluster.replica_wait_ms) == (
         "cluster", False, (("n1", 7000), ("n2", 6379)), 0, 0)
+    ipv6 = server.parse_redis_url("redis+sentinel://:p@ss@h1:26379,[2001:db8::2]:26380/m")  # urlsplit refuses these
+    assert (ipv6.hosts, ipv6.password) == ((("h1", 26379), ("2001:db8::2", 26380)), server.Secret("p@ss"))
     plain = server.parse_redis_url("redis://cache:6380/3?prefix=x")
     assert (plain.mode, plain.hosts, plain.db, plain.prefix, plain.replica_wait_ms) == (
         "standalone", (("cache", 6380),), 3, "x", 0)
