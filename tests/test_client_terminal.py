@@ -170,11 +170,18 @@ def test_a_spinner_waits_for_the_browser_and_ctrl_c_ends_in_one_line(google_serv
     assert_no_traceback(terminal.text)
 
 
-def test_the_person_agrees_before_the_link_opens(google_server: ServerProcess, tmp_path: Path) -> None:
+def at_the_question(server: ServerProcess, tmp_path: Path, *era: str) -> tuple[Terminal, Path]:
+    """client.py calling calendar_upcoming in a terminal, asking whether to open Google's link; and the log of
+    what the BROWSER program visited."""
     browser, visits = browser_program(tmp_path)
-    terminal = Terminal("--url", google_server.mcp_url, "call", "calendar_upcoming",
+    terminal = Terminal("--url", server.mcp_url, *era, "call", "calendar_upcoming",
                         env={"XDG_CONFIG_HOME": str(tmp_path), "BROWSER": browser}, typing=True)
     terminal.wait_for(r"Open it in your browser\? \[Y/n\] ")
+    return terminal, visits
+
+
+def test_the_person_agrees_before_the_link_opens(google_server: ServerProcess, tmp_path: Path) -> None:
+    terminal, visits = at_the_question(google_server, tmp_path)
     assert "/oauth/google/grant" not in visits.read_text(), "not before the person agreed"
     terminal.type("\n")
     status, output = terminal.finish()
@@ -185,10 +192,7 @@ def test_the_person_agrees_before_the_link_opens(google_server: ServerProcess, t
 
 
 def test_ctrl_c_at_the_question_ends_at_once(google_server: ServerProcess, tmp_path: Path) -> None:
-    browser, _ = browser_program(tmp_path)
-    terminal = Terminal("--url", google_server.mcp_url, "call", "calendar_upcoming",
-                        env={"XDG_CONFIG_HOME": str(tmp_path), "BROWSER": browser}, typing=True)
-    terminal.wait_for(r"Open it in your browser\? \[Y/n\] ")
+    terminal, _ = at_the_question(google_server, tmp_path)
     terminal.process.send_signal(signal.SIGINT)
     status, _ = terminal.finish(timeout_s=15)  # not held up by the question's pending read
     assert status == 130
@@ -197,10 +201,7 @@ def test_ctrl_c_at_the_question_ends_at_once(google_server: ServerProcess, tmp_p
 
 
 def test_the_person_can_decline_the_link(google_server: ServerProcess, tmp_path: Path) -> None:
-    browser, visits = browser_program(tmp_path)
-    terminal = Terminal("--url", google_server.mcp_url, "--modern", "call", "calendar_upcoming",
-                        env={"XDG_CONFIG_HOME": str(tmp_path), "BROWSER": browser}, typing=True)
-    terminal.wait_for(r"Open it in your browser\? \[Y/n\] ")
+    terminal, visits = at_the_question(google_server, tmp_path, "--modern")
     terminal.type("n\n")
     status, _ = terminal.finish()
     assert status == 1
