@@ -249,6 +249,7 @@ def the_notes_view(chromium: Any, peers: Peers, server: ServerProcess, token: st
         frame.locator("#count", has_text="2 notes").wait_for()
 
         frame.locator("#adding summary").click()  # add a note from the view, by keyboard
+        frame.get_by_label("Title").wait_for()  # shown once the form is open
         frame.get_by_label("Title").focus()
         host.page.keyboard.type("Added in the view")
         host.page.keyboard.press("Tab")
@@ -256,8 +257,13 @@ def the_notes_view(chromium: Any, peers: Peers, server: ServerProcess, token: st
         host.page.keyboard.press("Tab")
         host.page.keyboard.type("view, test")
         host.page.keyboard.press("Tab")
+        assert frame.locator("button:focus").inner_text() == "Add", "Tab reaches the form's button"
+        fields = ("Title", "Note", "Tags, separated by commas")
+        typed = [frame.get_by_label(name, exact=True).input_value() for name in fields]
+        assert typed == ["Added in the view", "Typed by a person", "view, test"]
         host.page.keyboard.press("Enter")
-        frame.locator("#added", has_text="Added “Added in the view”.").wait_for()
+        frame.locator("#added:not(:empty)").wait_for()  # the view's answer, whichever it is
+        assert frame.locator("#added").inner_text() == "Added “Added in the view”."
         assert frame.locator("#list summary").all_inner_texts()[0].startswith("Added in the view")
         assert frame.locator("#count").inner_text() == "3 notes"
         told = host.seen()["modelContext"]
