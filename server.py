@@ -74,7 +74,7 @@ from contextlib import (
 )
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
-from functools import cache, partial
+from functools import cache, lru_cache, partial
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
@@ -82,6 +82,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlun
 
 import anyio
 import httpx2
+import pydantic_core
 import uvicorn
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -1534,8 +1535,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # what a proxy's id may be for us to adopt it
 tracer = trace.get_tracer("stream_http", VERSION)
 _request_id: ContextVar[str | None] = ContextVar("stream_http_request_id", default=None)
-# The request being served (its ASGI scope), set by section 10's RequestContext: the caller's address for audit lines.
-_request_scope: ContextVar[dict[str, Any] | None] = ContextVar("stream_http_request_scope", default=None)
+# The address of the request's caller, set by section 10's RequestContext, for audit lines. (Not the request's
+# scope: a stateful session's task keeps the context of the request that opened it, for as long as it lives.)
+_request_client: ContextVar[str | None] = ContextVar("stream_http_request_client", default=None)
 REQUEST_ID_PREFIX = secrets.token_hex(4)  # this process's; a counter follows, cheaper than randomness per request
 _request_numbers = itertools.count(1)
 
@@ -1623,7 +1625,14 @@ class Tracing:
         cls.on = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
-@cache
+class Metrics:
+    """Whether the per-request metrics are recorded: only while METRICS_PORT serves them (`serve_metrics`; an
+    app that embeds this one and exports METRICS_REGISTRY itself sets `Metrics.on`). Counting what nobody can
+    read would cost every request."""
+
+    on = False
+
+
 @cache
 def child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, looked up once: prometheus-client takes a lock for each lookup. Every
@@ -1651,7 +1660,8 @@ class Measured:
         self.started = time.perf_counter()
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
-        child(self.duration, self.label).observe(time.perf_counter() - self.started)
+        if Metrics.on:
+            child(self.duration, self.label).observe(time.perf_counter() - self.started)
         if kind is not None or self.every_outcome:
             child(self.counter, self.label, "ok" if kind is None else kind.__name__).inc()
         if self.span is not None:
@@ -1680,6 +1690,7 @@ def serve_metrics(settings: Settings) -> None:
     if prometheus_client is None:
         raise ConfigError("METRICS_PORT is set but prometheus-client is not installed: uv sync installs it")
     prometheus_client.start_http_server(settings.metrics_port, settings.metrics_host, registry=METRICS_REGISTRY)
+    Metrics.on = True
     logger.info("serving Prometheus metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
 
 
@@ -1783,9 +1794,7 @@ def trace_carrier(traceparent: bytes | None, tracestate: bytes | None) -> dict[s
 
 def client_address() -> str | None:
     """The caller's address: the forwarded one when a proxy in TRUSTED_PROXIES sent the request."""
-    scope = _request_scope.get()
-    client = scope.get("client") if scope is not None else None
-    return client[0] if client else None
+    return _request_client.get()
 
 
 audit_log = logging.getLogger("stream_http.audit")
@@ -2704,7 +2713,7 @@ def open_store(settings: Settings) -> Store:
 # (`StreamScope`, carried in a context variable from the request that opened the session) and a
 # replay is only served to that same session.
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StreamScope:
     """The session an HTTP request belongs to; learnt from the response when the request opens one."""
 
@@ -2871,6 +2880,12 @@ class User:
 
 
 LOCAL_USER = User(subject="local", name="Local user")
+
+
+def current_subject() -> str:
+    """current_user().subject, without building the User."""
+    token = get_access_token()
+    return LOCAL_USER.subject if token is None else token.subject or token.client_id
 
 
 def current_user() -> User:
@@ -3986,6 +4001,7 @@ def redirect_patterns(entries: Sequence[str]) -> tuple[str, ...]:
 # --- decisions: pure functions of what was asked and what is allowed
 
 
+@cache  # a few distinct sets, one per kind of tool
 def scopes_to_call(google_needed: frozenset[str]) -> tuple[str, ...]:
     """The scopes a client's token must hold to call a tool that needs these Google scopes."""
     return (REQUIRED_SCOPE, GOOGLE_TOOLS_SCOPE) if acts_with_sign_in_scopes_only(google_needed) else (REQUIRED_SCOPE,)
@@ -6291,6 +6307,7 @@ class Runtime:
         self.http = httpx2.AsyncClient(timeout=OUTBOUND_TIMEOUT_S, follow_redirects=False, verify=tls_context())
         self.provider = build_provider(settings, self.store, self.http, self.limits) if settings.auth_enabled else None
         self.tools: dict[str, MCPTool] = {}  # as listed: see tool_named
+        self.tool_google_scopes: dict[str, frozenset[str]] = {}  # of each tool in `tools`
         self._exit = AsyncExitStack()
 
     async def __aenter__(self) -> "Runtime":
@@ -6475,7 +6492,7 @@ def handshake_session(ctx: ServerRequestContext[Runtime, Any]) -> HandshakeSessi
     if not session_id:
         return None
     settings = running.settings
-    return running.changes.session(session_id, current_user().subject, ctx.session, settings.max_sessions,
+    return running.changes.session(session_id, current_subject(), ctx.session, settings.max_sessions,
                                    settings.session_idle_timeout_s)
 
 
@@ -6517,7 +6534,7 @@ async def call_tool(ctx: ServerRequestContext[Runtime, Any], call_next: CallNext
     tool = await tool_named(running, name) if isinstance(name, str) else None
     if isinstance(name, str) and tool is None:
         raise MCPError(INVALID_PARAMS, f"Unknown tool: {name}")
-    needed = google_scopes_of(tool) if tool is not None else frozenset()
+    needed = running.tool_google_scopes.get(tool.name, frozenset()) if tool is not None else frozenset()
     if not needed or running.provider is None or current_user() is LOCAL_USER:
         return plainer_argument_errors(await call_next(ctx))
     token = _tool_google_scopes.set(needed)
@@ -6571,12 +6588,16 @@ async def tool_named(running: Runtime, name: str) -> MCPTool | None:
     the call itself, so they are remembered and listed again only for a name not seen before (a tool added
     while serving is found; a removed one is left to the SDK, which answers it as a tool error)."""
     if name not in running.tools:
-        running.tools = {tool.name: tool for tool in await mcp.list_tools()}
+        listed = await mcp.list_tools()
+        running.tools = {tool.name: tool for tool in listed}
+        running.tool_google_scopes = {tool.name: google_scopes_of(tool) for tool in listed}
     return running.tools.get(name)
 
 
 def count_request(ctx: ServerRequestContext[Runtime, Any], outcome: str, seconds: float) -> None:
     """The request's metrics. A tool is named only once known, so a caller cannot mint label values."""
+    if not Metrics.on:
+        return
     tool = ""
     if ctx.method == "tools/call":
         name = (ctx.params or {}).get("name")
@@ -6677,7 +6698,9 @@ class Bearer:
         name = params.get("name") if isinstance(params, dict) and (message or {}).get("method") == "tools/call" \
             else None
         tool = await tool_named(self.running, name) if isinstance(name, str) else None
-        return scopes_to_call(google_scopes_of(tool)) if tool is not None else (REQUIRED_SCOPE,)
+        if tool is None:
+            return (REQUIRED_SCOPE,)
+        return scopes_to_call(self.running.tool_google_scopes.get(tool.name, frozenset()))
 
     async def check_tool(self, headers: Mapping[bytes, bytes], token: GrantAccessToken,
                          message: Mapping[str, Any]) -> Response | None:
@@ -6711,55 +6734,90 @@ class Served:
     """One request on the MCP endpoint while it is served, as the drain sees it: whether it is a stream
     (a GET stream, or `subscriptions/listen`) or a call, and what has been sent of its response."""
 
+    # One per request, and a stream's lives as long as the stream: slots and bound methods, not closures.
+    __slots__ = ("answered", "app_receive", "ended", "finished", "held", "hold_json", "raw_send", "request_id",
+                 "session", "started", "stream", "vary", "waiting")
+
     def __init__(self, message: Mapping[str, Any] | None, method: str) -> None:
         self.stream = method == "GET" or (message or {}).get("method") == "subscriptions/listen"
         self.request_id = (message or {}).get("id")
-        self.started: dict[str, Any] | None = None  # the response's start message, once sent
+        self.started: Message | None = None  # the response's start message, once sent
+        self.held: Message | None = None  # a JSON answer's start, until its body shows whether it is a 503
         self.finished = False
         self.answered = False  # the drain answered for it: the app's own sends are dropped
         self.ended = False  # the app is told its client went away
-        self.waiting: set[anyio.CancelScope] = set()  # the app's receives that wait for the client
+        self.waiting: list[anyio.CancelScope] | None = None  # the app's receives that wait for the client
 
     def receive(self, receive: Receive) -> Receive:
-        async def receive_until_ended() -> Message:
-            if not self.ended:
-                with anyio.CancelScope() as waiting:
-                    self.waiting.add(waiting)
-                    try:
-                        return await receive()
-                    finally:
-                        self.waiting.discard(waiting)
-            return {"type": "http.disconnect"}
+        """The app's `receive`, which `end` interrupts with a disconnect."""
+        self.app_receive = receive
+        return self.receive_until_ended
 
-        return receive_until_ended
+    async def receive_until_ended(self) -> Message:
+        if not self.ended:
+            with anyio.CancelScope() as waiting:
+                if self.waiting is None:
+                    self.waiting = []
+                self.waiting.append(waiting)
+                try:
+                    return await self.app_receive()
+                finally:
+                    self.waiting.remove(waiting)
+        return {"type": "http.disconnect"}
 
     def end(self) -> None:
         """Tell the app its client went away: what it waits to receive is a disconnect."""
         self.ended = True
-        for waiting in self.waiting:
+        for waiting in self.waiting or ():
             waiting.cancel()
 
-    def send(self, send: Send, *, vary: bool) -> Send:
-        async def tracked(message: Message) -> None:
-            if self.answered:
-                return
-            if message["type"] == "http.response.start":
-                if vary:
-                    message["headers"] = [*message.get("headers", ()), VARY_ORIGIN]
-                self.started = dict(message)
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.finished = True
-            await send(message)
+    def send(self, send: Send, *, vary: bool, hold_json: bool, session: StreamScope | None) -> Send:
+        """The app's `send`, watched in one wrapper: `Vary: Origin` added (`vary`), what was sent noted; with
+        `hold_json`, a JSON answer that is nothing but the store's failure turned into a 503 (see
+        `store_failure_as_503`); with `session`, the response's status and new session id noted there."""
+        self.raw_send, self.vary, self.hold_json, self.session = send, vary, hold_json, session
+        return self.tracked
 
-        self.raw_send = send
-        return tracked
+    async def tracked(self, message: Message) -> None:
+        if self.answered:
+            return
+        if message["type"] == "http.response.start":
+            if self.vary:
+                message["headers"] = [*message.get("headers", ()), VARY_ORIGIN]
+            if self.session is not None:
+                learn_session(self.session, message)
+            if self.hold_json and message["status"] == 200 and JSON_CONTENT_TYPE in message.get("headers", ()):
+                self.held = message
+                return
+            self.started = message
+        elif message["type"] == "http.response.body":
+            if not message.get("more_body", False):
+                self.finished = True
+            if self.held is not None:
+                start, self.held = self.held, None
+                self.started = store_failure_as_503(start, message) if self.finished else start
+                await self.raw_send(self.started)
+        await self.raw_send(message)
 
     async def finish(self) -> None:
-        """End the response cleanly if the app left it open (its stream was ended under it)."""
-        if self.started is not None and not self.finished and not self.answered:
-            self.finished = True
-            with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        """End the response cleanly if the app left it open (its stream was ended under it, or it failed
+        after its answer had started)."""
+        if self.finished or self.answered:
+            return
+        with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if self.held is not None:
+                self.started, self.held = self.held, None
+                await self.raw_send(self.started)
+            if self.started is not None:
+                self.finished = True
                 await self.raw_send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def release(self) -> None:
+        """Let go of the response's `send` once it is over. The SDK keeps a session's latest request for as long
+        as the session lives, and through its `receive` this object: the rest of the response's chain need not
+        stay with it."""
+        self.raw_send = _nothing_to_send
+        self.waiting = self.started = self.held = self.session = None
 
     async def answer_shutdown(self) -> None:
         """Answer a call still running at the deadline with an error the client reads, then end it."""
@@ -6769,7 +6827,7 @@ class Served:
                  "The server is shutting down, so this call was stopped before it finished; retry it"}}
         self.answered = True
         with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            if self.started is None:
+            if self.started is None:  # a held JSON start was never sent: the error is the whole answer
                 await unavailable(error["error"]["message"], "json-rpc")(
                     {"type": "http", "method": "POST", "headers": []}, _nothing_to_receive, self.raw_send)
             else:  # an SSE stream: the error is its last event
@@ -6780,10 +6838,15 @@ class Served:
 
 
 VARY_ORIGIN = (b"vary", b"Origin")  # CORS headers depend on it, so caches must too
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 
 
 async def _nothing_to_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+async def _nothing_to_send(message: Message) -> None:
+    return None
 
 
 DRAIN_MARGIN_S = 1.5  # of the grace, what closing takes once calls are answered (the SDK alone waits 1 s)
@@ -6813,6 +6876,7 @@ class Drain:
     async def close(self, served: Served) -> None:
         self.served.discard(served)
         await served.finish()
+        served.release()
         if self.calls_done is not None and not self.calls():
             self.calls_done.set()
 
@@ -6844,7 +6908,7 @@ class RequestGate:
         self.app = app
         settings = running.settings
         self.bearer = Bearer(running.provider, settings, running) if running.provider is not None else None
-        self.cors = with_cors(partial(self.admit, vary=False), policy, ["GET", "POST", "DELETE"])
+        self.cors = with_cors(partial(self.__call__, vary=False), policy, ["GET", "POST", "DELETE"])
         self.store = running.store
         self.changes = running.changes
         self.limits, self.rate_limit = running.limits, settings.rate_limit_mcp
@@ -6854,14 +6918,13 @@ class RequestGate:
         self.json_response = settings.json_response
         self.stateless = settings.stateless
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if b"origin" in headers_of(scope):  # a browser's: CORS preflight and headers
-            await self.cors(scope, receive, send)
-        else:  # CORS would only add `Vary: Origin`, which Served.send adds itself
-            await self.admit(scope, receive, send, vary=True)
-
-    async def admit(self, scope: Scope, receive: Receive, send: Send, *, vary: bool) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, *, vary: bool = True) -> None:
+        """Admit the request or answer why not; serve what is admitted. One function, not a layer per check:
+        this runs for every request, and each layer an answer passes through costs on every await."""
         headers, method = headers_of(scope), scope["method"]
+        if vary and b"origin" in headers:  # a browser's: CORS preflight and headers, then this without `vary`
+            await self.cors(scope, receive, send)  # (CORS adds `Vary: Origin` itself)
+            return
         token = await self.bearer.identify(headers) if self.bearer is not None else None
         problem = (self.check_origin(headers) or self.check_draining()
                    or await self.check_token(scope, receive, headers, token)
@@ -6878,48 +6941,39 @@ class RequestGate:
             child(MCP_REFUSED, str(problem.status_code)).inc()
             await problem(scope, receive, send)
             return
-        await self.serve(scope, receive, send, message=message, body=body, token=token, vary=vary)
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send, *, message: dict[str, Any] | None,
-                    body: bytes, token: GrantAccessToken | None, vary: bool) -> None:
-        """Hand an admitted request to the SDK, as the caller (get_access_token()) and watched by the drain."""
-        served = self.drain.open(message, scope["method"])
+        # Served as the caller (get_access_token()), watched by the drain, and in stateful mode as a request of
+        # its session (the event store files events under it; the change bus knows the session is in use).
+        served = self.drain.open(message, method)
         receive = served.receive(receive)
-        if scope["method"] == "POST":  # the body is here already: no wait, nothing to interrupt
+        if method == "POST":  # the body is here already: no wait, nothing to interrupt
             receive = _replay(body, receive)
         context = None
         if token is not None:  # as Starlette's AuthenticationMiddleware would, for the SDK's session binding
             user = AuthenticatedUser(token)
             scope["user"], scope["auth"] = user, AuthCredentials(token.scopes)
             context = auth_context_var.set(user)
-        answer = served.send(send, vary=vary)
-        if scope["method"] == "POST":  # the only answer that can be one JSON body of the store's failure
-            answer = store_failure_as_503(answer)
+        session_id, stream_scope, watching = None, None, None
+        if not self.stateless:
+            session_id = header_text(headers, b"mcp-session-id") or None
+            stream_scope = StreamScope(session_id=session_id)
+            watching = _stream_scope.set(stream_scope)
+            if session_id:
+                self.changes.request_started(session_id)
+        # The response tells the session only when it opens one or ends one (a DELETE's status).
+        learn = stream_scope if stream_scope is not None and (not session_id or method == "DELETE") else None
+        answer = served.send(send, vary=vary, hold_json=method == "POST", session=learn)
         try:
-            if self.stateless:  # no sessions, so no event store that needs to know the session
-                await self.app(scope, receive, answer)
-            else:
-                await self.serve_session(scope, receive, answer)
+            await self.app(scope, receive, answer)
         finally:
             if context is not None:
                 auth_context_var.reset(context)
-            await self.drain.close(served)
-
-    async def serve_session(self, scope: Scope, receive: Receive, send: Send) -> None:
-        session_id = headers_of(scope).get(b"mcp-session-id", b"").decode("latin-1") or None
-        stream_scope = StreamScope(session_id=session_id)
-        token = _stream_scope.set(stream_scope)
-        if session_id:
-            self.changes.request_started(session_id)
-        # The response is watched only when it tells something: the new session's id, or a DELETE's outcome.
-        watched = send if session_id and scope["method"] != "DELETE" else _learn_session_id(stream_scope, send)
-        try:
-            await self.app(scope, receive, watched)
-        finally:
-            _stream_scope.reset(token)
+            if watching is not None:
+                _stream_scope.reset(watching)
             if session_id:
-                deleted = scope["method"] == "DELETE" and stream_scope.status == 200
+                deleted = method == "DELETE" and stream_scope is not None and stream_scope.status == 200
                 self.changes.request_ended(session_id, deleted=deleted)
+            await self.drain.close(served)
 
     def check_origin(self, headers: Mapping[bytes, bytes]) -> Response | None:
         host = header_or_none(headers, b"host")
@@ -6974,10 +7028,9 @@ class RequestGate:
                                   headers={"Allow": "POST"})
         if method != "POST":
             return None
-        content_type = header_text(headers, b"content-type").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        if not is_json_media(headers.get(b"content-type", b"")):
             return json_rpc_error(415, INVALID_REQUEST, "Content-Type must be application/json")
-        has_json, has_sse = accepted_media(header_text(headers, b"accept"))
+        has_json, has_sse = accepted_media(headers.get(b"accept", b""))
         modern = header_text(headers, b"mcp-protocol-version") in MODERN_PROTOCOL_VERSIONS
         if not has_json or not (has_sse or self.json_response or modern):
             return json_rpc_error(406, INVALID_REQUEST,
@@ -7007,10 +7060,18 @@ class RequestGate:
         return json_rpc_error(413, INVALID_REQUEST, f"Request body is larger than {self.max_body_bytes} bytes")
 
 
-def accepted_media(accept: str) -> tuple[bool, bool]:
+# Clients send the same few header values on every request: each is read once (lru_cache; a caller making
+# up values only cycles the cache).
+@lru_cache(maxsize=256)
+def is_json_media(content_type: bytes) -> bool:
+    return content_type.decode("latin-1").split(";")[0].strip().lower() == "application/json"
+
+
+@lru_cache(maxsize=256)
+def accepted_media(accept: bytes) -> tuple[bool, bool]:
     """Whether an Accept header takes JSON and SSE, wildcards included (RFC 9110 §12.5.1), as the SDK's
     check_accept_headers decides, from the header already read."""
-    types = {media.split(";")[0].strip().lower() for media in accept.split(",")}
+    types = {media.split(";")[0].strip().lower() for media in accept.decode("latin-1").split(",")}
     anything = "*/*" in types
     takes_json = anything or bool(types & {"application/json", "application/*"})
     takes_sse = anything or bool(types & {"text/event-stream", "text/*"})
@@ -7020,7 +7081,7 @@ def accepted_media(accept: str) -> tuple[bool, bool]:
 def parse_json_rpc(body: bytes) -> tuple[dict[str, Any] | None, Response | None]:
     """The one JSON-RPC 2.0 message in `body`, or the specific error for a body that is not one."""
     try:
-        message = parse_json(body)
+        message = pydantic_core.from_json(body)  # as the SDK parses it: what one accepts, so does the other
     except ValueError:
         return None, json_rpc_error(400, PARSE_ERROR, "Body is not valid JSON")
     if isinstance(message, list):
@@ -7053,26 +7114,13 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def store_failure_as_503(send: Send) -> Send:
+def store_failure_as_503(start: Message, body: Message) -> Message:
     """A JSON answer that is nothing but the store's failure (a call that met Redis going away, or failing
     over, after it was admitted) goes out as 503 with Retry-After, as the same failure met before the call:
     clients and balancers retry on the status. (An SSE stream has said 200 before its events.)"""
-    held: list[Message] = []
-
-    async def answer(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 200 and \
-                (b"content-type", b"application/json") in message.get("headers", ()):
-            held.append(message)
-            return
-        if held and message["type"] == "http.response.body":
-            start = held.pop()
-            if not message.get("more_body", False) and is_store_failure(message.get("body", b"")):
-                start = {**start, "status": 503, "headers": [
-                    *start["headers"], (b"retry-after", str(RETRY_AFTER_S).encode())]}
-            await send(start)
-        await send(message)
-
-    return answer
+    if not is_store_failure(body.get("body", b"")):
+        return start
+    return {**start, "status": 503, "headers": [*start["headers"], (b"retry-after", str(RETRY_AFTER_S).encode())]}
 
 
 STORE_FAILED_MARK = STORE_FAILED.encode()
@@ -7088,17 +7136,13 @@ def is_store_failure(body: bytes) -> bool:
     return error.get("code") == SERVER_UNAVAILABLE and error.get("message") == STORE_FAILED
 
 
-def _learn_session_id(stream_scope: StreamScope, send: Send) -> Send:
-    async def watch(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            stream_scope.status = message["status"]
-            if stream_scope.session_id is None:
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"mcp-session-id":
-                        stream_scope.session_id = value.decode("latin-1")
-        await send(message)
-
-    return watch
+def learn_session(stream_scope: StreamScope, start: Message) -> None:
+    """Note a response's status, and the id of the session it opens, where the event store finds them."""
+    stream_scope.status = start["status"]
+    if stream_scope.session_id is None:
+        for name, value in start.get("headers", ()):
+            if name.lower() == b"mcp-session-id":
+                stream_scope.session_id = value.decode("latin-1")
 
 
 # --- around every request: its headers, id, span and caller
@@ -7120,6 +7164,11 @@ def headers_of(scope: Scope) -> dict[bytes, bytes]:
     return headers
 
 
+def caller_of(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
 def header_text(headers: Mapping[bytes, bytes], name: bytes) -> str:
     return headers.get(name, b"").decode("latin-1")
 
@@ -7139,7 +7188,7 @@ class RequestContext:
 
     def __init__(self, app: ASGIApp, trusted_proxies: Sequence[str], paths: Iterable[str]) -> None:
         self.app = app
-        self.forwarded = ProxyHeadersMiddleware(app, trusted_hosts=list(trusted_proxies))
+        self.forwarded = ProxyHeadersMiddleware(self.as_forwarded, trusted_hosts=list(trusted_proxies))
         self.trust_everyone = "*" in trusted_proxies
         self.proxies = [ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies if proxy != "*"]
         self.paths = frozenset(paths)  # span names: a route's path, never what a scanner made up
@@ -7153,7 +7202,7 @@ class RequestContext:
         headers = headers_of(scope)
         app = self.forwarded if FORWARDED[0] in headers or FORWARDED[1] in headers else self.app
         request_id = self.request_id(scope, headers.get(b"x-request-id"))
-        tokens = _request_id.set(request_id), _request_scope.set(scope)
+        tokens = _request_id.set(request_id), _request_client.set(caller_of(scope))
         try:
             if b"traceparent" not in headers and not Tracing.on:
                 await app(scope, receive, self.with_id(send, request_id, None))
@@ -7161,8 +7210,17 @@ class RequestContext:
                 with self.span(scope, headers, request_id) as span:
                     await app(scope, receive, self.with_id(send, request_id, span))
         finally:
-            _request_scope.reset(tokens[1])
+            _request_client.reset(tokens[1])
             _request_id.reset(tokens[0])
+            scope.pop(HEADERS_KEY, None)  # the SDK may keep the scope (see Served.release); not what was read of it
+
+    async def as_forwarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, for a request whose caller a trusted proxy named (X-Forwarded-For): audit lines name them."""
+        token = _request_client.set(caller_of(scope))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _request_client.reset(token)
 
     def span(self, scope: Scope, headers: Mapping[bytes, bytes], request_id: str) -> AbstractContextManager[Any]:
         """The request's server span, continuing the caller's traceparent. With tracing off, none, unless
@@ -7356,6 +7414,8 @@ def app_lifespan(running: Runtime, session_manager: StreamableHTTPSessionManager
 REQUEST_HEAD_MAX_BYTES = 32 * 1024  # the request line and headers together; nginx's default is 32 KB too
 REQUEST_HEADERS_MAX = 100
 REQUEST_HEAD_READ_MAX_BYTES = 256 * 1024  # what the parser may hold while one header is still arriving
+# Lines read in a head's packets (a packet may carry the start of the body too, so well above the header bound)
+REQUEST_HEAD_READ_MAX_LINES = 10 * REQUEST_HEADERS_MAX
 
 def parse_args(argv: Sequence[str] | None) -> dict[str, str]:
     """Command-line flags, as overrides keyed by environment variable name."""
@@ -7396,7 +7456,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 # What BoundedHead overrides in uvicorn's httptools protocol (uvicorn has no head-size limit of its own
 # there): checked at start, so a uvicorn that renamed any of them is served by h11 instead of failing.
-HTTPTOOLS_HOOKS = ("data_received", "on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body",
+HTTPTOOLS_HOOKS = ("data_received", "on_headers_complete", "on_body",
                    "on_message_complete")
 
 
@@ -7421,36 +7481,31 @@ def bounded_http_protocol() -> type[asyncio.Protocol] | str:
         return "h11"
 
     class BoundedHead(HttpToolsProtocol):
+        # What arrives while a head is read is bounded as it comes, in bytes and in lines (at C speed: a flood
+        # of tiny headers is cut off before the parser calls back for each); the head's exact size and header
+        # count are judged once it is whole, so that no hook of ours runs per header.
         refused = False
-        head_bytes = read_bytes = 0
+        read_bytes = read_lines = 0
 
         def data_received(self, data: bytes) -> None:
             if self.refused:
                 return
             if self.read_bytes >= 0:  # still in a request head (the body is not counted)
                 self.read_bytes += len(data)
+                self.read_lines += data.count(b"\n")
                 if self.read_bytes > REQUEST_HEAD_READ_MAX_BYTES:
                     self.refuse(f"The request head is larger than {REQUEST_HEAD_MAX_BYTES} bytes")
                     return
+                if self.read_lines > REQUEST_HEAD_READ_MAX_LINES:
+                    self.refuse(f"A request may carry at most {REQUEST_HEADERS_MAX} header fields")
+                    return
             super().data_received(data)
 
-        def on_message_begin(self) -> None:
-            self.head_bytes = 0
-            super().on_message_begin()
-
-        def on_url(self, url: bytes) -> None:
-            self.grow(len(url))
-            if not self.refused:
-                super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self.grow(len(name) + len(value) + 4)
-            if not self.refused and len(self.headers) >= REQUEST_HEADERS_MAX:
-                self.refuse(f"A request may carry at most {REQUEST_HEADERS_MAX} header fields")
-            if not self.refused:
-                super().on_header(name, value)
-
         def on_headers_complete(self) -> None:
+            if self.head_size() > REQUEST_HEAD_MAX_BYTES:
+                self.refuse(f"The request head is larger than {REQUEST_HEAD_MAX_BYTES} bytes")
+            elif len(self.headers) > REQUEST_HEADERS_MAX:
+                self.refuse(f"A request may carry at most {REQUEST_HEADERS_MAX} header fields")
             self.read_bytes = -1
             if not self.refused:
                 super().on_headers_complete()
@@ -7460,14 +7515,12 @@ def bounded_http_protocol() -> type[asyncio.Protocol] | str:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            self.read_bytes = 0
+            self.read_bytes = self.read_lines = 0
             if not self.refused:
                 super().on_message_complete()
 
-        def grow(self, size: int) -> None:
-            self.head_bytes += size
-            if self.head_bytes > REQUEST_HEAD_MAX_BYTES and not self.refused:
-                self.refuse(f"The request head is larger than {REQUEST_HEAD_MAX_BYTES} bytes")
+        def head_size(self) -> int:
+            return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
         def refuse(self, why: str) -> None:
             self.refused = True

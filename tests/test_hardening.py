@@ -59,6 +59,7 @@ def raw(port: int, request: bytes) -> bytes:
     ("one 8 MiB header", b"X-Big: " + b"a" * (8 * 1024 * 1024) + b"\r\n"),
     ("200 headers of 1 KB", b"".join(b"X-H%d: %s\r\n" % (n, b"b" * 1000) for n in range(200))),
     ("150 small headers", b"".join(b"X-H%d: v\r\n" % n for n in range(150))),
+    ("20,000 tiny headers", b"".join(b"h%d:v\r\n" % n for n in range(20_000))),
 ])
 def test_an_oversized_request_head_is_refused_before_any_work(stateful_server: ServerProcess, shape: str,
                                                               headers: bytes) -> None:

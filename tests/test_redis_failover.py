@@ -340,7 +340,8 @@ async def test_a_json_answer_that_is_only_the_store_failing_goes_out_as_503_with
         async def send(message: Any) -> None:
             sent.append(message)
 
-        answer = server_module.store_failure_as_503(send)
+        served = server_module.Served({"jsonrpc": "2.0", "id": 7, "method": "tools/call"}, "POST")
+        answer = served.send(send, vary=False, hold_json=True, session=None)
         await answer({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]})
         await answer({"type": "http.response.body", "body": json.dumps(body).encode(), "more_body": False})
         return sent
@@ -353,3 +354,23 @@ async def test_a_json_answer_that_is_only_the_store_failing_goes_out_as_503_with
                   {"jsonrpc": "2.0", "id": 7, "error": {"code": -32000, "message": "something else"}}):
         assert [message.get("status") for message in await answers(other)] == [200, None]
     assert (await answers(failed, b"text/event-stream"))[0]["status"] == 200, "a stream has begun: it stays 200"
+
+
+@pytest.mark.anyio
+async def test_a_held_json_start_is_not_lost_when_the_app_ends_before_its_body() -> None:
+    """The start of a JSON answer waits for its body (to tell a store failure); an app that stops after the
+    start still leaves the client a whole response, not a connection that never answers."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    served = server_module.Served({"jsonrpc": "2.0", "id": 7, "method": "tools/call"}, "POST")
+    answer = served.send(send, vary=True, hold_json=True, session=None)
+    await answer({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    assert sent == [], "held until the body shows what the answer is"
+    await served.finish()
+    assert [(message["type"], message.get("status")) for message in sent] == [
+        ("http.response.start", 200), ("http.response.body", None)]
+    assert (b"vary", b"Origin") in sent[0]["headers"] and sent[1]["more_body"] is False
+
