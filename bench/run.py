@@ -7,11 +7,13 @@
 
 Parts:
 - throughput: each contender is its own process on loopback pinned to CPU 0; Debian's `wrk` (16 keep-alive
-  connections, bench/add.lua giving every request its own JSON-RPC id) is pinned to CPU 1. Rounds visit
-  the contenders in turn, so drift in the machine hits them all alike; tables per mode and era show
-  medians, the server's CPU time per request (from /proc), the generator's CPU use (over 90% of a core
-  means wrk, not the server, set the pace: the run says so), and ratios to A (raw Starlette's JSON
-  answer) and to the bare SDK under its defaults and tuned in the same mode; then the issue's targets.
+  connections, bench/add.lua giving every request its own JSON-RPC id) is pinned to CPU 1. In each round
+  the contenders of a mode run back to back, so drift in the machine hits them all alike; tables per mode
+  and era show medians, the server's CPU time per request (from /proc), the generator's CPU use (over 90%
+  of a core means wrk, not the server, set the pace: the run says so), and ratios to A (raw Starlette's
+  JSON answer) and to the bare SDK under its defaults and tuned in the same mode, each with its lowest and
+  highest round; then the issue's targets, and the run's noise floor: "SDK tuned again", the same server
+  in a second process, over "SDK tuned".
 - memory (bench/memory.py): RSS per idle stateful session and per open GET stream at 1,000 and 10,000,
   ours against the bare SDK, and three waves of 2,000 sessions to see memory returned or reused.
 - rates (bench/rates.py): complete sign-ins per second through the Google stand-in, token refreshes per
@@ -102,8 +104,10 @@ def throughput(chosen: list[Contender], workdir: Path, modes: list[str], eras: l
                seconds: float, connections: int, *, judge: bool = True) -> tuple[list[dict], list[dict]]:
     samples: dict[tuple[str, str, str], list[Sample]] = {}
     for round_number in range(rounds):
-        for contender in chosen:
-            for mode in modes:
+        # Within a round, the contenders of one mode run back to back: the figures a ratio pairs are seconds
+        # apart, so what drifts on the machine over minutes hits both alike.
+        for mode in modes:
+            for contender in chosen:
                 if not any(contender.serves(mode, era) for era in eras):
                     continue
                 with running(contender, workdir, mode) as (process, url):
@@ -117,7 +121,7 @@ def throughput(chosen: list[Contender], workdir: Path, modes: list[str], eras: l
                         load(url, era, contender.token, min(1.0, seconds), connections, session)  # warm up
                         sample = measure(process, url, contender, era, seconds, connections, session)
                         samples.setdefault((contender.name, mode, era), []).append(sample)
-            print(f"round {round_number + 1}/{rounds}: {contender.name} done", file=sys.stderr)
+            print(f"round {round_number + 1}/{rounds}: {MODES[mode]} done", file=sys.stderr)
     rows = report(chosen, modes, eras, samples)
     if not judge:
         print("\ntargets: not judged in a --quick run (one round of one second measures the harness, not the "
@@ -242,6 +246,14 @@ def targets(rows: list[dict]) -> list[dict]:
         print("\ntargets: the figure after each is the one compared with the goal")
     for check in checks:
         print(check.line())
+    floors = [(era, label, paired(by[again]["rounds_requests_per_s"], by[tuned]["rounds_requests_per_s"]))
+              for era in ERAS for mode, label in MODES.items()
+              if (again := ("SDK tuned again", mode, era)) in by and (tuned := ("SDK tuned", mode, era)) in by]
+    if floors:
+        print("\nnoise floor: the same server in two processes (SDK tuned again / SDK tuned), in each mode; a "
+              "ratio's range as wide as this one's is noise")
+    for era, label, ratio in floors:
+        print(f"      {era}, {label}: {spread(ratio)}")
     return [{"target": c.name, "value": c.figure, "lowest_round": c.low, "highest_round": c.high, "goal": c.goal,
              "at_most": c.at_most, "met": c.met, "within_noise": c.within_noise} for c in checks]
 

@@ -28,13 +28,15 @@ def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> 
     results, out = bench(tmp_path, "--rounds", "1", "--seconds", "1", "--parts", "throughput", "--chart", str(chart))
     rows = results["throughput"]
     measured = {(row["contender"], row["mode"], row["era"]) for row in rows}
-    contenders = {"A raw Starlette", "A+ uvloop httptools", "SDK defaults", "SDK tuned", "SDK tuned + bearer",
+    contenders = {"A raw Starlette", "A+ uvloop httptools", "SDK defaults", "SDK tuned", "SDK tuned again",
+                  "SDK tuned + bearer",
                   "TS SDK", "ours auth off", "ours auth on SQLite", "ours auth on Redis", "ours auth on Sentinel",
                   "ours auth on Cluster", "ours metrics on"}
     fastmcp = {row["contender"] for row in rows} - contenders
     assert len(fastmcp) == 1 and re.fullmatch(r"FastMCP 4\.(2\.\d+|1\.0)", fastmcp.pop()), rows
     assert {row["contender"] for row in rows} >= contenders
-    for name in ("SDK defaults", "SDK tuned", "ours auth off", "ours auth on SQLite", "ours auth on Redis"):
+    for name in ("SDK defaults", "SDK tuned", "SDK tuned again", "ours auth off", "ours auth on SQLite",
+                 "ours auth on Redis"):
         assert {(mode, era) for (contender, mode, era) in measured if contender == name} == {
             ("json", "legacy"), ("json", "2026-07-28"), ("sse", "legacy"), ("sse", "2026-07-28"),
             ("stateful", "legacy")}
@@ -64,6 +66,11 @@ def test_throughput_of_every_contender_in_every_mode_and_era(tmp_path: Path) -> 
     assert (f"2026-07-28, stateless JSON: p99 of auth on SQLite / SDK tuned's ≤ 1.10: {p99['value']:.2f}, "
             f"rounds {p99['value']:.2f}-{p99['value']:.2f}") in out
     assert "stateful JSON, one session, era legacy" in out and "xSDK tuned" in out
+    floor = out.partition("\nnoise floor:")[2]  # the same server twice: each mode's noise, beside the targets
+    for era in ("legacy", "2026-07-28"):
+        for mode in ("stateless JSON", "stateless SSE"):
+            assert re.search(rf"^ +{era}, {mode}: \d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\)$", floor, re.MULTILINE), floor
+    assert re.search(r"^ +legacy, stateful JSON, one session: \d", floor, re.MULTILINE), floor
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 20_000
 
 
