@@ -6735,8 +6735,8 @@ class Served:
     (a GET stream, or `subscriptions/listen`) or a call, and what has been sent of its response."""
 
     # One per request, and a stream's lives as long as the stream: slots and bound methods, not closures.
-    __slots__ = ("answered", "app_receive", "ended", "finished", "held", "hold_json", "raw_send", "request_id",
-                 "session", "started", "stream", "vary", "waiting")
+    __slots__ = ("answered", "app_receive", "body", "ended", "finished", "held", "hold_json", "raw_send",
+                 "request_id", "session", "started", "stream", "vary", "waiting")
 
     def __init__(self, message: Mapping[str, Any] | None, method: str) -> None:
         self.stream = method == "GET" or (message or {}).get("method") == "subscriptions/listen"
@@ -6748,10 +6748,18 @@ class Served:
         self.ended = False  # the app is told its client went away
         self.waiting: list[anyio.CancelScope] | None = None  # the app's receives that wait for the client
 
-    def receive(self, receive: Receive) -> Receive:
-        """The app's `receive`, which `end` interrupts with a disconnect."""
-        self.app_receive = receive
-        return self.receive_until_ended
+    def receive(self, receive: Receive, body: bytes | None) -> Receive:
+        """The app's `receive`: first the `body` already read (a POST's), then the client's. A stream's is one
+        that `end` interrupts with a disconnect; a call's needs none, as its answer ends its `receive` (uvicorn
+        answers a disconnect once the response is complete, which is how the drain ends a late call)."""
+        self.app_receive, self.body = receive, body
+        return self.receive_body if body is not None else self.receive_until_ended
+
+    async def receive_body(self) -> Message:
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await (self.receive_until_ended() if self.stream else self.app_receive())
 
     async def receive_until_ended(self) -> Message:
         if not self.ended:
@@ -6817,7 +6825,7 @@ class Served:
         as the session lives, and through its `receive` this object: the rest of the response's chain need not
         stay with it."""
         self.raw_send = _nothing_to_send
-        self.waiting = self.started = self.held = self.session = None
+        self.waiting = self.started = self.held = self.session = self.body = None
 
     async def answer_shutdown(self) -> None:
         """Answer a call still running at the deadline with an error the client reads, then end it."""
@@ -6945,9 +6953,7 @@ class RequestGate:
         # Served as the caller (get_access_token()), watched by the drain, and in stateful mode as a request of
         # its session (the event store files events under it; the change bus knows the session is in use).
         served = self.drain.open(message, method)
-        receive = served.receive(receive)
-        if method == "POST":  # the body is here already: no wait, nothing to interrupt
-            receive = _replay(body, receive)
+        receive = served.receive(receive, body if method == "POST" else None)
         context = None
         if token is not None:  # as Starlette's AuthenticationMiddleware would, for the SDK's session binding
             user = AuthenticatedUser(token)
@@ -7098,20 +7104,6 @@ def parse_json_rpc(body: bytes) -> tuple[dict[str, Any] | None, Response | None]
     if ("id" in message and not isinstance(message["id"], (str, int))) or isinstance(message.get("id"), bool):
         return None, json_rpc_error(400, INVALID_REQUEST, '"id" must be a string or an integer')
     return message, None
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that yields the already-read body once, then passes through (disconnects)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def store_failure_as_503(start: Message, body: Message) -> Message:
