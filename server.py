@@ -6770,7 +6770,8 @@ class Served:
                 try:
                     return await self.app_receive()
                 finally:
-                    self.waiting.remove(waiting)
+                    if self.waiting is not None:
+                        self.waiting.remove(waiting)
         return {"type": "http.disconnect"}
 
     def end(self) -> None:
@@ -6808,23 +6809,20 @@ class Served:
         await self.raw_send(message)
 
     async def finish(self) -> None:
-        """End the response cleanly if the app left it open (its stream was ended under it, or it failed
-        after its answer had started)."""
-        if self.finished or self.answered:
-            return
-        with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            if self.held is not None:
-                self.started, self.held = self.held, None
-                await self.raw_send(self.started)
-            if self.started is not None:
-                self.finished = True
+        """End the response cleanly if the app left it open (its stream was ended under it). A JSON start still
+        held was never sent: the failure that stopped the app before its body is answered as any other (500,
+        or the store's 503), not as a 200 without a body."""
+        self.held = None
+        if self.started is not None and not self.finished and not self.answered:
+            self.finished = True
+            with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await self.raw_send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def release(self) -> None:
         """Let go of the response's `send` once it is over. The SDK keeps a session's latest request for as long
         as the session lives, and through its `receive` this object: the rest of the response's chain need not
         stay with it."""
-        self.raw_send = _nothing_to_send
+        self.raw_send, self.app_receive = _nothing_to_send, _nothing_to_receive
         self.waiting = self.started = self.held = self.session = self.body = None
 
     async def answer_shutdown(self) -> None:
@@ -7034,9 +7032,9 @@ class RequestGate:
                                   headers={"Allow": "POST"})
         if method != "POST":
             return None
-        if not is_json_media(headers.get(b"content-type", b"")):
+        if not read_once(is_json_media, headers.get(b"content-type", b"")):
             return json_rpc_error(415, INVALID_REQUEST, "Content-Type must be application/json")
-        has_json, has_sse = accepted_media(headers.get(b"accept", b""))
+        has_json, has_sse = read_once(accepted_media, headers.get(b"accept", b""))
         modern = header_text(headers, b"mcp-protocol-version") in MODERN_PROTOCOL_VERSIONS
         if not has_json or not (has_sse or self.json_response or modern):
             return json_rpc_error(406, INVALID_REQUEST,
@@ -7067,7 +7065,11 @@ class RequestGate:
 
 
 # Clients send the same few header values on every request: each is read once (lru_cache; a caller making
-# up values only cycles the cache).
+# up values only cycles the cache, and a long one is read every time rather than kept).
+def read_once(read: Callable[[bytes], T], value: bytes) -> T:
+    return read(value) if len(value) <= 256 else read.__wrapped__(value)  # type: ignore[attr-defined]
+
+
 @lru_cache(maxsize=256)
 def is_json_media(content_type: bytes) -> bool:
     return content_type.decode("latin-1").split(";")[0].strip().lower() == "application/json"
@@ -7478,13 +7480,16 @@ def bounded_http_protocol() -> type[asyncio.Protocol] | str:
         # count are judged once it is whole, so that no hook of ours runs per header.
         refused = False
         read_bytes = read_lines = 0
+        tail = b""  # the last bytes of the head read so far, where its blank line may begin
 
         def data_received(self, data: bytes) -> None:
             if self.refused:
                 return
-            if self.read_bytes >= 0:  # still in a request head (the body is not counted)
-                self.read_bytes += len(data)
-                self.read_lines += data.count(b"\n")
+            if self.read_bytes >= 0:  # still in a request head: what follows it (a body, the next request) is not
+                end = self.end_of_head(data)  # counted
+                self.read_bytes += end
+                self.read_lines += data.count(b"\n", 0, end)
+                self.tail = data[-3:] if end == len(data) else b""
                 if self.read_bytes > REQUEST_HEAD_READ_MAX_BYTES:
                     self.refuse(f"The request head is larger than {REQUEST_HEAD_MAX_BYTES} bytes")
                     return
@@ -7493,7 +7498,16 @@ def bounded_http_protocol() -> type[asyncio.Protocol] | str:
                     return
             super().data_received(data)
 
+        def end_of_head(self, data: bytes) -> int:
+            """How much of `data` belongs to the head being read: up to its blank line, else all of it."""
+            if self.tail and (joint := (self.tail + data[:3]).find(b"\r\n\r\n")) >= 0:  # split between reads
+                return joint + 4 - len(self.tail)
+            found = data.find(b"\r\n\r\n")
+            return found + 4 if found >= 0 else len(data)
+
         def on_headers_complete(self) -> None:
+            if self.refused:
+                return
             if self.head_size() > REQUEST_HEAD_MAX_BYTES:
                 self.refuse(f"The request head is larger than {REQUEST_HEAD_MAX_BYTES} bytes")
             elif len(self.headers) > REQUEST_HEADERS_MAX:
@@ -7507,7 +7521,7 @@ def bounded_http_protocol() -> type[asyncio.Protocol] | str:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            self.read_bytes = self.read_lines = 0
+            self.read_bytes, self.read_lines, self.tail = 0, 0, b""
             if not self.refused:
                 super().on_message_complete()
 

@@ -357,9 +357,10 @@ async def test_a_json_answer_that_is_only_the_store_failing_goes_out_as_503_with
 
 
 @pytest.mark.anyio
-async def test_a_held_json_start_is_not_lost_when_the_app_ends_before_its_body() -> None:
-    """The start of a JSON answer waits for its body (to tell a store failure); an app that stops after the
-    start still leaves the client a whole response, not a connection that never answers."""
+async def test_a_held_json_start_never_goes_out_without_its_body() -> None:
+    """The start of a JSON answer waits for its body (to tell a store failure). If the app stops before the
+    body, the start is dropped rather than sent as a 200 with nothing after it: the failure that stopped the
+    app is then answered as any other (uvicorn's 500, or the store's 503 from the exception handler)."""
     sent: list[dict[str, Any]] = []
 
     async def send(message: Any) -> None:
@@ -370,7 +371,11 @@ async def test_a_held_json_start_is_not_lost_when_the_app_ends_before_its_body()
     await answer({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     assert sent == [], "held until the body shows what the answer is"
     await served.finish()
-    assert [(message["type"], message.get("status")) for message in sent] == [
-        ("http.response.start", 200), ("http.response.body", None)]
-    assert (b"vary", b"Origin") in sent[0]["headers"] and sent[1]["more_body"] is False
-
+    assert sent == [] and served.held is None
+    sse = server_module.Served({"jsonrpc": "2.0", "id": 8, "method": "tools/call"}, "POST")
+    answer = sse.send(send, vary=True, hold_json=True, session=None)
+    await answer({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await sse.finish()  # a stream that was left open is ended cleanly
+    assert [(message["type"], message.get("more_body")) for message in sent] == [
+        ("http.response.start", None), ("http.response.body", False)]
+    assert (b"vary", b"Origin") in sent[0]["headers"]
